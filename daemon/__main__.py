@@ -1,0 +1,61 @@
+"""Command line: `python -m daemon run|status [--config PATH]`. No TensorFlow import here,
+so a bad config or argument exits 2 in well under a second."""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from daemon import config as config_module
+from daemon.errors import EXIT_FATAL, WardrobeError
+
+log = logging.getLogger("daemon")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="wardrobe", description=(
+        "Train a Keras image classifier with crash-safe checkpoints and resume by itself."))
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config_help = ("config file (default: ./config.yaml if present, else built-in defaults "
+                   "relative to the current folder)")
+    run = commands.add_parser("run", help="run the daemon in the foreground")
+    status = commands.add_parser("status", help="show training progress from save/")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    for command in (run, status):
+        command.add_argument("--config", type=Path, help=config_help)
+    return parser.parse_args(argv)
+
+
+def load_config(path):
+    if path is None and Path("config.yaml").is_file():
+        path = Path("config.yaml")
+    return config_module.load(path)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "run":
+        from daemon import service
+
+        service.setup_logging()
+    try:
+        config = load_config(args.config)
+        if args.command == "status":
+            from daemon import status
+
+            print(status.render(status.report(config), args.json))
+            return 0
+        return service.Service(config).run()
+    except WardrobeError as error:
+        if logging.getLogger().handlers:
+            log.error("%s", error)
+        else:
+            print(f"wardrobe: {error}", file=sys.stderr)
+        return error.exit_code
+    except Exception:
+        log.exception("fatal error")
+        return EXIT_FATAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

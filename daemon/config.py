@@ -1,0 +1,212 @@
+"""config.yaml -> a frozen Config; every error names its key and what was expected.
+
+No TensorFlow here: a bad config must exit 2 in well under a second.
+"""
+
+import dataclasses
+from pathlib import Path
+
+import yaml
+
+from daemon.errors import ConfigError
+
+DEFAULT_LABELS = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+DEFAULT_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp")
+DATA_SOURCES = ("auto", "keras", "sample", "path")
+MODELS = ("mlp", "cnn")
+SIDECARS = ("json", "txt")
+NUM_CLASSES = 10  # both model presets end in Dense(10)
+
+
+@dataclasses.dataclass(frozen=True)
+class Train:
+    epochs: int = 50
+    batch_size: int = 32
+    seed: int = 0
+    checkpoint_every: object = "epoch"  # "epoch" or a positive number of batches
+
+    @property
+    def checkpoint_batches(self):
+        """Batches between mid-epoch checkpoints, or None for epoch ends only."""
+        return None if self.checkpoint_every == "epoch" else self.checkpoint_every
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    source: str = "auto"
+    path: Path = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Classify:
+    labels: tuple = DEFAULT_LABELS
+    sidecar: str = "json"
+    extensions: tuple = DEFAULT_EXTENSIONS
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    inbox: Path
+    save: Path
+    data: Data = Data()
+    model: str = "mlp"
+    train: Train = Train()
+    classify: Classify = Classify()
+    source: Path = None  # the file this came from, None for built-in defaults
+
+    def summary(self):
+        """One line with every effective setting, for the start-up log."""
+        return (
+            f"inbox={self.inbox} save={self.save} data.source={self.data.source} "
+            f"data.path={self.data.path} model={self.model} train.epochs={self.train.epochs} "
+            f"train.batch_size={self.train.batch_size} train.seed={self.train.seed} "
+            f"train.checkpoint_every={self.train.checkpoint_every} "
+            f"classify.sidecar={self.classify.sidecar} "
+            f"classify.extensions={','.join(self.classify.extensions)}"
+        )
+
+
+def load(path=None):
+    """Read and validate a config file; with no path, the defaults relative to the cwd."""
+    if path is None:
+        return parse({}, Path.cwd())
+    path = Path(path).absolute()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError("config", f"cannot read {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("config", f"{path} is not UTF-8 text") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise ConfigError("config", f"{path} is not valid YAML{at}") from None
+    return dataclasses.replace(parse(raw if raw is not None else {}, path.parent), source=path)
+
+
+def parse(raw, base):
+    """Validate a parsed YAML document; relative paths are taken from `base`."""
+    section = _Section(raw, "")
+    data = section.section("data")
+    train = section.section("train")
+    classify = section.section("classify")
+    config = Config(
+        inbox=_resolve(base, section.string("inbox", "inbox")),
+        save=_resolve(base, section.string("save", "save")),
+        data=Data(
+            source=data.choice("source", "auto", DATA_SOURCES),
+            path=_resolve(base, data.string("path", None, optional=True)),
+        ),
+        model=section.choice("model", "mlp", MODELS),
+        train=Train(
+            epochs=train.integer("epochs", 50, minimum=1),
+            batch_size=train.integer("batch_size", 32, minimum=1, maximum=65536),
+            seed=train.integer("seed", 0, minimum=0, maximum=2**31 - 1),
+            checkpoint_every=train.checkpoint_every("checkpoint_every"),
+        ),
+        classify=Classify(
+            labels=classify.labels("labels"),
+            sidecar=classify.choice("sidecar", "json", SIDECARS),
+            extensions=classify.extensions("extensions"),
+        ),
+    )
+    for each in (section, data, train, classify):
+        each.reject_unknown()
+    if config.data.source == "path" and config.data.path is None:
+        raise ConfigError("data.path", "expected a folder holding the Fashion-MNIST IDX "
+                          "files when data.source is 'path', got nothing")
+    if config.inbox == config.save:
+        raise ConfigError("save", f"must differ from inbox, both are {config.save}")
+    return config
+
+
+def _resolve(base, value):
+    if value is None:
+        return None
+    return (base / Path(value).expanduser()).absolute()
+
+
+class _Section:
+    """One mapping of the YAML document; remembers which keys were read."""
+
+    def __init__(self, raw, prefix):
+        if not isinstance(raw, dict):
+            where = prefix.rstrip(".") or "config"
+            raise ConfigError(where, f"expected a mapping of keys, got {_show(raw)}")
+        self.raw, self.prefix, self.known = raw, prefix, set()
+
+    def _get(self, key, default):
+        self.known.add(key)
+        return self.raw.get(key, default)
+
+    def _fail(self, key, expected, value):
+        raise ConfigError(self.prefix + key, f"expected {expected}, got {_show(value)}")
+
+    def section(self, key):
+        return _Section(self._get(key, {}) or {}, f"{self.prefix}{key}.")
+
+    def string(self, key, default, optional=False):
+        value = self._get(key, default)
+        if value is None and optional:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            self._fail(key, "a path" + (" or null" if optional else ""), value)
+        return value
+
+    def choice(self, key, default, choices):
+        value = self._get(key, default)
+        if value not in choices:
+            self._fail(key, "one of " + ", ".join(choices), value)
+        return value
+
+    def integer(self, key, default, minimum, maximum=None):
+        value = self._get(key, default)
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if not ok or value < minimum or (maximum is not None and value > maximum):
+            limits = f"from {minimum} to {maximum}" if maximum else f"of at least {minimum}"
+            self._fail(key, f"a whole number {limits}", value)
+        return value
+
+    def checkpoint_every(self, key):
+        value = self._get(key, "epoch")
+        if value == "epoch":
+            return value
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        self._fail(key, "'epoch' or a positive number of batches", value)
+
+    def labels(self, key):
+        value = self._get(key, list(DEFAULT_LABELS))
+        if not isinstance(value, list) or len(value) != NUM_CLASSES or not all(
+            isinstance(label, str) and label.strip() for label in value
+        ):
+            self._fail(key, f"a list of {NUM_CLASSES} non-empty names (the model has "
+                       f"{NUM_CLASSES} outputs)", value)
+        if len(set(value)) != len(value):
+            self._fail(key, "distinct names", value)
+        return tuple(value)
+
+    def extensions(self, key):
+        value = self._get(key, list(DEFAULT_EXTENSIONS))
+        if not isinstance(value, list) or not value or not all(
+            isinstance(ext, str) and ext.strip(". ") for ext in value
+        ):
+            self._fail(key, "a non-empty list of file extensions such as [png, jpg]", value)
+        return tuple(sorted({ext.strip().lstrip(".").lower() for ext in value}))
+
+    def reject_unknown(self):
+        unknown = sorted(str(key) for key in self.raw if key not in self.known)
+        if unknown:
+            name = self.prefix + unknown[0]
+            raise ConfigError(name, "unknown key (known here: "
+                              + ", ".join(sorted(self.known)) + ")")
+
+
+def _show(value):
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

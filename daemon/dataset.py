@@ -1,0 +1,108 @@
+"""Fashion-MNIST from keras.datasets, an IDX folder, or the sample bundled in the package."""
+
+import gzip
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from daemon.errors import WardrobeError
+
+log = logging.getLogger(__name__)
+
+SAMPLE = Path(__file__).parent / "data" / "fashion-mnist-sample"
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+class Dataset:
+    """uint8 images (N, 28, 28) and labels (N,), with where they came from."""
+
+    def __init__(self, train, test, origin):
+        (self.x_train, self.y_train), (self.x_test, self.y_test) = train, test
+        self.origin = origin
+
+    def digest(self):
+        """Identifies the training data in the checkpoint fingerprint."""
+        digest = hashlib.sha256(self.x_train.tobytes())
+        digest.update(self.y_train.tobytes())
+        return digest.hexdigest()[:16]
+
+    def __str__(self):
+        return f"{self.origin}: {len(self.x_train)} training and {len(self.x_test)} test images"
+
+
+def load(source, path=None):
+    """`source` is one of auto, keras, sample, path (see config.yaml)."""
+    if source == "sample":
+        return read_idx_folder(SAMPLE, "bundled sample")
+    if source == "path":
+        return read_idx_folder(path, str(path))
+    try:
+        import keras
+
+        train, test = keras.datasets.fashion_mnist.load_data()
+        return Dataset(train, test, "keras.datasets.fashion_mnist")
+    except Exception as error:  # keras raises bare Exception on a failed download
+        if source == "keras":
+            raise WardrobeError(f"keras.datasets.fashion_mnist failed: {error}") from None
+        log.warning("keras.datasets.fashion_mnist is unavailable (%s); falling back to the "
+                    "bundled sample (8,226 training images)", str(error).splitlines()[0][:200])
+        return read_idx_folder(SAMPLE, "bundled sample")
+
+
+def read_idx_folder(folder, origin):
+    """Read the four Fashion-MNIST IDX files (gzipped or not) from `folder`."""
+    folder = Path(folder)
+    arrays = {key: _read_idx(_find(folder, name)) for key, name in FILES.items()}
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
+            raise WardrobeError(f"{folder}: {split} images {images.shape} and labels "
+                                f"{labels.shape} are not 28x28 images with one label each")
+    return Dataset((arrays["train_images"], arrays["train_labels"]),
+                   (arrays["test_images"], arrays["test_labels"]), origin)
+
+
+def write_idx_folder(folder, train, test):
+    """Write images and labels as gzipped IDX files (for tests and benchmarks)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    values = {"train_images": train[0], "train_labels": train[1],
+              "test_images": test[0], "test_labels": test[1]}
+    for key, name in FILES.items():
+        array = np.ascontiguousarray(values[key], dtype=np.uint8)
+        header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+            int(size).to_bytes(4, "big") for size in array.shape)
+        with gzip.open(folder / f"{name}.gz", "wb", compresslevel=1) as file:
+            file.write(header + array.tobytes())
+
+
+def _find(folder, name):
+    for candidate in (folder / f"{name}.gz", folder / name):
+        if candidate.is_file():
+            return candidate
+    raise WardrobeError(f"{folder}: missing {name}.gz (data.path must hold the four "
+                        "Fashion-MNIST IDX files)")
+
+
+def _read_idx(path):
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as file:
+            data = file.read()
+    except (OSError, EOFError) as error:
+        raise WardrobeError(f"{path}: unreadable ({error})") from None
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise WardrobeError(f"{path}: not an IDX file of unsigned bytes")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    body = data[4 + 4 * ndim:]
+    if len(body) != int(np.prod(shape)):
+        raise WardrobeError(f"{path}: header says {shape}, body holds {len(body)} bytes")
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape)

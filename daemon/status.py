@@ -1,0 +1,47 @@
+"""`status`: progress read from save/ alone, without importing TensorFlow."""
+
+import datetime
+import json
+
+from daemon.service import running_pid
+from daemon.store import CheckpointStore
+
+
+def report(config):
+    """A dict with at least epoch, step, epochs, loss, accuracy."""
+    newest, _ = CheckpointStore(config.save).scan()
+    result = {"epoch": 0, "step": 0, "epochs": config.train.epochs, "loss": None,
+              "accuracy": None, "checkpoint": None, "checkpoint_time": None,
+              "model": config.model, "save": str(config.save),
+              "running_pid": running_pid(config.save)}
+    if newest is not None:
+        result.update(epoch=newest["epoch"], step=newest["step"], loss=newest.get("loss"),
+                      accuracy=newest.get("accuracy"), checkpoint=newest.number,
+                      checkpoint_time=newest["written_at"],
+                      model=newest.get("fingerprint", {}).get("model", config.model))
+    return result
+
+
+def render(result, as_json):
+    if as_json:
+        return json.dumps(result, sort_keys=True)
+    state = f"running (pid {result['running_pid']})" if result["running_pid"] else "not running"
+    lines = [f"wardrobe: {state}; model {result['model']}; save {result['save']}"]
+    if result["checkpoint"] is None:
+        lines.append(f"no checkpoint yet: epoch 0/{result['epochs']}")
+        return "\n".join(lines)
+    written = datetime.datetime.fromisoformat(result["checkpoint_time"])
+    age = datetime.datetime.now(datetime.timezone.utc) - written
+    lines.append(f"epoch {result['epoch']}/{result['epochs']}, batch {result['step']}")
+    lines.append(f"last checkpoint: #{result['checkpoint']} at {written:%Y-%m-%d %H:%M:%S} UTC "
+                 f"({_ago(age.total_seconds())})")
+    if result["loss"] is not None:
+        lines.append(f"last epoch: loss {result['loss']:.4f} accuracy {result['accuracy']:.4f}")
+    return "\n".join(lines)
+
+
+def _ago(seconds):
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit} ago"
+    return f"{max(seconds, 0):.0f} s ago"

@@ -1,0 +1,216 @@
+"""The checkpoint store: numbered generations in save/, written so a crash never loses both.
+
+A generation N is `ckpt-N.npz` (everything needed to resume) and `ckpt-N.json` (the
+manifest: progress, fingerprint, sha256 of every file). The manifest's rename is the commit
+point: it is written last, after the state file and the exports (`model.json`, `model.h5`,
+the tutorial-facing pair) are complete, fsynced and renamed. The previous generation is kept.
+Reading needs no TensorFlow, so `status` stays fast.
+"""
+
+import datetime
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+from daemon import fsutil
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+_GENERATION = re.compile(r"^ckpt-(\d{8})\.(json|npz)$")
+EXPORTS = ("model.json", "model.h5")
+
+
+def manifest_name(number):
+    return f"ckpt-{number:08d}.json"
+
+
+def state_name(number):
+    return f"ckpt-{number:08d}.npz"
+
+
+class Generation:
+    """One verified checkpoint generation."""
+
+    def __init__(self, folder, manifest):
+        self.folder = Path(folder)
+        self.manifest = manifest
+        self.number = manifest["generation"]
+
+    def __getitem__(self, key):
+        return self.manifest[key]
+
+    def get(self, key, default=None):
+        return self.manifest.get(key, default)
+
+    @property
+    def id(self):
+        """Names this checkpoint in logs and sidecars: generation and time written."""
+        return f"{self.number}@{self.manifest['written_at']}"
+
+    def read_state(self):
+        return (self.folder / state_name(self.number)).read_bytes()
+
+    def stale_exports(self):
+        """Exports in the folder that are not this generation's (a crash or damage)."""
+        stale = []
+        for name in EXPORTS:
+            expected = self.manifest["files"].get(name)
+            try:
+                actual = fsutil.sha256_file(self.folder / name)
+            except OSError:
+                actual = None
+            if actual != expected:
+                stale.append(name)
+        return stale
+
+
+class CheckpointStore:
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self._export_digests = {}  # name -> sha256 of what we last wrote there
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    def numbers(self):
+        """Generation numbers that have a manifest or a state file, newest first."""
+        found = set()
+        try:
+            names = os.listdir(self.folder)
+        except FileNotFoundError:
+            return []
+        for name in names:
+            match = _GENERATION.match(name)
+            if match:
+                found.add(int(match.group(1)))
+        return sorted(found, reverse=True)
+
+    def scan(self):
+        """(newest verified Generation or None, [(number, why) for newer damaged ones])."""
+        damaged = []
+        for number in self.numbers():
+            try:
+                return Generation(self.folder, self._verify(number)), damaged
+            except _Damaged as why:
+                damaged.append((number, str(why)))
+        return None, damaged
+
+    def _verify(self, number):
+        path = self.folder / manifest_name(number)
+        try:
+            manifest = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise _Damaged("no manifest (a write was cut short)") from None
+        except (OSError, ValueError) as error:
+            raise _Damaged(f"manifest unreadable: {error}") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise _Damaged("manifest has an unknown format")
+        if manifest.get("generation") != number or not isinstance(manifest.get("files"), dict):
+            raise _Damaged("manifest does not describe this generation")
+        state = state_name(number)
+        expected = manifest["files"].get(state)
+        try:
+            actual = fsutil.sha256_file(self.folder / state)
+        except OSError as error:
+            raise _Damaged(f"{state} unreadable: {error.strerror}") from None
+        if actual != expected:
+            raise _Damaged(f"{state} does not match its checksum")
+        return manifest
+
+    # ---- writing ---------------------------------------------------------------------------
+
+    def write(self, meta, state, exports):
+        """Write a new generation; returns it. `state` and each export are bytes.
+
+        Order: state file, changed exports, fsync folder, manifest, fsync folder. A crash
+        before the manifest's rename leaves the previous generation as the newest complete one.
+        """
+        self.folder.mkdir(parents=True, exist_ok=True)
+        numbers = self.numbers()
+        number = numbers[0] + 1 if numbers else 1
+        try:
+            files = {state_name(number): fsutil.write_new(
+                self.folder / state_name(number), state, sync_folder=False)}
+            for name, data in exports.items():
+                files[name] = self._write_export(name, data)
+            fsutil.fsync_folder(self.folder)
+        except BaseException:
+            # No manifest, no generation: drop the orphan so numbering stays meaningful.
+            _unlink(self.folder / state_name(number))
+            raise
+        manifest = dict(meta, format=FORMAT, generation=number, files=files,
+                        written_at=_utc_now())
+        body = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        fsutil.write_new(self.folder / manifest_name(number), body, sync_folder=True)
+        self._drop_older_than(numbers[0] if numbers else number)
+        return Generation(self.folder, manifest)
+
+    def write_exports(self, exports):
+        """Rewrite the exports alone (repairing them from a restored generation)."""
+        for name, data in exports.items():
+            self._write_export(name, data)
+        fsutil.fsync_folder(self.folder)
+
+    def _write_export(self, name, data):
+        import hashlib  # local: only the writer needs it
+
+        digest = hashlib.sha256(data).hexdigest()
+        if self._export_digests.get(name) != digest:  # model.json rarely changes
+            fsutil.write_new(self.folder / name, data, sync_folder=False)
+            self._export_digests[name] = digest
+        return digest
+
+    def _drop_older_than(self, keep_from):
+        """Remove generations older than `keep_from` (the previous one stays)."""
+        for number in self.numbers():
+            if number < keep_from:
+                for name in (manifest_name(number), state_name(number)):
+                    _unlink(self.folder / name)
+
+    # ---- repair ----------------------------------------------------------------------------
+
+    def tidy(self, newest):
+        """At start: remove temporaries and uncommitted state files newer than `newest`."""
+        try:
+            names = os.listdir(self.folder)
+        except FileNotFoundError:
+            return
+        newest_number = newest.number if newest else 0
+        for name in names:
+            match = _GENERATION.match(name)
+            uncommitted = (match and match.group(2) == "npz" and int(match.group(1)) > newest_number
+                           and not (self.folder / manifest_name(int(match.group(1)))).exists())
+            if fsutil.is_temp_name(name) or uncommitted:
+                _unlink(self.folder / name)
+
+    def quarantine(self, numbers, with_exports):
+        """Move damaged generations (and the exports) to save/corrupt-<time>/; returns it."""
+        target = self.folder / ("corrupt-" + _utc_now().replace(":", "").replace("-", ""))
+        target.mkdir(parents=True, exist_ok=True)
+        names = [n for number in numbers for n in (manifest_name(number), state_name(number))]
+        for name in names + (list(EXPORTS) if with_exports else []):
+            if (self.folder / name).exists():
+                shutil.move(self.folder / name, target / name)
+        fsutil.fsync_folder(self.folder)
+        return target
+
+    def has_files(self):
+        return bool(self.numbers()) or any((self.folder / n).exists() for n in EXPORTS)
+
+
+class _Damaged(Exception):
+    pass
+
+
+def _unlink(path):
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _utc_now():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")

@@ -1,0 +1,135 @@
+"""The trainer: seeded per-epoch order, exact resume point, cooperative stop.
+
+Each epoch's batch order is a permutation derived from (seed, epoch) alone, so a resumed run
+sees the very batches an uninterrupted one would. fit() runs one epoch at a time on that
+order; the Checkpoint callback restores state and skips the batches already trained on.
+"""
+
+import logging
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from daemon import dataset, models
+from daemon.checkpoints import Checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def epoch_order(seed, epoch, count):
+    """The permutation of training examples for `epoch`: a function of seed and epoch only."""
+    return np.random.default_rng([seed, epoch]).permutation(count)
+
+
+class Trainer:
+    """Trains `config.model` up to `config.train.epochs`; run() blocks, stop() may come
+    from any thread and takes effect at the next batch boundary."""
+
+    def __init__(self, config, generation, stop_event):
+        self.config = config
+        self.generation = generation  # verified checkpoint to resume from, or None
+        self.stop_event = stop_event
+        self.epoch = self.step = 0
+        self.stopped_mid_epoch = False
+
+    def run(self):
+        train = self.config.train
+        keras.utils.set_random_seed(train.seed)
+        tf.config.experimental.enable_op_determinism()
+        data = dataset.load(self.config.data.source, self.config.data.path)
+        log.info("data: %s", data)
+        x_train = data.x_train.astype("float32") / 255.0
+        model = models.build(self.config.model)
+        checkpoint = Checkpoint(self.config.save, every_batches=train.checkpoint_batches,
+                                fingerprint=self.fingerprint(data))
+        checkpoint.set_model(model)
+        self.epoch, self.step = checkpoint.restore(self.generation)
+        where = "resuming from" if checkpoint.restored else "no checkpoint in"
+        log.info("%s %s: epoch %d/%d, batch %d", where, self.config.save, self.epoch,
+                 train.epochs, self.step)
+        callbacks = [_StopOnEvent(self.stop_event), _Progress(self), checkpoint,
+                     _EpochLog(checkpoint, train.epochs)]
+        trained = False
+        for epoch in range(self.epoch, train.epochs):
+            if self.stop_event.is_set():
+                break
+            order = epoch_order(train.seed, epoch, len(x_train))
+            model.fit(x_train[order], data.y_train[order], batch_size=train.batch_size,
+                      initial_epoch=epoch, epochs=epoch + 1, shuffle=False, verbose=0,
+                      callbacks=callbacks)
+            trained = True
+            if self.step:  # stopped inside this epoch
+                log.info("stopped at batch %d of epoch %d; checkpoint %.0f ms", self.step,
+                         epoch + 1, checkpoint.last_write_ms or 0)
+                return model
+        if trained and not self.stop_event.is_set():
+            self._report_test_accuracy(model, data)
+        return model
+
+    def fingerprint(self, data):
+        """What a checkpoint must share with this run for the resume to be exact."""
+        train = self.config.train
+        return {"model": self.config.model, "batch_size": train.batch_size,
+                "seed": train.seed, "data": data.digest()}
+
+    def _report_test_accuracy(self, model, data):
+        started = time.monotonic()
+        loss, accuracy = model.evaluate(data.x_test.astype("float32") / 255.0, data.y_test,
+                                        batch_size=256, verbose=0)
+        log.info("training done: %d epochs; test loss %.4f accuracy %.4f on %d images "
+                 "(%.1f s)", self.config.train.epochs, loss, accuracy, len(data.x_test),
+                 time.monotonic() - started)
+
+
+class _StopOnEvent(keras.callbacks.Callback):
+    """Ends fit at the next batch boundary once the event is set (like TerminateOnNaN)."""
+
+    def __init__(self, event):
+        super().__init__()
+        self.event = event
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.event.is_set():
+            self.model.stop_training = True
+
+
+class _Progress(keras.callbacks.Callback):
+    """Keeps trainer.epoch / trainer.step current for status reporting."""
+
+    def __init__(self, trainer):
+        super().__init__()
+        self.trainer = trainer
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.trainer.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.trainer.step = batch + 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        if batch_count := self.params.get("steps"):
+            if self.trainer.step >= batch_count:
+                self.trainer.epoch, self.trainer.step = epoch + 1, 0
+
+
+class _EpochLog(keras.callbacks.Callback):
+    """One INFO line per completed epoch, with the cost of its checkpoints."""
+
+    def __init__(self, checkpoint, epochs):
+        super().__init__()
+        self.checkpoint, self.epochs = checkpoint, epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        history = self.checkpoint.history
+        if not history or history[-1]["epoch"] != epoch + 1:
+            return  # stopped mid-epoch
+        last, writes = history[-1], self.checkpoint.write_times_ms
+        extra = ""
+        if len(writes) > 1:
+            extra = f" (+{len(writes) - 1} mid-epoch, mean {np.mean(writes[:-1]):.0f} ms)"
+        log.info("epoch %d/%d: loss %.4f accuracy %.4f (%.1f s); checkpoint %.0f ms%s",
+                 epoch + 1, self.epochs, last["loss"], last["accuracy"], last["seconds"],
+                 writes[-1] if writes else float("nan"), extra)
+        writes.clear()

@@ -1,0 +1,133 @@
+"""Exact resume: interrupted runs end bit-identical to an uninterrupted one."""
+
+import random
+import re
+import shutil
+import signal
+
+import numpy as np
+import pytest
+
+from conftest import Daemon, newest_state, run_to_completion, status, wait_until, write_config
+from daemon.store import CheckpointStore
+
+_references = {}
+
+
+@pytest.fixture
+def reference(tmp_path_factory, small_data):
+    """Final (manifest, arrays) of an uninterrupted run, one per train settings."""
+
+    def get(**train):
+        key = tuple(sorted(train.items()))
+        if key not in _references:
+            folder = tmp_path_factory.mktemp("reference")
+            daemon = Daemon(write_config(folder, small_data, **train))
+            try:
+                daemon.wait_for_log(r"training complete", 180)
+            finally:
+                assert daemon.stop() == 0, daemon.log
+            _references[key] = newest_state(folder / "save")
+        return _references[key]
+
+    return get
+
+
+def assert_same_final_state(save, expected):
+    manifest, arrays = newest_state(save)
+    expected_manifest, expected_arrays = expected
+    assert manifest["epoch"] == expected_manifest["epoch"] and manifest["step"] == 0
+    assert sorted(arrays) == sorted(expected_arrays)
+    different = [name for name in arrays if not np.array_equal(arrays[name], expected_arrays[name])]
+    assert not different, f"not bit-identical: {different}"
+    assert [h["loss"] for h in manifest["history"]] == \
+        [h["loss"] for h in expected_manifest["history"]]
+
+
+def assert_loadable(save):
+    """After any kill: a verified generation exists and its exports are complete files."""
+    generation, damaged = CheckpointStore(save).scan()
+    assert generation is not None, f"nothing loadable after a kill; damaged: {damaged}"
+    import h5py
+
+    with h5py.File(save / "model.h5", "r") as weights:
+        assert "output" in weights.attrs["layer_names"].astype(str)
+    assert (save / "model.json").read_text().startswith("{")
+    return generation
+
+
+def test_sigterm_mid_epoch_exits_0_and_resumes_at_that_batch(tmp_path, small_data, daemons,
+                                                             reference):
+    train = {"epochs": 2, "batch_size": 4, "checkpoint_every": 50}  # 256 batches/epoch
+    config = write_config(tmp_path, small_data, **train)
+    daemon = daemons(config)
+    wait_until(lambda: status(config)["epoch"] == 1 and status(config)["step"] >= 50, 60,
+               message="a checkpoint inside epoch 2")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0, daemon.log
+    stopped = re.search(r"stopped at batch (\d+) of epoch 2; checkpoint", daemon.log)
+    assert stopped, daemon.log
+    batch = int(stopped.group(1))
+    assert 0 < batch < 256
+    assert (status(config)["epoch"], status(config)["step"]) == (1, batch)
+
+    resumed = run_to_completion(daemons, config)
+    assert re.search(rf"resuming from .*: epoch 1/2, batch {batch}\b", resumed.log), resumed.log
+    assert_same_final_state(tmp_path / "save", reference(**train))
+
+
+def test_random_sigkills_and_sigterms_end_bit_identical(tmp_path, small_data, daemons, reference):
+    rng = random.Random(20261126)
+    config = write_config(tmp_path, small_data)
+    save = tmp_path / "save"
+    interruptions = []
+    for round_ in range(8):
+        daemon = daemons(config)
+        daemon.wait_for_log(r"(no checkpoint in|resuming from)")
+        moment = rng.uniform(0.0, 1.2)
+        how = signal.SIGTERM if round_ % 3 == 2 else signal.SIGKILL
+        try:
+            daemon.process.wait(timeout=moment)  # the random moment to strike at
+        except Exception:
+            pass
+        if daemon.process.poll() is not None:
+            break
+        daemon.signal(how)
+        code = daemon.wait()
+        assert code == (0 if how == signal.SIGTERM else -signal.SIGKILL), daemon.log
+        interruptions.append(how.name)
+        if save.exists() and CheckpointStore(save).numbers():
+            assert_loadable(save)
+    assert interruptions.count("SIGKILL") >= 4, interruptions
+    resumed = run_to_completion(daemons, config)
+    assert "resuming from" in resumed.log
+    assert_same_final_state(save, reference())
+
+
+STRACE = shutil.which("strace")
+
+
+@pytest.mark.skipif(STRACE is None, reason="strace is not installed (.ci/run installs it)")
+@pytest.mark.parametrize("syscall,when", [
+    ("fsync", 1), ("rename", 1), ("fsync", 3), ("rename", 2), ("fsync", 4),
+    ("rename", 3), ("fsync", 5), ("rename", 5), ("fsync", 9),
+])
+def test_sigkill_inside_a_checkpoint_write_leaves_save_loadable(tmp_path, small_data, daemons,
+                                                                reference, syscall, when):
+    """strace delivers SIGKILL at the Nth fsync or rename: every step of the protocol."""
+    save = tmp_path / "save"
+    warm = run_to_completion(daemons, write_config(tmp_path, small_data, epochs=1))
+    assert warm.wait() == 0
+    before = CheckpointStore(save).scan()[0].number
+    config = write_config(tmp_path, small_data)  # epochs back to 3: training continues
+    killed = daemons(config, wrapper=[
+        STRACE, "-f", "-qq", "--seccomp-bpf", "-o", "/dev/null", "-e", f"trace={syscall}",
+        "-e", f"inject={syscall}:signal=SIGKILL:when={when}"])
+    killed.wait(120)
+    assert "training complete" not in killed.log, "the injected SIGKILL never struck"
+    after = assert_loadable(save)
+    assert after.number >= before
+    resumed = run_to_completion(daemons, config)
+    assert not [p.name for p in save.iterdir() if p.name.endswith(".tmp")]
+    assert "resuming from" in resumed.log
+    assert_same_final_state(save, reference())
