@@ -56,14 +56,14 @@ def write_config(folder, data, **train):
 class Daemon:
     """`python -m daemon run` as a real subprocess with its stderr in a file."""
 
-    def __init__(self, config, wrapper=(), env=None):
+    def __init__(self, config, wrapper=(), env=None, **popen):
         self.config = Path(config)
         self.log_path = self.config.parent / f"daemon-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")
         environment = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.process = subprocess.Popen(
             [*wrapper, sys.executable, "-m", "daemon", "run", "--config", str(self.config)],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, env=environment)
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, env=environment, **popen)
 
     @property
     def log(self):
@@ -80,8 +80,13 @@ class Daemon:
 
         return wait_until(seen, timeout, message=repr(pattern))
 
+    @property
+    def pid(self):
+        """The daemon's own pid (not a wrapper's such as strace), from its first log line."""
+        return int(self.wait_for_log(r"wardrobe starting \(pid (\d+)\)").group(1))
+
     def signal(self, signum):
-        self.process.send_signal(signum)
+        os.kill(self.pid, signum)
 
     def wait(self, timeout=30):
         try:
@@ -146,3 +151,28 @@ def no_leaked_threads():
     yield
     leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
     assert not leaked, f"threads left running: {leaked}"
+
+
+@pytest.fixture(scope="session")
+def one_epoch_save(tmp_path_factory, small_data):
+    """save/ after one epoch of the standard test settings (checkpoint every 5 batches,
+    so it holds two generations); tests copy it."""
+    folder = tmp_path_factory.mktemp("one-epoch")
+    daemon = Daemon(write_config(folder, small_data, epochs=1))
+    try:
+        daemon.wait_for_log(r"training complete", 120)
+    finally:
+        assert daemon.stop() == 0, daemon.log
+    return folder / "save"
+
+
+def assert_loadable(save):
+    """After any kill: a verified generation exists and its exports are complete files."""
+    import h5py
+
+    generation, damaged = CheckpointStore(save).scan()
+    assert generation is not None, f"nothing loadable; damaged: {damaged}"
+    with h5py.File(save / "model.h5", "r") as weights:
+        assert "output" in weights.attrs["layer_names"].astype(str)
+    assert (save / "model.json").read_text().startswith("{")
+    return generation

@@ -8,7 +8,7 @@ import signal
 import numpy as np
 import pytest
 
-from conftest import Daemon, newest_state, run_to_completion, status, wait_until, write_config
+from conftest import Daemon, assert_loadable, newest_state, run_to_completion, status, wait_until, write_config
 from daemon.store import CheckpointStore
 
 _references = {}
@@ -42,18 +42,6 @@ def assert_same_final_state(save, expected):
     assert not different, f"not bit-identical: {different}"
     assert [h["loss"] for h in manifest["history"]] == \
         [h["loss"] for h in expected_manifest["history"]]
-
-
-def assert_loadable(save):
-    """After any kill: a verified generation exists and its exports are complete files."""
-    generation, damaged = CheckpointStore(save).scan()
-    assert generation is not None, f"nothing loadable after a kill; damaged: {damaged}"
-    import h5py
-
-    with h5py.File(save / "model.h5", "r") as weights:
-        assert "output" in weights.attrs["layer_names"].astype(str)
-    assert (save / "model.json").read_text().startswith("{")
-    return generation
 
 
 def test_sigterm_mid_epoch_exits_0_and_resumes_at_that_batch(tmp_path, small_data, daemons,
@@ -107,26 +95,29 @@ def test_random_sigkills_and_sigterms_end_bit_identical(tmp_path, small_data, da
 STRACE = shutil.which("strace")
 
 
+# In a resumed run a generation is: fsync+rename state file (1), model.json (2, first
+# generation only), model.h5 (3); fsync folder (4); fsync+rename manifest (5, the commit);
+# fsync folder (6).
 @pytest.mark.skipif(STRACE is None, reason="strace is not installed (.ci/run installs it)")
 @pytest.mark.parametrize("syscall,when", [
-    ("fsync", 1), ("rename", 1), ("fsync", 3), ("rename", 2), ("fsync", 4),
-    ("rename", 3), ("fsync", 5), ("rename", 5), ("fsync", 9),
+    ("fsync", 1), ("rename", 1), ("rename", 3), ("fsync", 4), ("fsync", 5), ("rename", 4),
+    ("fsync", 6),
 ])
 def test_sigkill_inside_a_checkpoint_write_leaves_save_loadable(tmp_path, small_data, daemons,
-                                                                reference, syscall, when):
-    """strace delivers SIGKILL at the Nth fsync or rename: every step of the protocol."""
+                                                                reference, one_epoch_save,
+                                                                syscall, when):
+    """strace delivers SIGKILL at the Nth fsync or rename: every step of the protocol.
+    (Not --seccomp-bpf: with it, strace 6.1 never fires `when` counts above 1 in a thread.)"""
     save = tmp_path / "save"
-    warm = run_to_completion(daemons, write_config(tmp_path, small_data, epochs=1))
-    assert warm.wait() == 0
+    shutil.copytree(one_epoch_save, save)
     before = CheckpointStore(save).scan()[0].number
-    config = write_config(tmp_path, small_data)  # epochs back to 3: training continues
+    config = write_config(tmp_path, small_data)  # 3 epochs: training continues from 1
     killed = daemons(config, wrapper=[
-        STRACE, "-f", "-qq", "--seccomp-bpf", "-o", "/dev/null", "-e", f"trace={syscall}",
+        STRACE, "-f", "-qq", "-o", "/dev/null", "-e", f"trace={syscall}",
         "-e", f"inject={syscall}:signal=SIGKILL:when={when}"])
     killed.wait(120)
     assert "training complete" not in killed.log, "the injected SIGKILL never struck"
-    after = assert_loadable(save)
-    assert after.number >= before
+    assert assert_loadable(save).number >= before
     resumed = run_to_completion(daemons, config)
     assert not [p.name for p in save.iterdir() if p.name.endswith(".tmp")]
     assert "resuming from" in resumed.log

@@ -1,0 +1,43 @@
+"""The write protocol as the kernel sees it, traced with strace."""
+
+import re
+import shutil
+
+import pytest
+
+from conftest import write_config
+
+STRACE = shutil.which("strace")
+CALL = re.compile(r'^\d+\s+(fsync|rename)\((.*)\)\s+= 0$')
+
+
+@pytest.mark.skipif(STRACE is None, reason="strace is not installed (.ci/run installs it)")
+def test_each_file_is_fsynced_before_its_rename_and_the_folder_after(tmp_path, small_data,
+                                                                    daemons):
+    trace = tmp_path / "strace.txt"
+    config = write_config(tmp_path, small_data, epochs=1)
+    daemon = daemons(config, wrapper=[STRACE, "-f", "-qq", "-y", "-o", str(trace),
+                                      "-e", "trace=fsync,rename"])
+    daemon.wait_for_log(r"training complete", 120)
+    assert daemon.stop() == 0, daemon.log
+    save = str(tmp_path / "save")
+    events = []  # ("fsync", path) or ("rename", source, target)
+    for line in trace.read_text().splitlines():
+        match = CALL.match(line)
+        if match and match.group(1) == "fsync":
+            events.append(("fsync", re.search(r"<(.*)>", match.group(2)).group(1)))
+        elif match:
+            source, target = re.findall(r'"([^"]*)"', match.group(2))
+            if target.startswith(save + "/"):
+                events.append(("rename", source, target))
+    renames = [i for i, event in enumerate(events) if event[0] == "rename"]
+    commits = [i for i in renames if re.search(r"/ckpt-\d+\.json$", events[i][2])]
+    assert len(commits) >= 13, f"expected a generation every 5 batches, saw {len(commits)}"
+    for i in renames:
+        _, source, target = events[i]
+        assert ("fsync", source) in events[:i], f"{source} renamed without an fsync first"
+        # the rename is made durable by an fsync of the folder before the next commit
+        next_commit = next((c for c in commits if c > i), len(events))
+        if i in commits:
+            next_commit = next((r for r in renames if r > i), len(events))
+        assert ("fsync", save) in events[i + 1:next_commit], f"no folder fsync after {target}"

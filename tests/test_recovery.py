@@ -1,0 +1,151 @@
+"""Damaged save/ folders: fall back, repair, quarantine, or refuse -- never crash-loop."""
+
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, assert_loadable, status, wait_until, write_config
+from daemon import fsutil
+from daemon.store import CheckpointStore, manifest_name, state_name
+
+STARTED = r"(no checkpoint in|resuming from) .*: epoch (\d+)/\d+, batch (\d+)"
+
+
+@pytest.fixture
+def save(tmp_path, one_epoch_save):
+    shutil.copytree(one_epoch_save, tmp_path / "save")
+    return tmp_path / "save"
+
+
+def start_and_stop(daemons, config):
+    """Run the daemon until it has picked its resume point; returns (daemon, epoch, batch)."""
+    daemon = daemons(config)
+    found = daemon.wait_for_log(STARTED)
+    assert daemon.stop() == 0, daemon.log
+    return daemon, int(found.group(2)), int(found.group(3))
+
+
+def generations(save):
+    return CheckpointStore(save).numbers()
+
+
+def manifest_of(save, number):
+    import json
+
+    return json.loads((save / manifest_name(number)).read_text())
+
+
+def corrupt_dirs(save):
+    return [p for p in save.iterdir() if p.name.startswith("corrupt-")]
+
+
+@pytest.mark.parametrize("damage", ["truncate state", "garble state", "garble manifest",
+                                    "empty manifest", "delete manifest"])
+def test_damaged_newest_generation_falls_back_to_the_previous(tmp_path, small_data, daemons,
+                                                              save, damage):
+    newest, previous = generations(save)[:2]
+    expected = manifest_of(save, previous)
+    what, name = damage.split()
+    path = save / (state_name(newest) if name == "state" else manifest_name(newest))
+    if what == "truncate":
+        path.write_bytes(path.read_bytes()[:1000])
+    elif what == "garble":
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2: len(data) // 2 + 16] = b"\xff" * 16
+        path.write_bytes(bytes(data))
+    elif what == "empty":
+        path.write_bytes(b"")
+    else:
+        path.unlink()
+
+    daemon, epoch, batch = start_and_stop(daemons, write_config(tmp_path, small_data))
+    assert (epoch, batch) == (expected["epoch"], expected["step"]), daemon.log
+    assert re.search(rf"WARNING .*checkpoint {newest} is unusable .*resuming from checkpoint "
+                     rf"{previous}", daemon.log), daemon.log
+    [quarantine] = corrupt_dirs(save)
+    assert path.name in {p.name for p in quarantine.iterdir()} or what == "delete"
+
+
+@pytest.mark.parametrize("export", ["model.h5", "model.json"])
+def test_damaged_export_is_rewritten_from_the_checkpoint(tmp_path, small_data, daemons, save,
+                                                         export):
+    newest = generations(save)[0]
+    (save / export).write_bytes((save / export).read_bytes()[:200])
+    # epochs=1: training is already complete, so only the repair writes to save/
+    daemon, epoch, batch = start_and_stop(daemons, write_config(tmp_path, small_data, epochs=1))
+    assert generations(save)[0] == newest
+    assert (epoch, batch) == (manifest_of(save, newest)["epoch"], 0)
+    assert f"WARNING daemon.checkpoints: {export} did not match checkpoint {newest}" in daemon.log
+    assert fsutil.sha256_file(save / export) == manifest_of(save, newest)["files"][export]
+    assert_loadable(save)
+
+
+def test_nothing_loadable_is_quarantined_and_training_starts_afresh(tmp_path, small_data,
+                                                                   daemons, save):
+    numbers = generations(save)
+    for number in numbers:
+        (save / state_name(number)).write_bytes(b"garbage")
+    damaged = sorted(p.name for p in save.iterdir() if not p.name.startswith("."))
+    daemon, epoch, batch = start_and_stop(daemons, write_config(tmp_path, small_data))
+    assert (epoch, batch) == (0, 0)
+    assert "ERROR daemon.service: no loadable checkpoint" in daemon.log
+    [quarantine] = corrupt_dirs(save)
+    assert sorted(p.name for p in quarantine.iterdir()) == damaged
+    # and the next start is a normal resume, not a crash loop
+    daemon = daemons(write_config(tmp_path, small_data))
+    daemon.wait_for_log(STARTED)
+    assert daemon.stop() == 0
+    assert "ERROR" not in daemon.log
+
+
+def test_checkpoint_of_another_architecture_exits_2_and_touches_nothing(tmp_path, small_data,
+                                                                       save):
+    before = {p.name: fsutil.sha256_file(p) for p in save.iterdir() if p.name != ".lock"}
+    config = write_config(tmp_path, small_data)
+    config.write_text(config.read_text() + "model: cnn\n")
+    result = subprocess.run([sys.executable, "-m", "daemon", "run", "--config", str(config)],
+                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "holds a checkpoint of model 'mlp' but the config asks for 'cnn'" in result.stderr
+    after = {p.name: fsutil.sha256_file(p) for p in save.iterdir() if p.name != ".lock"}
+    assert after == before
+    assert not corrupt_dirs(save)
+
+
+def test_failed_checkpoint_write_is_logged_and_training_goes_on(tmp_path, small_data, daemons,
+                                                                save):
+    """A real write failure: RLIMIT_FSIZE makes the kernel refuse files over 100 kB (EFBIG)."""
+    newest = generations(save)[0]
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    config = write_config(tmp_path, small_data, epochs=2)
+    daemon = daemons(config, preexec_fn=small_files)
+    daemon.wait_for_log(r"training complete")
+    assert daemon.stop() == 0, daemon.log
+    assert re.search(r"ERROR daemon.checkpoints: checkpoint at epoch \d+ batch \d+ failed: "
+                     r"\[Errno 27\] File too large; the previous one stays", daemon.log)
+    assert "epoch 2/2: loss" in daemon.log  # training went on
+    assert generations(save)[0] == newest  # no half generation
+    assert not [p for p in save.iterdir() if fsutil.is_temp_name(p.name)]
+    assert_loadable(save)
+    assert status(config)["epoch"] == 1
+
+
+def test_a_second_daemon_on_the_same_save_is_refused(tmp_path, small_data, daemons):
+    config = write_config(tmp_path, small_data)
+    first = daemons(config)
+    first.wait_for_log(STARTED)
+    wait_until(lambda: status(config)["running_pid"] == first.process.pid, 10)
+    result = subprocess.run([sys.executable, "-m", "daemon", "run", "--config", str(config)],
+                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 1
+    assert f"another wardrobe (pid {first.process.pid}) is running" in result.stderr
+    assert first.stop() == 0
