@@ -83,8 +83,8 @@ class Service:
         config = self.config
         log.info("wardrobe starting (pid %d): %s", os.getpid(), config.summary())
         self._install_signal_handlers()
-        lock = _lock(config.save)
         check_data(config)
+        lock = _lock(config.save)
         generation = open_store(config)
         config.inbox.mkdir(parents=True, exist_ok=True)
         if self._signals:

@@ -1,13 +1,15 @@
 """The checkpoint store: numbered generations in save/, written so a crash never loses both.
 
 A generation N is `ckpt-N.npz` (everything needed to resume) and `ckpt-N.json` (the
-manifest: progress, fingerprint, sha256 of every file). The manifest's rename is the commit
-point: it is written last, after the state file and the exports (`model.json`, `model.h5`,
-the tutorial-facing pair) are complete, fsynced and renamed. The previous generation is kept.
+manifest: progress, fingerprint, sha256 of the state file and of the exports). The manifest's
+rename is the commit point: it is written last, after the state file and the exports
+(`model.json`, `model.h5`, the tutorial-facing pair; written at epoch ends and stops, not
+by mid-epoch generations) are complete, fsynced and renamed. The previous generation is kept.
 Reading needs no TensorFlow, so `status` stays fast.
 """
 
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -55,10 +57,10 @@ class Generation:
         return (self.folder / state_name(self.number)).read_bytes()
 
     def stale_exports(self):
-        """Exports in the folder that are not this generation's (a crash or damage)."""
+        """Exports in the folder that differ from what this generation recorded there."""
         stale = []
         for name in EXPORTS:
-            expected = self.manifest["files"].get(name)
+            expected = self.manifest.get("exports", {}).get(name)
             try:
                 actual = fsutil.sha256_file(self.folder / name)
             except OSError:
@@ -123,7 +125,8 @@ class CheckpointStore:
     # ---- writing ---------------------------------------------------------------------------
 
     def write(self, meta, state, exports):
-        """Write a new generation; returns it. `state` and each export are bytes.
+        """Write a new generation; returns it. `state` and each export are bytes; `exports`
+        may be empty (the files stay as they are, and the manifest records them as such).
 
         Order: state file, changed exports, fsync folder, manifest, fsync folder. A crash
         before the manifest's rename leaves the previous generation as the newest complete one.
@@ -135,18 +138,26 @@ class CheckpointStore:
             files = {state_name(number): fsutil.write_new(
                 self.folder / state_name(number), state, sync_folder=False)}
             for name, data in exports.items():
-                files[name] = self._write_export(name, data)
+                self._write_export(name, data)
             fsutil.fsync_folder(self.folder)
         except BaseException:
             # No manifest, no generation: drop the orphan so numbering stays meaningful.
             _unlink(self.folder / state_name(number))
             raise
         manifest = dict(meta, format=FORMAT, generation=number, files=files,
-                        written_at=_utc_now())
+                        exports=dict(self._export_digests), written_at=_utc_now())
         body = json.dumps(manifest, indent=1, sort_keys=True).encode()
         fsutil.write_new(self.folder / manifest_name(number), body, sync_folder=True)
         self._drop_older_than(numbers[0] if numbers else number)
         return Generation(self.folder, manifest)
+
+    def adopt(self, generation):
+        """Continue from `generation`: its intact exports need no rewriting; returns the
+        names of those that are damaged or stale (to be repaired with write_exports)."""
+        stale = generation.stale_exports()
+        self._export_digests = {name: digest for name, digest in
+                                generation.get("exports", {}).items() if name not in stale}
+        return stale
 
     def write_exports(self, exports):
         """Rewrite the exports alone (repairing them from a restored generation)."""
@@ -155,13 +166,10 @@ class CheckpointStore:
         fsutil.fsync_folder(self.folder)
 
     def _write_export(self, name, data):
-        import hashlib  # local: only the writer needs it
-
         digest = hashlib.sha256(data).hexdigest()
         if self._export_digests.get(name) != digest:  # model.json rarely changes
             fsutil.write_new(self.folder / name, data, sync_folder=False)
             self._export_digests[name] = digest
-        return digest
 
     def _drop_older_than(self, keep_from):
         """Remove generations older than `keep_from` (the previous one stays)."""

@@ -1,8 +1,9 @@
 """The trainer: seeded per-epoch order, exact resume point, cooperative stop.
 
 Each epoch's batch order is a permutation derived from (seed, epoch) alone, so a resumed run
-sees the very batches an uninterrupted one would. fit() runs one epoch at a time on that
-order; the Checkpoint callback restores state and skips the batches already trained on.
+sees the very batches an uninterrupted one would. fit() runs one epoch at a time on a
+tf.data pipeline in that order; the Checkpoint callback restores state and skips the
+batches already trained on.
 """
 
 import logging
@@ -23,6 +24,27 @@ def epoch_order(seed, epoch, count):
     return np.random.default_rng([seed, epoch]).permutation(count)
 
 
+class EpochBatches:
+    """The training set, held once as tensors; of_epoch(e) yields its batches in the order
+    of epoch_order(seed, e), scaled to [0, 1] as the tutorial does."""
+
+    def __init__(self, data, batch_size, seed):
+        self.images = tf.constant(data.x_train)
+        self.labels = tf.constant(data.y_train)
+        self.batch_size, self.seed = batch_size, seed
+
+    def of_epoch(self, epoch):
+        order = epoch_order(self.seed, epoch, int(self.images.shape[0]))
+        return (tf.data.Dataset.from_tensor_slices(order)
+                .batch(self.batch_size)
+                .map(self._gather)
+                .prefetch(2))
+
+    def _gather(self, indices):
+        images = tf.cast(tf.gather(self.images, indices), tf.float32) / 255.0
+        return images, tf.gather(self.labels, indices)
+
+
 class Trainer:
     """Trains `config.model` up to `config.train.epochs`; run() blocks, stop() may come
     from any thread and takes effect at the next batch boundary."""
@@ -36,11 +58,11 @@ class Trainer:
 
     def run(self):
         train = self.config.train
+        keras.config.disable_interactive_logging()  # Keras's messages go to logging, not print
         keras.utils.set_random_seed(train.seed)
         tf.config.experimental.enable_op_determinism()
         data = dataset.load(self.config.data.source, self.config.data.path)
         log.info("data: %s", data)
-        x_train = data.x_train.astype("float32") / 255.0
         model = models.build(self.config.model)
         checkpoint = Checkpoint(self.config.save, every_batches=train.checkpoint_batches,
                                 fingerprint=self.fingerprint(data))
@@ -51,14 +73,13 @@ class Trainer:
                  train.epochs, self.step)
         callbacks = [_StopOnEvent(self.stop_event), _Progress(self), checkpoint,
                      _EpochLog(checkpoint, train.epochs)]
+        batches = EpochBatches(data, train.batch_size, train.seed)
         trained = False
         for epoch in range(self.epoch, train.epochs):
             if self.stop_event.is_set():
                 break
-            order = epoch_order(train.seed, epoch, len(x_train))
-            model.fit(x_train[order], data.y_train[order], batch_size=train.batch_size,
-                      initial_epoch=epoch, epochs=epoch + 1, shuffle=False, verbose=0,
-                      callbacks=callbacks)
+            model.fit(batches.of_epoch(epoch), initial_epoch=epoch, epochs=epoch + 1,
+                      shuffle=False, verbose=0, callbacks=callbacks)
             trained = True
             if self.step:  # stopped inside this epoch
                 log.info("stopped at batch %d of epoch %d; checkpoint %.0f ms", self.step,
