@@ -149,7 +149,7 @@ def sigterm_to_exit(data_folder, workdir, repeats):
             code = process.wait(30)
             times.append((time.monotonic() - sent) * 1000)
         text = log.read_text()
-        assert code == 0 and "stopped at batch" in text, text[-2000:]
+        assert code == 0 and "bye" in text, text[-2000:]
     return times
 
 

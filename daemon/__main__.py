@@ -1,4 +1,4 @@
-"""Command line: `python -m daemon run|status [--config PATH]`. No TensorFlow import here,
+"""Command line: `python -m daemon run|status|classify [--config PATH]`. No TensorFlow import here,
 so a bad config or argument exits 2 in well under a second."""
 
 import argparse
@@ -22,7 +22,10 @@ def parse_args(argv):
     run = commands.add_parser("run", help="run the daemon in the foreground")
     status = commands.add_parser("status", help="show training progress from save/")
     status.add_argument("--json", action="store_true", help="print one JSON object")
-    for command in (run, status):
+    classify = commands.add_parser("classify", help="label image files with the newest "
+                                   "checkpoint and print FILE<TAB>label<TAB>confidence")
+    classify.add_argument("files", nargs="+", metavar="FILE")
+    for command in (run, status, classify):
         command.add_argument("--config", type=Path, help=config_help)
     return parser.parse_args(argv)
 
@@ -57,6 +60,11 @@ def dispatch(args):
 
             print(status.render(status.report(config), args.json))
             return 0
+        if args.command == "classify":
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+            from daemon import classifier
+
+            return classifier.classify_files(config, args.files, sys.stdout, sys.stderr)
         return service.Service(config).run()
     except WardrobeError as error:
         if logging.getLogger().handlers:

@@ -17,13 +17,14 @@ def is_temp_name(name):
     return name.startswith(".") and name.endswith(".tmp")
 
 
-def write_new(path, data, sync_folder=True):
+def write_new(path, data, sync_folder=True, durable=True):
     """Atomically replace `path` with `data`; returns the data's sha256 hex digest.
 
     The bytes go to a temporary file created with O_EXCL|O_NOFOLLOW (never through a planted
-    symlink), which is fsynced before the rename, so a reader or a crash sees the old file
-    or the new one, never a part. With sync_folder the rename itself is made durable too;
-    callers renaming several files fsync the folder once themselves.
+    symlink) and renamed over `path` (replacing a symlink there, never following it), so a
+    reader sees the old file or the new one, never a part. `durable` fsyncs the file before
+    the rename, so a crash cannot leave the new name with missing data; with sync_folder the
+    rename itself is made durable too (callers renaming several files fsync the folder once).
     """
     tmp = temp_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
@@ -32,7 +33,8 @@ def write_new(path, data, sync_folder=True):
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)

@@ -1,9 +1,10 @@
 """The daemon's lifecycle: the only place with threads and signal handlers.
 
 Start order: logging, lock on save/, open the checkpoint store (repairing it, before
-TensorFlow is imported), then the trainer thread. Stop order (SIGTERM or SIGINT): the
-handler only records the signal; the main loop asks the trainer to stop, the trainer ends
-fit at the next batch boundary and writes the checkpoint, the main loop joins it and exits 0.
+TensorFlow is imported), the inbox observer, then the trainer and labeller threads. Stop
+order (SIGTERM or SIGINT): the handler only records the signal; the main loop sets the stop
+event, stops the inbox observer, the labeller finishes its batch, the trainer ends fit at
+the next batch boundary and writes the checkpoint; the main loop joins both and exits 0.
 A second signal exits at once (the last checkpoint stays).
 """
 
@@ -17,6 +18,8 @@ import sys
 import threading
 
 from daemon import dataset
+from daemon.inbox import Inbox
+from daemon.sidecars import Sidecars
 from daemon.errors import (EXIT_FATAL, EXIT_OK, AlreadyRunning, ConfigError,
                            IncompatibleCheckpoint, WardrobeError)
 from daemon.store import CheckpointStore
@@ -77,7 +80,7 @@ class Service:
         self._signals = []  # appended to by the handler, read by the main loop only
         self._wake_read, self._wake_write = socket.socketpair()
         self._wake_write.setblocking(False)
-        self._trainer_error = None
+        self._errors = []  # exceptions that ended a worker thread
 
     def run(self):
         config = self.config
@@ -86,44 +89,65 @@ class Service:
         check_data(config)
         lock = _lock(config.save)
         generation = open_store(config)
-        config.inbox.mkdir(parents=True, exist_ok=True)
         if self._signals:
             log.info("stopped before training started; bye")
             return EXIT_OK
 
         from daemon.training import Trainer  # TensorFlow is imported from here on
 
+        sidecars = Sidecars(config.classify.sidecar, config.classify.extensions)
+        inbox = Inbox(config.inbox, sidecars)
+        inbox.start()
+        log.info("watching %s for %s images", config.inbox, ", ".join(config.classify.extensions))
         trainer = Trainer(config, generation, self.stop_event)
-        thread = threading.Thread(target=self._train, args=(trainer,), name="trainer")
-        thread.start()
+        workers = [self._start("trainer", trainer.run),
+                   self._start("labeller", self._label, inbox, sidecars)]
         announced_done = False
-        while True:
-            if self._signals and not self.stop_event.is_set():
-                log.info("%s: stopping at the next batch boundary",
-                         signal.Signals(self._signals[0]).name)
-                self.stop_event.set()
-            if not thread.is_alive():
-                if self._trainer_error is not None:
-                    raise self._trainer_error
-                if self.stop_event.is_set():
-                    break
-                if not announced_done:
-                    log.info("training complete (%d epochs); idle until stopped",
-                             config.train.epochs)
-                    announced_done = True
+        while not self.stop_event.is_set():
+            if self._signals:
+                log.info("%s: stopping", signal.Signals(self._signals[0]).name)
+                break
+            if self._errors:
+                break
+            if not workers[0].is_alive() and not announced_done:
+                log.info("training complete (%d epochs); labelling inbox images until stopped",
+                         config.train.epochs)
+                announced_done = True
             self._wait(1.0)
-        thread.join()
+        # Shutdown order: stop taking inbox work, let the labeller finish its batch, stop
+        # training at the next batch boundary (the trainer writes the checkpoint), exit.
+        self.stop_event.set()
+        inbox.stop()
+        for worker in workers:
+            worker.join()
+        if self._errors:
+            raise self._errors[0]
         log.info("bye")
         lock.close()
         return EXIT_OK
 
-    def _train(self, trainer):
-        try:
-            trainer.run()
-        except BaseException as error:  # reported by the main loop
-            self._trainer_error = error
-        finally:
-            self._wake_write.send(b"t")
+    def _start(self, name, target, *args):
+        def work():
+            try:
+                target(*args)
+            except BaseException as error:  # reported by the main loop
+                log.error("%s failed: %s", name, error)
+                self._errors.append(error)
+            finally:
+                self._wake_write.send(b"w")
+
+        thread = threading.Thread(target=work, name=name)
+        thread.start()
+        return thread
+
+    def _label(self, inbox, sidecars):
+        from daemon.classifier import Classifier, Labeller
+
+        labeller = Labeller(self.config, sidecars, Classifier(self.config))
+        while not self.stop_event.is_set():
+            paths = inbox.take(limit=256, timeout=0.5)
+            if labeller.label(paths):
+                log.debug("%d images labelled so far", labeller.labelled)
 
     def _install_signal_handlers(self):
         signal.set_wakeup_fd(self._wake_write.fileno(), warn_on_full_buffer=False)

@@ -63,7 +63,7 @@ class Trainer:
         tf.config.experimental.enable_op_determinism()
         data = dataset.load(self.config.data.source, self.config.data.path)
         log.info("data: %s", data)
-        model = models.build(self.config.model)
+        model = models.build(self.config.model, seed=train.seed)
         checkpoint = Checkpoint(self.config.save, every_batches=train.checkpoint_batches,
                                 fingerprint=self.fingerprint(data))
         checkpoint.set_model(model)

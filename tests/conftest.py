@@ -43,11 +43,13 @@ def small_data(tmp_path_factory):
     return folder
 
 
-def write_config(folder, data, **train):
+def write_config(folder, data, classify=None, **train):
     """A config in `folder` training on `data`; keyword arguments override train.*."""
     settings = {"epochs": 3, "batch_size": 16, "seed": 7, "checkpoint_every": 5}
     settings.update(train)
     document = {"data": {"source": "path", "path": str(data)}, "train": settings}
+    if classify:
+        document["classify"] = classify
     path = Path(folder) / "config.yaml"
     path.write_text(yaml.safe_dump(document))
     return path

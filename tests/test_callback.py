@@ -39,7 +39,7 @@ class Count(keras.callbacks.Callback):
 
 def fresh_model(seed):
     keras.utils.set_random_seed(seed)
-    return models.build("mlp")
+    return models.build("mlp", seed=seed)
 
 
 def test_resume_mid_epoch_in_plain_fit_is_bit_identical(tmp_path, data):

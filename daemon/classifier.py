@@ -1,0 +1,141 @@
+"""Labels images with the newest complete checkpoint: decode, one batched predict, sidecars.
+
+The classifier keeps its own copy of the model, loaded from a verified generation (never a
+half-written one) and reloaded when a newer one lands, at most once per generation and
+only when there is something to label. Images that come before the first checkpoint wait.
+"""
+
+import io
+import logging
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from daemon import images, models
+from daemon.store import CheckpointStore
+
+log = logging.getLogger(__name__)
+
+
+class Classifier:
+    """The newest checkpoint's model as one compiled function over batches of 28x28 images."""
+
+    def __init__(self, config):
+        self.labels = config.classify.labels
+        self.store = CheckpointStore(config.save)
+        self.model = models.build(config.model)
+        self.generation = None
+        self._predict = tf.function(  # scaled to [0, 1] as in training
+            lambda batch: self.model(tf.cast(batch, tf.float32) / 255.0, training=False),
+            input_signature=[tf.TensorSpec([None, images.SIDE, images.SIDE], tf.uint8)],
+            reduce_retracing=True)
+
+    def refresh(self):
+        """Load the newest verified generation if it is newer than ours; True if we have one."""
+        numbers = self.store.numbers()
+        if numbers and (self.generation is None or numbers[0] > self.generation.number):
+            newest, _ = self.store.scan()
+            if newest is not None and (self.generation is None
+                                       or newest.number > self.generation.number):
+                try:
+                    self._load(newest)
+                except (OSError, ValueError, KeyError) as error:  # removed or replaced meanwhile
+                    log.warning("could not load checkpoint %d: %s", newest.number, error)
+        return self.generation is not None
+
+    def _load(self, generation):
+        with np.load(io.BytesIO(generation.read_state()), allow_pickle=False) as arrays:
+            for index, variable in enumerate(self.model.variables):
+                variable.assign(arrays[f"model.{index}"])
+        self.generation = generation
+        log.info("labelling with checkpoint %d (epoch %d, batch %d)", generation.number,
+                 generation["epoch"], generation["step"])
+
+    def predict(self, batch):
+        """uint8 array (N, 28, 28) -> (classes, confidences)."""
+        probabilities = self._predict(tf.constant(batch)).numpy()
+        return probabilities.argmax(axis=1), probabilities.max(axis=1)
+
+    def describe(self, cls, confidence):
+        return {"label": self.labels[cls], "class": int(cls),
+                "confidence": round(float(confidence), 4),
+                "epoch": self.generation["epoch"], "model": self.generation.id}
+
+
+class Labeller:
+    """Turns image paths into sidecars. Runs in one thread (the service's)."""
+
+    def __init__(self, config, sidecars, classifier):
+        self.root = os.path.realpath(config.inbox)
+        self.sidecars = sidecars
+        self.classifier = classifier
+        self.waiting = {}  # paths that came before the first checkpoint
+        self.labelled = 0
+
+    def label(self, paths):
+        """Label what needs it among `paths`; returns how many sidecars were written."""
+        for path in paths:
+            self.waiting[path] = None
+        if not self.waiting or not self.classifier.refresh():
+            return 0
+        paths, self.waiting = list(self.waiting), {}
+        batch, todo, written = [], [], 0
+        for path in paths:
+            info = self._stat_inside(path)
+            if info is None or self.sidecars.is_up_to_date(path, info):
+                continue
+            try:
+                batch.append(images.load(path))
+                todo.append((path, info))
+            except images.BadImage as error:
+                written += self._write(path, info, {"error": str(error)})
+        if batch:
+            classes, confidences = self.classifier.predict(np.stack(batch))
+            for (path, info), cls, confidence in zip(todo, classes, confidences):
+                written += self._write(path, info, self.classifier.describe(cls, confidence))
+        self.labelled += written
+        return written
+
+    def _stat_inside(self, path):
+        """lstat of `path` if it still exists inside the inbox, reached without symlinks."""
+        parent = os.path.dirname(path)
+        if os.path.realpath(parent) != parent or not (parent + os.sep).startswith(
+                self.root + os.sep):
+            log.warning("not labelling %r: it is not inside %s", path, self.root)
+            return None
+        try:
+            return os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            return None  # gone again: nothing to label
+        except OSError as error:
+            log.warning("cannot stat %r: %s", path, error.strerror)
+            return None
+
+    def _write(self, path, info, result):
+        try:
+            self.sidecars.write(path, info, result)
+            return 1
+        except OSError as error:
+            log.error("cannot write the sidecar of %r: %s", path, error.strerror)
+            return 0
+
+
+def classify_files(config, paths, out, err):
+    """`wardrobe classify FILE...`: print FILE<TAB>label<TAB>confidence; 1 if any failed."""
+    classifier = Classifier(config)
+    if not classifier.refresh():
+        print(f"wardrobe: no checkpoint in {config.save} yet", file=err)
+        return 1
+    loaded, failed = [], 0
+    for path in paths:
+        try:
+            loaded.append((path, images.load(path)))
+        except images.BadImage as error:
+            print(f"{path}: {error}", file=err)
+            failed += 1
+    if loaded:
+        classes, confidences = classifier.predict(np.stack([image for _, image in loaded]))
+        for (path, _), cls, confidence in zip(loaded, classes, confidences):
+            print(f"{path}\t{classifier.labels[cls]}\t{confidence:.4f}", file=out)
+    return 1 if failed else 0
