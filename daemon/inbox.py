@@ -1,8 +1,8 @@
 """Finds the images in inbox/ that need a label; decodes nothing.
 
 Sources: a scan of the tree at start (images dropped while the daemon was down), then
-watchdog events -- only close-after-write and moves, so a file still being written is never
-offered, and the kernel queue carries few events. An inotify overflow (watchdog 7 only logs
+watchdog's inotify events -- only close-after-write and moves (also in from outside), so a
+file still being written is never offered, and the kernel queue carries few events. An inotify overflow (watchdog 7 only logs
 it) or an observer whose thread died (e.g. inbox/ itself was deleted) turns into a new
 observer and a rescan, so no image is left behind. Duplicates are fine: the labeller skips
 images whose sidecar is up to date.
@@ -15,7 +15,7 @@ import time
 
 from watchdog.events import (DirCreatedEvent, DirMovedEvent, FileClosedEvent,
                              FileMovedEvent, FileSystemEventHandler)
-from watchdog.observers import Observer
+from watchdog.observers.inotify import InotifyObserver
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,12 @@ class Inbox:
 
     def _start_observer(self):
         if self._observer is not None:
-            self._observer.stop()
+            self._observer.stop()  # also stops and joins its emitters
+            self._observer.join(5)
         os.makedirs(self.root, exist_ok=True)
-        self._observer = Observer()
+        # Full events: a file moved in from outside the tree arrives as a move with no
+        # source, not as a "created" event that a file still being written also makes.
+        self._observer = InotifyObserver(generate_full_events=True)
         self._observer.name = "inbox-observer"
         self._observer.schedule(_Handler(self), self.root, recursive=True, event_filter=EVENTS)
         self._observer.start()
@@ -148,6 +151,8 @@ class _Handler(FileSystemEventHandler):
         self.inbox._offer(event.src_path)
 
     def on_moved(self, event):
+        if not event.dest_path:
+            return  # moved out of the tree
         if event.is_directory:
             self.inbox.found.put(("scan", event.dest_path))
         else:

@@ -262,3 +262,71 @@ def test_classify_command(tmp_path, trained, crops):
     assert path == str(good) and label and 0 < float(confidence) <= 1
     assert f"{bad}: not a decodable image" in result.stderr
     assert not (tmp_path / "good.png.json").exists()
+
+
+def test_a_replaced_image_is_labelled_again_even_while_down(tmp_path, trained, daemons, crops):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    image = inbox / "shoe.png"
+    image.write_bytes(png(crops[0][0]))
+    daemon = daemons(trained)
+    first = wait_until(lambda: sidecar(image), 30, message="first label")
+    staged = tmp_path / "new.png"
+    staged.write_bytes(png(crops[0][1]))
+    os.rename(staged, image)  # replaced while running
+    second = wait_until(lambda: sidecar(image) != first and sidecar(image), 30,
+                        message="a new label after the replacement")
+    assert second["source"]["inode"] != first["source"]["inode"]
+    assert daemon.stop() == 0
+    staged.write_bytes(png(crops[0][2]))
+    os.utime(staged, ns=(1, 1))  # replaced while down, by an older file
+    os.rename(staged, image)
+    daemon = daemons(trained)
+    third = wait_until(lambda: sidecar(image) != second and sidecar(image), 30,
+                       message="a new label after the replacement while down")
+    assert third["source"]["mtime_ns"] == 1
+    assert daemon.stop() == 0
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_an_observer_killed_by_a_raising_handler_is_replaced(tmp_path, monkeypatch):
+    """watchdog's observer thread dies silently when a handler raises; take() notices,
+    starts a new observer and rescans. In-process, with the real observer."""
+    from daemon import inbox as inbox_module
+    from daemon.sidecars import Sidecars
+
+    root = tmp_path / "inbox"
+    inbox = inbox_module.Inbox(root, Sidecars("json", ["png"]))
+    inbox.start()
+    try:
+        assert inbox.take(10, 0.1) == [] and inbox.healthy()
+        raised = []
+
+        def broken_handler(self, event):
+            raised.append(event)
+            raise RuntimeError("a bug in a handler")
+
+        monkeypatch.setattr(inbox_module._Handler, "on_closed", broken_handler)
+        (root / "lost.png").write_bytes(b"event lost with the thread")
+        wait_until(lambda: raised and not inbox.healthy(), 10, message="the observer to die")
+        monkeypatch.undo()
+        found = wait_until(lambda: inbox.take(10, 0.2), 10, message="the rescan to find it")
+        assert found == [str(root / "lost.png")] and inbox.healthy()
+        (root / "next.png").write_bytes(b"seen by the new observer")
+        assert wait_until(lambda: inbox.take(10, 0.2), 10) == [str(root / "next.png")]
+    finally:
+        inbox.stop()
+
+
+def test_a_folder_moved_in_from_outside_is_labelled(tmp_path, trained, daemons, crops):
+    inbox = tmp_path / "inbox"
+    daemon = daemons(trained)
+    daemon.wait_for_log(r"watching .*inbox")
+    album = tmp_path / "album"
+    (album / "inner").mkdir(parents=True)
+    for i in range(5):
+        (album / f"{i}.png").write_bytes(png(crops[0][i]))
+        (album / "inner" / f"{i}.png").write_bytes(png(crops[0][i]))
+    os.rename(album, inbox / "album")
+    wait_until(lambda: all_labelled(inbox, 10), 30, message="the moved-in folder labelled")
+    assert daemon.stop() == 0
