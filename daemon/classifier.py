@@ -81,8 +81,9 @@ class Labeller:
             return 0
         paths, self.waiting = list(self.waiting), {}
         batch, todo, written = [], [], 0
+        folders_inside = {}
         for path in paths:
-            info = self._stat_inside(path)
+            info = self._stat_inside(path, folders_inside)
             if info is None or self.sidecars.is_up_to_date(path, info):
                 continue
             try:
@@ -97,11 +98,14 @@ class Labeller:
         self.labelled += written
         return written
 
-    def _stat_inside(self, path):
-        """lstat of `path` if it still exists inside the inbox, reached without symlinks."""
+    def _stat_inside(self, path, folders_inside):
+        """lstat of `path` if it still exists inside the inbox, reached without symlinks;
+        `folders_inside` caches the answer per folder within one batch."""
         parent = os.path.dirname(path)
-        if os.path.realpath(parent) != parent or not (parent + os.sep).startswith(
-                self.root + os.sep):
+        if parent not in folders_inside:
+            folders_inside[parent] = os.path.realpath(parent) == parent and (
+                parent + os.sep).startswith(self.root + os.sep)
+        if not folders_inside[parent]:
             log.warning("not labelling %r: it is not inside %s", path, self.root)
             return None
         try:

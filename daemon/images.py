@@ -71,6 +71,8 @@ def decode(data):
         raise BadImage(f"cannot decode: {str(error).strip().splitlines()[-1][:200]}") from None
     if image is None or image.size == 0:
         raise BadImage("not a decodable image")
+    if image.ndim == 2 and image.dtype == np.uint8:
+        return image  # already 8-bit gray: the common case, kept cheap
     image = _to_unit_float(image)
     if image.ndim == 3 and image.shape[2] == 4:
         alpha = image[:, :, 3:4]
@@ -85,8 +87,8 @@ def decode(data):
 
 def to_dataset_style(gray):
     """A 2-D uint8 image -> 28x28 uint8, light object on a dark background."""
-    corners = np.array([gray[0, 0], gray[0, -1], gray[-1, 0], gray[-1, -1]], dtype=np.float32)
-    background = float(np.median(corners))
+    corners = sorted(int(v) for v in (gray[0, 0], gray[0, -1], gray[-1, 0], gray[-1, -1]))
+    background = (corners[1] + corners[2]) / 2  # their median
     if gray.shape == (SIDE, SIDE) and background < 128:
         return gray  # already a dataset-style crop
     # Trim the edges close to the background colour.

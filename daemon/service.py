@@ -145,7 +145,7 @@ class Service:
 
         labeller = Labeller(self.config, sidecars, Classifier(self.config))
         while not self.stop_event.is_set():
-            paths = inbox.take(limit=256, timeout=0.5)
+            paths = inbox.take(limit=512, timeout=0.5)
             if labeller.label(paths):
                 log.debug("%d images labelled so far", labeller.labelled)
 

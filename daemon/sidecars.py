@@ -56,7 +56,7 @@ class Sidecars:
         else:
             record = dict(result, classified_at=_utc_now(), source=_source(info))
             data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
-        fsutil.write_new(self.path_for(image), data, sync_folder=False, durable=False)
+        fsutil.publish(self.path_for(image), data)
 
     @staticmethod
     def is_our_temporary(name):

@@ -135,8 +135,8 @@ class CheckpointStore:
         numbers = self.numbers()
         number = numbers[0] + 1 if numbers else 1
         try:
-            files = {state_name(number): fsutil.write_new(
-                self.folder / state_name(number), state, sync_folder=False)}
+            fsutil.write_new(self.folder / state_name(number), state, sync_folder=False)
+            files = {state_name(number): hashlib.sha256(state).hexdigest()}
             for name, data in exports.items():
                 self._write_export(name, data)
             fsutil.fsync_folder(self.folder)
