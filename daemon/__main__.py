@@ -1,4 +1,4 @@
-"""Command line: `python -m daemon run|status|classify [--config PATH]`. No TensorFlow import here,
+"""Command line: `python -m daemon run|status|classify|unit [--config PATH]`. No TensorFlow import here,
 so a bad config or argument exits 2 in well under a second."""
 
 import argparse
@@ -25,7 +25,9 @@ def parse_args(argv):
     classify = commands.add_parser("classify", help="label image files with the newest "
                                    "checkpoint and print FILE<TAB>label<TAB>confidence")
     classify.add_argument("files", nargs="+", metavar="FILE")
-    for command in (run, status, classify):
+    unit = commands.add_parser("unit", help="print a systemd unit file for this installation")
+    unit.add_argument("--user", action="store_true", help="a unit for `systemctl --user`")
+    for command in (run, status, classify, unit):
         command.add_argument("--config", type=Path, help=config_help)
     return parser.parse_args(argv)
 
@@ -59,6 +61,13 @@ def dispatch(args):
             from daemon import status
 
             print(status.render(status.report(config), args.json))
+            return 0
+        if args.command == "unit":
+            from daemon import systemd
+
+            for folder in (config.inbox, config.save):  # systemd needs ReadWritePaths to exist
+                folder.mkdir(parents=True, exist_ok=True)
+            print(systemd.unit_file(config, user=args.user), end="")
             return 0
         if args.command == "classify":
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -33,6 +33,7 @@ class Inbox:
         self._observer = None
         self._unsettled = {}  # path -> when to look again
         self._overflow_hook = _OverflowHook(self)
+        self._observer_failure = None  # why the last restart failed
 
     # ---- lifecycle (called by the service) --------------------------------------------------
 
@@ -53,6 +54,19 @@ class Inbox:
         observer = self._observer
         return bool(observer and observer.is_alive()
                     and all(emitter.is_alive() for emitter in observer.emitters))
+
+    def _restart_observer(self):
+        """After the observer died: try a new one; if that fails too, say so once and try
+        again at the next take() (meanwhile healthy() is false and the watchdog waits)."""
+        if not self._observer_failure:
+            log.error("the inbox observer stopped; starting a new one")
+        try:
+            self._start_observer()
+            self._observer_failure = None
+        except OSError as error:
+            if str(error) != self._observer_failure:
+                log.error("cannot watch %s: %s", self.root, error)
+            self._observer_failure = str(error)
 
     def _start_observer(self):
         if self._observer is not None:
@@ -77,8 +91,7 @@ class Inbox:
     def take(self, limit, timeout):
         """Up to `limit` image paths to label (deduplicated), waiting up to `timeout` s."""
         if not self.healthy():
-            log.error("the inbox observer stopped; starting a new one")
-            self._start_observer()
+            self._restart_observer()
         paths = self._due_unsettled()
         deadline = self.clock() + timeout
         while len(paths) < limit:

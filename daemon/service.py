@@ -16,10 +16,12 @@ import signal
 import socket
 import sys
 import threading
+import time
 
 from daemon import dataset
 from daemon.inbox import Inbox
 from daemon.sidecars import Sidecars
+from daemon.systemd import JournalFormatter, Notifier, stderr_is_journal
 from daemon.errors import (EXIT_FATAL, EXIT_OK, AlreadyRunning, ConfigError,
                            IncompatibleCheckpoint, WardrobeError)
 from daemon.store import CheckpointStore
@@ -28,10 +30,15 @@ log = logging.getLogger(__name__)
 
 
 def setup_logging(level=logging.INFO):
-    """One line per event on stderr; TensorFlow's own C++ chatter kept to errors."""
+    """One line per event on stderr; TensorFlow's own C++ chatter kept to errors. Under
+    systemd's journal: no timestamps, levels as <N> priorities."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    logging.basicConfig(stream=sys.stderr, level=level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    if stderr_is_journal():
+        handler.setFormatter(JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def open_store(config):
@@ -81,6 +88,10 @@ class Service:
         self._wake_read, self._wake_write = socket.socketpair()
         self._wake_write.setblocking(False)
         self._errors = []  # exceptions that ended a worker thread
+        self.notifier = Notifier()
+        self._labeller = None
+        self._labeller_beat = time.monotonic()
+        self._last_problem = None
 
     def run(self):
         config = self.config
@@ -102,29 +113,71 @@ class Service:
         trainer = Trainer(config, generation, self.stop_event)
         workers = [self._start("trainer", trainer.run),
                    self._start("labeller", self._label, inbox, sidecars)]
-        announced_done = False
-        while not self.stop_event.is_set():
-            if self._signals:
-                log.info("%s: stopping", signal.Signals(self._signals[0]).name)
-                break
-            if self._errors:
-                break
-            if not workers[0].is_alive() and not announced_done:
-                log.info("training complete (%d epochs); labelling inbox images until stopped",
-                         config.train.epochs)
-                announced_done = True
-            self._wait(1.0)
+        self._serve(trainer, workers, inbox)
         # Shutdown order: stop taking inbox work, let the labeller finish its batch, stop
         # training at the next batch boundary (the trainer writes the checkpoint), exit.
         self.stop_event.set()
         inbox.stop()
         for worker in workers:
             worker.join()
+        self.notifier.close()
         if self._errors:
             raise self._errors[0]
         log.info("bye")
         lock.close()
         return EXIT_OK
+
+    def _serve(self, trainer, workers, inbox):
+        """The main loop: signals, READY/STATUS/WATCHDOG to systemd, worker failures."""
+        watchdog = self.notifier.watchdog_seconds
+        tick = min(1.0, watchdog / 2) if watchdog else 1.0
+        ready = announced_done = False
+        status = last_ping = None
+        while not self._errors:
+            if self._signals:
+                log.info("%s: stopping", signal.Signals(self._signals[0]).name)
+                self.notifier.notify("STOPPING=1")
+                return
+            now = time.monotonic()
+            if not ready and trainer.restored.is_set():
+                ready = True
+                self.notifier.notify("READY=1")
+                log.info("ready: model restored, inbox watched")
+            if ready and not workers[0].is_alive() and not announced_done:
+                log.info("training complete (%d epochs); labelling inbox images until stopped",
+                         self.config.train.epochs)
+                announced_done = True
+            if ready and self._status(trainer, workers[0]) != status:
+                status = self._status(trainer, workers[0])
+                self.notifier.notify(f"STATUS={status}")
+            if ready and watchdog and (last_ping is None or now - last_ping >= watchdog / 2):
+                problem = self._unhealthy(trainer, workers, inbox, now, limit=watchdog / 2)
+                if problem is None:
+                    self.notifier.notify("WATCHDOG=1")
+                    last_ping = now
+                elif problem != self._last_problem:
+                    log.error("not pinging the systemd watchdog: %s", problem)
+                self._last_problem = problem
+            self._wait(tick)
+
+    def _status(self, trainer, trainer_thread):
+        labelled = f"{self._labeller.labelled:,} images labelled" if self._labeller else ""
+        if trainer_thread.is_alive():
+            return (f"training epoch {trainer.epoch + 1}/{self.config.train.epochs} "
+                    f"(batch {trainer.step}), {labelled}")
+        return f"serving, {labelled}"
+
+    def _unhealthy(self, trainer, workers, inbox, now, limit):
+        """Why the daemon is not healthy, or None: a training loop without progress, a
+        labeller that stopped going round, an inbox observer that is not running."""
+        trainer_thread, labeller_thread = workers
+        if trainer_thread.is_alive() and now - trainer.last_progress > limit:
+            return f"training made no progress for {now - trainer.last_progress:.0f} s"
+        if not labeller_thread.is_alive() or now - self._labeller_beat > limit:
+            return f"the labeller has not come round for {now - self._labeller_beat:.0f} s"
+        if not inbox.healthy():
+            return "the inbox observer is not running"
+        return None
 
     def _start(self, name, target, *args):
         def work():
@@ -143,11 +196,11 @@ class Service:
     def _label(self, inbox, sidecars):
         from daemon.classifier import Classifier, Labeller
 
-        labeller = Labeller(self.config, sidecars, Classifier(self.config))
+        self._labeller = Labeller(self.config, sidecars, Classifier(self.config))
         while not self.stop_event.is_set():
+            self._labeller_beat = time.monotonic()
             paths = inbox.take(limit=512, timeout=0.5)
-            if labeller.label(paths):
-                log.debug("%d images labelled so far", labeller.labelled)
+            self._labeller.label(paths)
 
     def _install_signal_handlers(self):
         signal.set_wakeup_fd(self._wake_write.fileno(), warn_on_full_buffer=False)

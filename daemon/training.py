@@ -7,6 +7,7 @@ batches already trained on.
 """
 
 import logging
+import threading
 import time
 
 import keras
@@ -54,7 +55,8 @@ class Trainer:
         self.generation = generation  # verified checkpoint to resume from, or None
         self.stop_event = stop_event
         self.epoch = self.step = 0
-        self.stopped_mid_epoch = False
+        self.restored = threading.Event()  # the model is ready: set after restore
+        self.last_progress = time.monotonic()  # for the watchdog: a batch, an epoch...
 
     def run(self):
         train = self.config.train
@@ -68,6 +70,8 @@ class Trainer:
                                 fingerprint=self.fingerprint(data))
         checkpoint.set_model(model)
         self.epoch, self.step = checkpoint.restore(self.generation)
+        self.last_progress = time.monotonic()
+        self.restored.set()
         where = "resuming from" if checkpoint.restored else "no checkpoint in"
         log.info("%s %s: epoch %d/%d, batch %d", where, self.config.save, self.epoch,
                  train.epochs, self.step)
@@ -117,7 +121,7 @@ class _StopOnEvent(keras.callbacks.Callback):
 
 
 class _Progress(keras.callbacks.Callback):
-    """Keeps trainer.epoch / trainer.step current for status reporting."""
+    """Keeps trainer.epoch, .step and .last_progress current (status, watchdog)."""
 
     def __init__(self, trainer):
         super().__init__()
@@ -125,9 +129,11 @@ class _Progress(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.trainer.epoch = epoch
+        self.trainer.last_progress = time.monotonic()
 
     def on_train_batch_end(self, batch, logs=None):
         self.trainer.step = batch + 1
+        self.trainer.last_progress = time.monotonic()
 
     def on_epoch_end(self, epoch, logs=None):
         if batch_count := self.params.get("steps"):

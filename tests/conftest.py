@@ -58,11 +58,14 @@ def write_config(folder, data, classify=None, **train):
 class Daemon:
     """`python -m daemon run` as a real subprocess with its stderr in a file."""
 
-    def __init__(self, config, wrapper=(), env=None, **popen):
+    def __init__(self, config, wrapper=(), env=None, journal=False, **popen):
         self.config = Path(config)
         self.log_path = self.config.parent / f"daemon-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")
         environment = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        if journal:  # as systemd does: the stream's device and inode
+            info = os.fstat(self._log.fileno())
+            environment["JOURNAL_STREAM"] = f"{info.st_dev}:{info.st_ino}"
         self.process = subprocess.Popen(
             [*wrapper, sys.executable, "-m", "daemon", "run", "--config", str(self.config)],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, env=environment, **popen)

@@ -1,0 +1,161 @@
+"""systemd integration without libsystemd: sd_notify, journal-friendly logs, the unit file."""
+
+import getpass
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# journald reads "<N>" at the start of a line as its priority (sd-daemon(3)).
+PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+              logging.CRITICAL: 2}
+
+
+class Notifier:
+    """sd_notify over $NOTIFY_SOCKET (a path or an abstract @name); a no-op without it.
+    Failures are logged once and never fatal."""
+
+    def __init__(self, environ=os.environ):
+        address = environ.get("NOTIFY_SOCKET") or None
+        if address and address.startswith("@"):
+            address = "\0" + address[1:]
+        self.address = address
+        self._socket = None
+        self._failed = False
+        usec = environ.get("WATCHDOG_USEC")
+        pid = environ.get("WATCHDOG_PID")
+        wanted = usec and usec.isdigit() and int(usec) > 0 and (
+            not pid or pid == str(os.getpid()))
+        self.watchdog_seconds = int(usec) / 1e6 if wanted else None
+
+    @property
+    def enabled(self):
+        return self.address is not None
+
+    def notify(self, *lines):
+        if not self.address:
+            return False
+        message = "\n".join(lines).encode()
+        try:
+            if self._socket is None:
+                self._socket = socket.socket(socket.AF_UNIX,
+                                             socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._socket.sendto(message, self.address)
+            self._failed = False
+            return True
+        except OSError as error:
+            if not self._failed:
+                log.error("sd_notify to %r failed: %s", self.address, error)
+            self._failed = True
+            return False
+
+    def close(self):
+        if self._socket is not None:
+            self._socket.close()
+
+
+class JournalFormatter(logging.Formatter):
+    """No timestamps (journald adds them); the level as a <N> priority prefix."""
+
+    def __init__(self):
+        super().__init__("%(name)s: %(message)s")
+
+    def format(self, record):
+        text = super().format(record)
+        prefix = f"<{PRIORITIES.get(record.levelno, 6)}>"
+        return "\n".join(prefix + line for line in text.splitlines())
+
+
+def stderr_is_journal(environ=os.environ):
+    """True when stderr is the journal stream systemd set up ($JOURNAL_STREAM=dev:ino)."""
+    stream = environ.get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(part) for part in stream.split(":"))
+        info = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError):
+        return False
+    return (info.st_dev, info.st_ino) == (device, inode)
+
+
+HOMES = ("/home", "/root", "/run/user")
+WATCHDOG_SECONDS = 60
+STOP_SECONDS = 30
+
+
+def unit_file(config, user=False):
+    """A ready unit for this installation: this interpreter, this config, hardened as far as
+    TensorFlow and the paths allow."""
+    interpreter = Path(sys.executable).absolute()
+    config_path = Path(config.source).absolute() if config.source else None
+    config_arg = f" --config {_quote(config_path)}" if config_path else ""
+    writable = sorted({str(config.inbox), str(config.save)})
+    used = [interpreter, Path(os.path.realpath(interpreter)), Path(sys.prefix),
+            Path(sys.base_prefix), Path(__file__).resolve().parent, config.inbox, config.save]
+    used += [p for p in (config_path, config.data.path) if p]
+    under = lambda roots: any(str(p) == r or str(p).startswith(r + "/")  # noqa: E731
+                              for p in used for r in roots)
+    lines = [
+        "[Unit]",
+        f"Description=Wardrobe: trains an image classifier, labels images in {config.inbox}",
+        "After=local-fs.target",
+        "",
+        "[Service]",
+        "Type=notify",
+        "NotifyAccess=main",
+        f"ExecStart={_quote(interpreter)} -m daemon run{config_arg}",
+        f"WorkingDirectory={_quote(config_path.parent if config_path else Path.cwd())}",
+        "Environment=PYTHONUNBUFFERED=1",
+        # keras.datasets caches downloads under $KERAS_HOME: keep it in the writable save/
+        f"Environment=KERAS_HOME={_quote(config.save / 'keras')}",
+        "Restart=on-failure",
+        "RestartSec=2",
+        "RestartPreventExitStatus=2",  # a config error must not crash-loop
+        "KillSignal=SIGTERM",
+        "TimeoutStartSec=300",  # TensorFlow import, data loading, a dataset download
+        f"TimeoutStopSec={STOP_SECONDS}",  # a stop takes well under a second
+        f"WatchdogSec={WATCHDOG_SECONDS}",
+    ]
+    if user:
+        # A user manager can only apply mount namespaces where unprivileged user
+        # namespaces are allowed; keep the unit portable.
+        lines.append("NoNewPrivileges=yes")
+    else:
+        if os.getuid() != 0:
+            lines.append(f"User={getpass.getuser()}")
+        lines += [
+            "NoNewPrivileges=yes",
+            "ProtectSystem=strict",
+            f"ReadWritePaths={' '.join(_quote(p) for p in writable)}",
+        ]
+        if not under(["/tmp", "/var/tmp"]):
+            lines.append("PrivateTmp=yes")
+        # Read-only, not hidden, when the interpreter or data live in a home folder.
+        lines.append("ProtectHome=read-only" if under(HOMES) else "ProtectHome=yes")
+        lines += [
+            "PrivateDevices=yes",
+            "ProtectKernelTunables=yes",
+            "ProtectKernelModules=yes",
+            "ProtectKernelLogs=yes",
+            "ProtectControlGroups=yes",
+            "ProtectClock=yes",
+            "ProtectHostname=yes",
+            "RestrictNamespaces=yes",
+            "RestrictRealtime=yes",
+            "RestrictSUIDSGID=yes",
+            "LockPersonality=yes",
+            "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+            "SystemCallArchitectures=native",
+            "CapabilityBoundingSet=",
+            # Not MemoryDenyWriteExecute: TensorFlow's oneDNN kernels are JIT-compiled.
+        ]
+    lines += ["UMask=0022", "", "[Install]",
+              f"WantedBy={'default.target' if user else 'multi-user.target'}", ""]
+    return "\n".join(lines)
+
+
+def _quote(path):
+    text = str(path)
+    return f'"{text}"' if any(c in text for c in ' "\\') else text

@@ -1,0 +1,185 @@
+"""sd_notify to a fake NOTIFY_SOCKET, the watchdog's health rules, journal logs, the unit."""
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, wait_until, write_config
+
+STRACE = shutil.which("strace")
+ANALYZE = shutil.which("systemd-analyze")
+
+
+class FakeNotifySocket:
+    """A datagram socket standing in for systemd's; records (time, message)."""
+
+    def __init__(self, address):
+        self.address = address
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.socket.bind("\0" + address[1:] if address.startswith("@") else address)
+        self.socket.settimeout(0.2)
+        self.messages = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._receive)
+        self._thread.start()
+
+    def _receive(self):
+        while not self._stop.is_set():
+            try:
+                data = self.socket.recv(4096)
+            except socket.timeout:
+                continue
+            for line in data.decode().splitlines():
+                self.messages.append((time.monotonic(), line))
+
+    def lines(self, prefix):
+        return [(at, line) for at, line in self.messages if line.startswith(prefix)]
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
+        self.socket.close()
+
+
+@pytest.fixture(params=["path", "abstract"])
+def notify_socket(request, tmp_path):
+    address = (str(tmp_path / "notify.sock") if request.param == "path"
+               else f"@wardrobe-test-{os.getpid()}-{time.monotonic_ns()}")
+    fake = FakeNotifySocket(address)
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def trained(tmp_path, small_data, one_epoch_save):
+    shutil.copytree(one_epoch_save, tmp_path / "save")
+    return write_config(tmp_path, small_data, epochs=1)
+
+
+def test_ready_status_watchdog_and_stopping(tmp_path, small_data, daemons, notify_socket):
+    config = write_config(tmp_path, small_data, epochs=2, batch_size=4)
+    daemon = daemons(config, env={"NOTIFY_SOCKET": notify_socket.address,
+                                  "WATCHDOG_USEC": "1000000"})
+    wait_until(lambda: notify_socket.lines("READY=1"), 60, message="READY=1")
+    assert "ready: model restored, inbox watched" in daemon.log
+    wait_until(lambda: notify_socket.lines("STATUS=training epoch"), 30)
+    wait_until(lambda: len(notify_socket.lines("WATCHDOG=1")) >= 4, 30, message="pings")
+    pings = [at for at, _ in notify_socket.lines("WATCHDOG=1")]
+    assert max(b - a for a, b in zip(pings, pings[1:])) < 0.9  # every WATCHDOG_USEC/2
+    (tmp_path / "inbox" / "x.png").write_bytes(b"not an image")
+    wait_until(lambda: any(re.match(r"STATUS=(training|serving).*, 1 images labelled", line)
+                           for _, line in notify_socket.messages), 30)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+    assert notify_socket.lines("STOPPING=1")
+    ready_at = notify_socket.lines("READY=1")[0][0]
+    assert all(at >= ready_at for at, _ in notify_socket.lines("WATCHDOG=1"))
+
+
+def gaps(fake):
+    """Seconds between watchdog pings, the one still open (since the last ping) included."""
+    pings = [at for at, _ in fake.lines("WATCHDOG=1")] + [time.monotonic()]
+    return [b - a for a, b in zip(pings, pings[1:])]
+
+
+@pytest.mark.skipif(STRACE is None, reason="strace is not installed (.ci/run installs it)")
+def test_a_stalled_training_loop_stops_the_watchdog_pings(tmp_path, small_data, daemons):
+    """strace holds one of the trainer's checkpoint fsyncs for 4 s: a hung training loop
+    while the rest of the daemon runs on."""
+    fake = FakeNotifySocket(str(tmp_path / "notify.sock"))
+    try:
+        config = write_config(tmp_path, small_data, epochs=50)
+        daemon = daemons(config, env={"NOTIFY_SOCKET": fake.address, "WATCHDOG_USEC": "1000000"},
+                         wrapper=[STRACE, "-f", "-qq", "-o", "/dev/null", "-e", "trace=fsync",
+                                  "-e", "inject=fsync:delay_enter=4000000:when=40"])
+        daemon.wait_for_log(r"not pinging the systemd watchdog: training made no progress", 180)
+        wait_until(lambda: max(gaps(fake) or [0]) > 2.5, 30, message="a gap in the pings")
+        count = len(fake.lines("WATCHDOG=1"))
+        wait_until(lambda: len(fake.lines("WATCHDOG=1")) >= count + 3, 30,
+                   message="pings again once training moves")
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0
+    finally:
+        fake.close()
+
+
+def test_a_dead_inbox_observer_stops_the_watchdog_pings(tmp_path, trained, daemons):
+    fake = FakeNotifySocket(str(tmp_path / "notify.sock"))
+    try:
+        daemon = daemons(trained, env={"NOTIFY_SOCKET": fake.address,
+                                       "WATCHDOG_USEC": "1000000"})
+        wait_until(lambda: len(fake.lines("WATCHDOG=1")) >= 2, 60, message="pings")
+        inbox = tmp_path / "inbox"
+        shutil.rmtree(inbox)
+        inbox.write_text("a file where the inbox folder was")  # a new observer cannot start
+        daemon.wait_for_log(r"cannot watch .*inbox")
+        daemon.wait_for_log(r"not pinging the systemd watchdog: the inbox observer")
+        count = len(fake.lines("WATCHDOG=1"))
+        wait_until(lambda: max(gaps(fake) or [0]) > 2.0, 30, message="a gap in the pings")
+        inbox.unlink()  # the next restart of the observer succeeds
+        wait_until(lambda: len(fake.lines("WATCHDOG=1")) >= count + 3, 30,
+                   message="pings again")
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait() == 0
+    finally:
+        fake.close()
+
+
+def test_logs_fit_the_journal(tmp_path, trained, daemons):
+    daemon = daemons(trained, journal=True)
+    daemon.wait_for_log(r"ready: model restored")
+    (tmp_path / "save" / "model.json").write_text("{}")  # stale export: a WARNING next time
+    assert daemon.stop() == 0
+    lines = [line for line in daemon.log.splitlines() if line.startswith("<")]
+    assert any(line.startswith("<6>daemon.service: wardrobe starting") for line in lines)
+    assert not any(re.match(r"<\d>\d{4}-\d\d-\d\d", line) for line in lines)  # no timestamps
+    again = daemons(trained, journal=True)
+    again.wait_for_log(r"<4>daemon.checkpoints: model.json did not match")
+    assert again.stop() == 0
+
+
+def unit_text(config, *extra):
+    result = subprocess.run([sys.executable, "-m", "daemon", "unit", "--config", str(config),
+                             *extra], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_unit_file_for_this_installation(tmp_path, small_data):
+    config = write_config(tmp_path, small_data)
+    text = unit_text(config)
+    for line in ["Type=notify", f"ExecStart={sys.executable} -m daemon run --config {config}",
+                 "Restart=on-failure", "RestartPreventExitStatus=2", "KillSignal=SIGTERM",
+                 "NoNewPrivileges=yes", "ProtectSystem=strict",
+                 f"ReadWritePaths={tmp_path / 'inbox'} {tmp_path / 'save'}"]:
+        assert line in text.splitlines(), line
+    assert re.search(r"^TimeoutStopSec=\d+$", text, re.M)
+    assert re.search(r"^WatchdogSec=\d+$", text, re.M)
+    assert "PrivateTmp" not in text  # the paths live under /tmp here
+    assert "MemoryDenyWriteExecute" not in text
+    user = unit_text(config, "--user")
+    assert "WantedBy=default.target" in user and "ProtectSystem" not in user
+    assert (tmp_path / "inbox").is_dir() and (tmp_path / "save").is_dir()
+
+
+@pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
+def test_systemd_analyze_verify_accepts_the_units(tmp_path, small_data):
+    config = write_config(tmp_path, small_data)
+    for name, text in [("wardrobe.service", unit_text(config)),
+                       ("wardrobe-user.service", unit_text(config, "--user"))]:
+        unit = tmp_path / name
+        unit.write_text(text)
+        result = subprocess.run([ANALYZE, "verify", str(unit)], capture_output=True,
+                                text=True, timeout=60)
+        assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    shipped = (REPO / "deploy" / "wardrobe.service").read_text()
+    assert "Type=notify" in shipped and "RestartPreventExitStatus=2" in shipped
