@@ -125,6 +125,10 @@ def unit_file(config, user=False):
     else:
         if os.getuid() != 0:
             lines.append(f"User={getpass.getuser()}")
+        if under(["/tmp", "/var/tmp"]):
+            # No PrivateTmp: it would hide our own paths. Keras needs a writable temporary
+            # folder at import, and ProtectSystem=strict makes /tmp read-only otherwise.
+            writable += ["/tmp", "/var/tmp"]
         lines += [
             "NoNewPrivileges=yes",
             "ProtectSystem=strict",

@@ -160,7 +160,7 @@ def test_unit_file_for_this_installation(tmp_path, small_data):
     for line in ["Type=notify", f"ExecStart={sys.executable} -m daemon run --config {config}",
                  "Restart=on-failure", "RestartPreventExitStatus=2", "KillSignal=SIGTERM",
                  "NoNewPrivileges=yes", "ProtectSystem=strict",
-                 f"ReadWritePaths={tmp_path / 'inbox'} {tmp_path / 'save'}"]:
+                 f"ReadWritePaths={tmp_path / 'inbox'} {tmp_path / 'save'} /tmp /var/tmp"]:
         assert line in text.splitlines(), line
     assert re.search(r"^TimeoutStopSec=\d+$", text, re.M)
     assert re.search(r"^WatchdogSec=\d+$", text, re.M)
