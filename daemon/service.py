@@ -130,7 +130,7 @@ class Service:
     def _serve(self, trainer, workers, inbox):
         """The main loop: signals, READY/STATUS/WATCHDOG to systemd, worker failures."""
         watchdog = self.notifier.watchdog_seconds
-        tick = min(1.0, watchdog / 2) if watchdog else 1.0
+        tick = min(1.0, watchdog / 4) if watchdog else 1.0
         ready = announced_done = False
         status = last_ping = None
         while not self._errors:
@@ -150,7 +150,8 @@ class Service:
             if ready and self._status(trainer, workers[0]) != status:
                 status = self._status(trainer, workers[0])
                 self.notifier.notify(f"STATUS={status}")
-            if ready and watchdog and (last_ping is None or now - last_ping >= watchdog / 2):
+            # Ping at least every WATCHDOG_USEC/2 (sd_notify(3)), whatever the tick's jitter.
+            if ready and watchdog and (last_ping is None or now - last_ping >= watchdog / 2 - tick):
                 problem = self._unhealthy(trainer, workers, inbox, now, limit=watchdog / 2)
                 if problem is None:
                     self.notifier.notify("WATCHDOG=1")
