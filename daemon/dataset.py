@@ -59,7 +59,7 @@ def load(source, path=None):
 def read_idx_folder(folder, origin):
     """Read the four Fashion-MNIST IDX files (gzipped or not) from `folder`."""
     folder = Path(folder)
-    arrays = {key: _read_idx(_find(folder, name)) for key, name in FILES.items()}
+    arrays = {key: _read_idx(find_file(folder, name)) for key, name in FILES.items()}
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
@@ -83,7 +83,7 @@ def write_idx_folder(folder, train, test):
             file.write(header + array.tobytes())
 
 
-def _find(folder, name):
+def find_file(folder, name):
     for candidate in (folder / f"{name}.gz", folder / name):
         if candidate.is_file():
             return candidate

@@ -75,7 +75,7 @@ def check_data(config):
     if config.data.source == "path":
         try:
             for name in dataset.FILES.values():
-                dataset._find(config.data.path, name)
+                dataset.find_file(config.data.path, name)
         except WardrobeError as error:
             raise ConfigError("data.path", str(error)) from None
 

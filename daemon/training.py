@@ -47,8 +47,8 @@ class EpochBatches:
 
 
 class Trainer:
-    """Trains `config.model` up to `config.train.epochs`; run() blocks, stop() may come
-    from any thread and takes effect at the next batch boundary."""
+    """Trains `config.model` up to `config.train.epochs`. run() blocks; setting stop_event,
+    from any thread, ends it at the next batch boundary with a checkpoint."""
 
     def __init__(self, config, generation, stop_event):
         self.config = config
