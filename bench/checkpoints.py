@@ -100,8 +100,11 @@ def overhead(x, y, rounds, workdir):
         model = models.build("mlp")
         callback = Timed(make(str(workdir / re.sub(r"\W+", "-", name)))) if make else None
         runs[name] = {"model": model, "callback": callback, "epochs": [], "writes": []}
+    order = list(runs.items())
+    shuffle = np.random.default_rng(0).shuffle
     for round_ in range(rounds + 1):  # round 0 warms up (tracing)
-        for name, run in runs.items():
+        shuffle(order)  # no configuration always runs first (or after the slowest)
+        for name, run in order:
             callbacks = [run["callback"]] if run["callback"] else []
             if run["callback"]:
                 run["callback"].calls_ms.clear()

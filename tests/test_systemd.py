@@ -85,6 +85,16 @@ def test_ready_status_watchdog_and_stopping(tmp_path, small_data, daemons, notif
     assert all(at >= ready_at for at, _ in notify_socket.lines("WATCHDOG=1"))
 
 
+def test_a_broken_notify_socket_is_logged_not_fatal(tmp_path, trained, daemons):
+    daemon = daemons(trained, env={"NOTIFY_SOCKET": str(tmp_path / "nobody-listens"),
+                                   "WATCHDOG_USEC": "1000000"})
+    daemon.wait_for_log(r"ERROR daemon.systemd: sd_notify to .*nobody-listens.* failed")
+    (tmp_path / "inbox" / "x.png").write_bytes(b"still labelling")
+    wait_until(lambda: (tmp_path / "inbox" / "x.png.json").exists(), 30)
+    assert daemon.stop() == 0
+    assert daemon.log.count("sd_notify to") == 1  # said once, not at every ping
+
+
 def gaps(fake):
     """Seconds between watchdog pings, the one still open (since the last ping) included."""
     pings = [at for at, _ in fake.lines("WATCHDOG=1")] + [time.monotonic()]
