@@ -48,9 +48,11 @@ class Classifier:
         with np.load(io.BytesIO(generation.read_state()), allow_pickle=False) as arrays:
             for index, variable in enumerate(self.model.variables):
                 variable.assign(arrays[f"model.{index}"])
-        self.generation = generation
-        log.info("labelling with checkpoint %d (epoch %d, batch %d)", generation.number,
-                 generation["epoch"], generation["step"])
+        first, self.generation = self.generation is None, generation
+        # Reloads follow every checkpoint while training: INFO for the first one only.
+        log.log(logging.INFO if first else logging.DEBUG,
+                "labelling with checkpoint %d (epoch %d, batch %d)", generation.number,
+                generation["epoch"], generation["step"])
 
     def predict(self, batch):
         """uint8 array (N, 28, 28) -> (classes, confidences)."""

@@ -147,8 +147,8 @@ class Service:
                 log.info("training complete (%d epochs); labelling inbox images until stopped",
                          self.config.train.epochs)
                 announced_done = True
-            if ready and self._status(trainer, workers[0]) != status:
-                status = self._status(trainer, workers[0])
+            if ready and (current := self._status(trainer, workers[0])) != status:
+                status = current
                 self.notifier.notify(f"STATUS={status}")
             # Ping at least every WATCHDOG_USEC/2 (sd_notify(3)), whatever the tick's jitter.
             if ready and watchdog and (last_ping is None or now - last_ping >= watchdog / 2 - tick):
