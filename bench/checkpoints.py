@@ -133,12 +133,16 @@ def overhead(x, y, rounds, workdir):
     return table
 
 
+def daemon_command(config, data_folder, save, checkpoint_every):
+    """Write a long-training daemon config on the full-size data; its `run` command."""
+    config.write_text(f"save: {save}\ndata: {{source: path, path: {data_folder}}}\n"
+                      f"train: {{epochs: 1000, checkpoint_every: {checkpoint_every}}}\n")
+    return [sys.executable, "-m", "daemon", "run", "--config", str(config)]
+
+
 def sigterm_to_exit(data_folder, workdir, repeats):
     """SIGTERM at various points of a full-size epoch -> process exit, in ms."""
-    config = workdir / "config.yaml"
-    config.write_text(f"data: {{source: path, path: {data_folder}}}\n"
-                      "train: {epochs: 1000, checkpoint_every: epoch}\n")
-    command = [sys.executable, "-m", "daemon", "run", "--config", str(config)]
+    command = daemon_command(workdir / "config.yaml", data_folder, "save", "epoch")
     times = []
     for i in range(repeats):
         log = workdir / f"run-{i}.log"
@@ -158,10 +162,7 @@ def sigterm_to_exit(data_folder, workdir, repeats):
 
 def first_batch_after_restart(data_folder, workdir, repeats):
     """Spawn -> first checkpoint after the first batch, with checkpoint_every: 1."""
-    config = workdir / "config1.yaml"
-    config.write_text(f"save: save1\ndata: {{source: path, path: {data_folder}}}\n"
-                      "train: {epochs: 1000, checkpoint_every: 1}\n")
-    command = [sys.executable, "-m", "daemon", "run", "--config", str(config)]
+    command = daemon_command(workdir / "config1.yaml", data_folder, "save1", 1)
     save, times = workdir / "save1", []
     for i in range(repeats + 1):
         newest = max(save.glob("ckpt-*.json"), default=None)

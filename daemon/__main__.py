@@ -1,5 +1,5 @@
-"""Command line: `python -m daemon run|status|classify|unit [--config PATH]`. No TensorFlow import here,
-so a bad config or argument exits 2 in well under a second."""
+"""Command line: `python -m daemon run|status|classify|unit [--config PATH]`. No TensorFlow
+import here, so a bad config or argument exits 2 in well under a second."""
 
 import argparse
 import logging

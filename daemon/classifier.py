@@ -54,15 +54,13 @@ class Classifier:
                 "labelling with checkpoint %d (epoch %d, batch %d)", generation.number,
                 generation["epoch"], generation["step"])
 
-    def predict(self, batch):
-        """uint8 array (N, 28, 28) -> (classes, confidences)."""
-        probabilities = self._predict(tf.constant(batch)).numpy()
-        return probabilities.argmax(axis=1), probabilities.max(axis=1)
-
-    def describe(self, cls, confidence):
-        return {"label": self.labels[cls], "class": int(cls),
-                "confidence": round(float(confidence), 4),
-                "epoch": self.generation["epoch"], "model": self.generation.id}
+    def results(self, batch):
+        """A list of 28x28 uint8 images -> one sidecar record each (label, class, ...)."""
+        probabilities = self._predict(tf.constant(np.stack(batch))).numpy()
+        return [{"label": self.labels[cls], "class": int(cls),
+                 "confidence": round(float(row[cls]), 4),
+                 "epoch": self.generation["epoch"], "model": self.generation.id}
+                for row, cls in zip(probabilities, probabilities.argmax(axis=1))]
 
 
 class Labeller:
@@ -94,9 +92,8 @@ class Labeller:
             except images.BadImage as error:
                 written += self._write(path, info, {"error": str(error)})
         if batch:
-            classes, confidences = self.classifier.predict(np.stack(batch))
-            for (path, info), cls, confidence in zip(todo, classes, confidences):
-                written += self._write(path, info, self.classifier.describe(cls, confidence))
+            for (path, info), result in zip(todo, self.classifier.results(batch)):
+                written += self._write(path, info, result)
         self.labelled += written
         return written
 
@@ -141,7 +138,6 @@ def classify_files(config, paths, out, err):
             print(f"{path}: {error}", file=err)
             failed += 1
     if loaded:
-        classes, confidences = classifier.predict(np.stack([image for _, image in loaded]))
-        for (path, _), cls, confidence in zip(loaded, classes, confidences):
-            print(f"{path}\t{classifier.labels[cls]}\t{confidence:.4f}", file=out)
+        for (path, _), result in zip(loaded, classifier.results([image for _, image in loaded])):
+            print(f"{path}\t{result['label']}\t{result['confidence']:.4f}", file=out)
     return 1 if failed else 0

@@ -1,5 +1,6 @@
 """Durable file writes: a new file is complete and fsynced before its rename makes it visible."""
 
+import datetime
 import hashlib
 import itertools
 import os
@@ -30,9 +31,7 @@ def write_new(path, data, sync_folder=True, durable=True):
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            _write_all(fd, data)
             if durable:
                 os.fsync(fd)
         finally:
@@ -59,9 +58,7 @@ def publish(path, data):
     except OSError:  # a file system without O_TMPFILE
         return write_new(path, data, sync_folder=False, durable=False)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        _write_all(fd, data)
         folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:  # a dir fd makes os.link use linkat(AT_SYMLINK_FOLLOW) on the /proc fd link
             os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=folder_fd)
@@ -71,6 +68,17 @@ def publish(path, data):
         return write_new(path, data, sync_folder=False, durable=False)
     finally:
         os.close(fd)
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def utc_timestamp():
+    """Now, as ISO 8601 UTC with milliseconds, for what we write into files."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def fsync_folder(folder):

@@ -2,10 +2,10 @@
 
 Sources: a scan of the tree at start (images dropped while the daemon was down), then
 watchdog's inotify events -- only close-after-write and moves (also in from outside), so a
-file still being written is never offered, and the kernel queue carries few events. An inotify overflow (watchdog 7 only logs
-it) or an observer whose thread died (e.g. inbox/ itself was deleted) turns into a new
-observer and a rescan, so no image is left behind. Duplicates are fine: the labeller skips
-images whose sidecar is up to date.
+file still being written is never offered, and the kernel queue carries few events. An
+inotify overflow (watchdog 7 only logs it) or an observer whose thread died (e.g. inbox/
+itself was deleted) turns into a new observer and a rescan, so no image is left behind.
+Duplicates are fine: the labeller skips images whose sidecar is up to date.
 """
 
 import logging

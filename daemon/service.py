@@ -184,8 +184,7 @@ class Service:
         def work():
             try:
                 target(*args)
-            except BaseException as error:  # reported by the main loop
-                log.error("%s failed: %s", name, error)
+            except BaseException as error:  # re-raised, and logged, by the main thread
                 self._errors.append(error)
             finally:
                 self._wake_write.send(b"w")

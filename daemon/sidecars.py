@@ -6,7 +6,6 @@ unparsable means: label again. No fsync per sidecar: after a power cut a lost or
 sidecar is simply relabelled at start-up, and batches stay fast.
 """
 
-import datetime
 import json
 import os
 import re
@@ -54,7 +53,7 @@ class Sidecars:
             line = result["label"] if "label" in result else f"error: {result['error']}"
             data = (line.replace("\n", " ") + "\n").encode()
         else:
-            record = dict(result, classified_at=_utc_now(), source=_source(info))
+            record = dict(result, classified_at=fsutil.utc_timestamp(), source=_source(info))
             data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
         fsutil.publish(self.path_for(image), data)
 
@@ -79,7 +78,3 @@ def _source(info):
     if info is None:
         return None
     return {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "inode": info.st_ino}
-
-
-def _utc_now():
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")

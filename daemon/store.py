@@ -8,7 +8,6 @@ by mid-epoch generations) are complete, fsynced and renamed. The previous genera
 Reading needs no TensorFlow, so `status` stays fast.
 """
 
-import datetime
 import hashlib
 import json
 import logging
@@ -145,7 +144,8 @@ class CheckpointStore:
             _unlink(self.folder / state_name(number))
             raise
         manifest = dict(meta, format=FORMAT, generation=number, files=files,
-                        exports=dict(self._export_digests), written_at=_utc_now())
+                        exports=dict(self._export_digests),
+                        written_at=fsutil.utc_timestamp())
         body = json.dumps(manifest, indent=1, sort_keys=True).encode()
         fsutil.write_new(self.folder / manifest_name(number), body, sync_folder=True)
         self._drop_older_than(numbers[0] if numbers else number)
@@ -196,7 +196,8 @@ class CheckpointStore:
 
     def quarantine(self, numbers, with_exports):
         """Move damaged generations (and the exports) to save/corrupt-<time>/; returns it."""
-        target = self.folder / ("corrupt-" + _utc_now().replace(":", "").replace("-", ""))
+        stamp = fsutil.utc_timestamp().replace(":", "").replace("-", "")
+        target = self.folder / f"corrupt-{stamp}"
         target.mkdir(parents=True, exist_ok=True)
         names = [n for number in numbers for n in (manifest_name(number), state_name(number))]
         for name in names + (list(EXPORTS) if with_exports else []):
@@ -218,7 +219,3 @@ def _unlink(path):
         path.unlink()
     except FileNotFoundError:
         pass
-
-
-def _utc_now():
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
