@@ -36,6 +36,7 @@ class Checkpoint(keras.callbacks.Callback):
         self.every_batches = every_batches
         self.fingerprint = dict(fingerprint or {})
         self.history = []  # one dict per completed epoch
+        self.unsaved = 0  # batches trained since the last generation was written
         self.last_write_ms = None
         self.write_times_ms = []  # since the last epoch end, for the epoch log line
         self.restored = None  # the Generation resumed from, if any
@@ -122,6 +123,7 @@ class Checkpoint(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if batch < self._skip_below:
             return
+        self.unsaved += 1
         self._step = batch + 1
         steps = self.params.get("steps")
         if self.every_batches and self._step % self.every_batches == 0 and self._step != steps:
@@ -169,6 +171,7 @@ class Checkpoint(keras.callbacks.Callback):
             log.error("checkpoint at epoch %d batch %d failed: %s; the previous one stays",
                       epoch, step, error)
             return None
+        self.unsaved = 0
         self.last_write_ms = (time.monotonic() - started) * 1000
         self.write_times_ms.append(self.last_write_ms)
         log.debug("checkpoint %d (epoch %d, batch %d) in %.1f ms",

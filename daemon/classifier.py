@@ -1,4 +1,4 @@
-"""Labels images with the newest complete checkpoint: decode, one batched predict, sidecars.
+"""The model that labels: the newest complete checkpoint, as one compiled batch predict.
 
 The classifier keeps its own copy of the model, loaded from a verified generation (never a
 half-written one) and reloaded when a newer one lands, at most once per generation and
@@ -7,7 +7,6 @@ only when there is something to label. Images that come before the first checkpo
 
 import io
 import logging
-import os
 
 import numpy as np
 import tensorflow as tf
@@ -63,67 +62,6 @@ class Classifier:
                 for row, cls in zip(probabilities, probabilities.argmax(axis=1))]
 
 
-class Labeller:
-    """Turns image paths into sidecars. Runs in one thread (the service's)."""
-
-    def __init__(self, config, sidecars, classifier):
-        self.root = os.path.realpath(config.inbox)
-        self.sidecars = sidecars
-        self.classifier = classifier
-        self.waiting = {}  # paths that came before the first checkpoint
-        self.labelled = 0
-
-    def label(self, paths):
-        """Label what needs it among `paths`; returns how many sidecars were written."""
-        for path in paths:
-            self.waiting[path] = None
-        if not self.waiting or not self.classifier.refresh():
-            return 0
-        paths, self.waiting = list(self.waiting), {}
-        batch, todo, written = [], [], 0
-        folders_inside = {}
-        for path in paths:
-            info = self._stat_inside(path, folders_inside)
-            if info is None or self.sidecars.is_up_to_date(path, info):
-                continue
-            try:
-                batch.append(images.load(path))
-                todo.append((path, info))
-            except images.BadImage as error:
-                written += self._write(path, info, {"error": str(error)})
-        if batch:
-            for (path, info), result in zip(todo, self.classifier.results(batch)):
-                written += self._write(path, info, result)
-        self.labelled += written
-        return written
-
-    def _stat_inside(self, path, folders_inside):
-        """lstat of `path` if it still exists inside the inbox, reached without symlinks;
-        `folders_inside` caches the answer per folder within one batch."""
-        parent = os.path.dirname(path)
-        if parent not in folders_inside:
-            folders_inside[parent] = os.path.realpath(parent) == parent and (
-                parent + os.sep).startswith(self.root + os.sep)
-        if not folders_inside[parent]:
-            log.warning("not labelling %r: it is not inside %s", path, self.root)
-            return None
-        try:
-            return os.stat(path, follow_symlinks=False)
-        except FileNotFoundError:
-            return None  # gone again: nothing to label
-        except OSError as error:
-            log.warning("cannot stat %r: %s", path, error.strerror)
-            return None
-
-    def _write(self, path, info, result):
-        try:
-            self.sidecars.write(path, info, result)
-            return 1
-        except OSError as error:
-            log.error("cannot write the sidecar of %r: %s", path, error.strerror)
-            return 0
-
-
 def classify_files(config, paths, out, err):
     """`wardrobe classify FILE...`: print FILE<TAB>label<TAB>confidence; 1 if any failed."""
     classifier = Classifier(config)
@@ -134,7 +72,7 @@ def classify_files(config, paths, out, err):
     for path in paths:
         try:
             loaded.append((path, images.load(path)))
-        except images.BadImage as error:
+        except (images.BadImage, images.Unreadable) as error:
             print(f"{path}: {error}", file=err)
             failed += 1
     if loaded:

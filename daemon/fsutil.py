@@ -4,18 +4,29 @@ import datetime
 import hashlib
 import itertools
 import os
+import re
 
 _counter = itertools.count()
 
 
+TEMP_PREFIX = ".wardrobe-"
+
+
 def temp_name(path):
-    """A hidden, unique temporary name beside `path` (same folder, so rename is atomic)."""
+    """A hidden, unique temporary name beside `path` (same folder, so rename is atomic),
+    short enough for any name that fits NAME_MAX (255 bytes) itself."""
     folder, name = os.path.split(os.fspath(path))
-    return os.path.join(folder, f".{name}.{os.getpid()}-{next(_counter)}.tmp")
+    hint = os.fsencode(name)[:80].decode("utf-8", "ignore")  # for people looking at it
+    return os.path.join(folder, f"{TEMP_PREFIX}{os.getpid()}-{next(_counter)}.{hint}.tmp")
 
 
 def is_temp_name(name):
-    return name.startswith(".") and name.endswith(".tmp")
+    """Ours, from this or an earlier run (also the older `.NAME.PID-N.tmp` form)."""
+    return name.startswith(".") and name.endswith(".tmp") and (
+        name.startswith(TEMP_PREFIX) or _OLD_TEMP.match(name) is not None)
+
+
+_OLD_TEMP = re.compile(r"^\..+\.\d+-\d+\.tmp$")
 
 
 def write_new(path, data, sync_folder=True, durable=True):

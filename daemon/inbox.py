@@ -1,113 +1,123 @@
-"""Finds the images in inbox/ that need a label; decodes nothing.
+"""Finds the images in inbox/ that need a label, and keeps each sidecar with its image.
 
-Sources: a scan of the tree at start (images dropped while the daemon was down), then
-watchdog's inotify events -- only close-after-write and moves (also in from outside), so a
-file still being written is never offered, and the kernel queue carries few events. An
-inotify overflow (watchdog 7 only logs it) or an observer whose thread died (e.g. inbox/
-itself was deleted) turns into a new observer and a rescan, so no image is left behind.
-Duplicates are fine: the labeller skips images whose sidecar is up to date.
+Changes come from the watcher (daemon.watch): inotify or polling, start-up and safety-net
+scans. An image closed after writing, moved in, linked in or seen changed is offered to the
+labeller once it has settled; one renamed inside the tree takes its sidecar along (same
+content, no relabelling); one deleted or moved out takes its sidecar with it. Scans walk a
+folder a slice at a time, so a huge tree never holds up labelling: the first images found
+are labelled while the walk goes on. Decodes nothing. Runs in the labeller's thread.
 """
 
 import logging
 import os
 import queue
+import stat
 import time
 
-from watchdog.events import (DirCreatedEvent, DirMovedEvent, FileClosedEvent,
-                             FileMovedEvent, FileSystemEventHandler)
-from watchdog.observers.inotify import InotifyObserver
+from daemon.watch import Watcher
 
 log = logging.getLogger(__name__)
 
-EVENTS = [FileClosedEvent, FileMovedEvent, DirMovedEvent, DirCreatedEvent]
-SETTLE_SECONDS = 1.0  # a scanned file modified more recently may still be being written
-_WAKE = ("wake", None)
+SETTLE_SECONDS = 1.0  # a file modified more recently may still be being written
 
 
 class Inbox:
-    def __init__(self, root, sidecars, clock=time.monotonic):
+    def __init__(self, root, sidecars, watch, clock=time.monotonic):
         self.root = os.path.realpath(root)
         self.sidecars = sidecars
         self.clock = clock
-        self.found = queue.Queue()  # ("file", path) | ("scan", folder) | _WAKE
-        self._observer = None
+        self.watcher = Watcher(self.root, self._wanted, watch.mode, watch.poll_seconds,
+                               watch.rescan_seconds, clock=clock)
+        self._scans = []  # walks in progress: generators of image paths
         self._unsettled = {}  # path -> when to look again
-        self._overflow_hook = _OverflowHook(self)
-        self._observer_failure = None  # why the last restart failed
 
-    # ---- lifecycle (called by the service) --------------------------------------------------
+    def _wanted(self, name):
+        return self.sidecars.is_image_name(name)
+
+    # ---- lifecycle (the service) -------------------------------------------------------------
 
     def start(self):
-        watchdog_log = logging.getLogger("watchdog.observers.inotify_c")
-        watchdog_log.setLevel(logging.WARNING)
-        watchdog_log.addHandler(self._overflow_hook)
-        self._start_observer()
+        os.makedirs(self.root, exist_ok=True)
+        self.watcher.start()
 
     def stop(self):
-        logging.getLogger("watchdog.observers.inotify_c").removeHandler(self._overflow_hook)
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(5)
-        self.found.put(_WAKE)
+        self.watcher.stop()
 
-    def healthy(self):
-        observer = self._observer
-        return bool(observer and observer.is_alive()
-                    and all(emitter.is_alive() for emitter in observer.emitters))
+    @property
+    def problem(self):
+        return self.watcher.problem
 
-    def _restart_observer(self):
-        """After the observer died: try a new one; if that fails too, say so once and try
-        again at the next take() (meanwhile healthy() is false and the watchdog waits)."""
-        if not self._observer_failure:
-            log.error("the inbox observer stopped; starting a new one")
-        try:
-            self._start_observer()
-            self._observer_failure = None
-        except OSError as error:
-            if str(error) != self._observer_failure:
-                log.error("cannot watch %s: %s", self.root, error)
-            self._observer_failure = str(error)
-
-    def _start_observer(self):
-        if self._observer is not None:
-            self._observer.stop()  # also stops and joins its emitters
-            self._observer.join(5)
-        os.makedirs(self.root, exist_ok=True)
-        # Full events: a file moved in from outside the tree arrives as a move with no
-        # source, not as a "created" event that a file still being written also makes.
-        self._observer = InotifyObserver(generate_full_events=True)
-        self._observer.name = "inbox-observer"
-        self._observer.schedule(_Handler(self), self.root, recursive=True, event_filter=EVENTS)
-        self._observer.start()
-        self.rescan("start-up")  # after the watch exists, so nothing falls in between
+    def reconfigure(self, sidecars, watch):
+        """New classify/watch settings (a reload): look at everything again."""
+        self.sidecars = sidecars
+        self.watcher.reconfigure(watch.mode, watch.poll_seconds, watch.rescan_seconds)
+        self.watcher.rescan("settings reloaded")
 
     def rescan(self, why):
-        if why != "start-up":
-            log.warning("rescanning %s (%s)", self.root, why)
-        self.found.put(("scan", self.root))
+        self.watcher.rescan(why)
 
-    # ---- consuming (called from the labeller's thread) --------------------------------------
+    @property
+    def scanning(self):
+        return bool(self._scans)
 
-    def take(self, limit, timeout):
-        """Up to `limit` image paths to label (deduplicated), waiting up to `timeout` s."""
-        if not self.healthy():
-            self._restart_observer()
+    # ---- consuming (the labeller's thread) ----------------------------------------------------
+
+    def take(self, limit, timeout, budget=0.2):
+        """Up to `limit` image paths to label, deduplicated. Waits up to `timeout` s for the
+        first change when there is nothing else to do; spends at most about `budget` s."""
+        started = self.clock()
+        self.watcher.tick()
         paths = self._due_unsettled()
-        deadline = self.clock() + timeout
+        wait = 0.0 if (paths or self._scans) else timeout
         while len(paths) < limit:
             try:
-                wait = max(0.0, deadline - self.clock()) if not paths else 0.0
-                kind, path = self.found.get(timeout=wait)
+                kind, path, dest = self.watcher.changes.get(timeout=wait)
             except queue.Empty:
                 break
-            if kind == "file":
-                paths[path] = None
-            elif kind == "scan":
-                for image in self._scan(path):
-                    paths[image] = None
-            else:  # woken up (stopping)
+            wait = 0.0
+            if kind == "wake":  # stopping
                 break
+            self._handle(kind, path, dest, paths)
+            if self.clock() - started > budget:
+                break
+        while self._scans and len(paths) < limit and self.clock() - started <= budget:
+            try:
+                path = next(self._scans[0])
+            except StopIteration:
+                self._scans.pop(0)
+                continue
+            if path is not None:
+                paths[path] = None
         return list(paths)
+
+    def _handle(self, kind, path, dest, paths):
+        if kind == "file":
+            self._offer(path, paths)
+        elif kind == "created":
+            # A hard link, symlink or FIFO is never closed after writing: offer it now. A new
+            # regular file will be, once written: wait for that.
+            try:
+                info = os.lstat(path)
+            except OSError:
+                return
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+                self._offer(path, paths)
+        elif kind == "gone":
+            self.sidecars.drop_orphan(path)
+            paths.pop(path, None)
+        elif kind == "moved":
+            paths.pop(path, None)
+            if self.sidecars.is_image_name(dest):
+                self.sidecars.follow(path, dest)
+                self._offer(dest, paths)
+            else:
+                self.sidecars.drop_orphan(path)
+        elif kind == "scan":
+            self._scans.append(self._scan(path))
+
+    def _offer(self, path, paths):
+        if self.sidecars.is_image_name(path) and self._settled(path):
+            paths[path] = None
 
     def _due_unsettled(self):
         now, due = self.clock(), {}
@@ -118,30 +128,13 @@ class Inbox:
                     due[path] = None
         return due
 
-    def _scan(self, folder):
-        """Images below `folder` without an up-to-date sidecar; removes our stale temporaries.
-        Symlinks are not followed."""
-        stack, found = [folder], []
-        while stack:
-            current = stack.pop()
-            try:
-                entries = list(os.scandir(current))
-            except OSError as error:
-                log.warning("cannot scan %s: %s", current, error.strerror)
-                continue
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-                elif self.sidecars.is_our_temporary(entry.name):
-                    _remove(entry.path)
-                elif self.sidecars.is_image_name(entry.path):
-                    if not self.sidecars.is_up_to_date(entry.path) and self._settled(entry.path):
-                        found.append(entry.path)
-        return found
+    def recheck_later(self, path, seconds):
+        """The labeller found `path` still changing: look at it again after `seconds`."""
+        self._unsettled[path] = self.clock() + seconds
 
     def _settled(self, path):
         try:
-            age = time.time() - os.stat(path, follow_symlinks=False).st_mtime
+            age = time.time() - os.lstat(path).st_mtime
         except OSError:
             return True  # the labeller reports what is wrong with it
         if age >= SETTLE_SECONDS:
@@ -149,43 +142,34 @@ class Inbox:
         self._unsettled[path] = self.clock() + SETTLE_SECONDS - max(age, 0.0)
         return False
 
-    # ---- fed by watchdog's thread: only queue puts here --------------------------------------
-
-    def _offer(self, path):
-        if self.sidecars.is_image_name(path):
-            self.found.put(("file", path))
-
-
-class _Handler(FileSystemEventHandler):
-    def __init__(self, inbox):
-        self.inbox = inbox
-
-    def on_closed(self, event):
-        self.inbox._offer(event.src_path)
-
-    def on_moved(self, event):
-        if not event.dest_path:
-            return  # moved out of the tree
-        if event.is_directory:
-            self.inbox.found.put(("scan", event.dest_path))
-        else:
-            self.inbox._offer(event.dest_path)
-
-    def on_created(self, event):
-        if event.is_directory:  # files may land in it before its watch exists
-            self.inbox.found.put(("scan", event.src_path))
-
-
-class _OverflowHook(logging.Handler):
-    """watchdog 7 reports an inotify overflow only as a log record: turn it into a rescan."""
-
-    def __init__(self, inbox):
-        super().__init__(logging.WARNING)
-        self.inbox = inbox
-
-    def emit(self, record):
-        if "overflow" in record.getMessage().lower():
-            self.inbox.rescan("inotify queue overflow: events were lost")
+    def _scan(self, folder):
+        """Yields images below `folder` without an up-to-date sidecar (None between folders,
+        so take() can stop on time); removes our stale temporaries and the sidecars whose
+        image is gone. Symlinks are not followed."""
+        stack = [folder]
+        while stack:
+            current = stack.pop()
+            try:
+                with os.scandir(current) as listing:
+                    entries = list(listing)
+            except OSError as error:
+                if os.path.exists(self.root):
+                    log.warning("cannot scan %s: %s", current, error.strerror)
+                continue
+            names = {entry.name for entry in entries}
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                elif self.sidecars.is_our_temporary(entry.name):
+                    _remove(entry.path)
+                elif self.sidecars.is_image_name(entry.name):
+                    if not self.sidecars.is_up_to_date(entry.path) and self._settled(entry.path):
+                        yield entry.path
+                else:
+                    image = self.sidecars.image_of(entry.name)
+                    if image and image not in names:  # listed beside it: a real orphan
+                        self.sidecars.drop_orphan(os.path.join(current, image))
+            yield None
 
 
 def _remove(path):

@@ -1,32 +1,52 @@
 """The daemon's lifecycle: the only place with threads and signal handlers.
 
-Start order: logging, lock on save/, open the checkpoint store (repairing it, before
-TensorFlow is imported), the inbox observer, then the trainer and labeller threads. Stop
-order (SIGTERM or SIGINT): the handler only records the signal; the main loop sets the stop
-event, stops the inbox observer, the labeller finishes its batch, the trainer ends fit at
-the next batch boundary and writes the checkpoint; the main loop joins both and exits 0.
-A second signal exits at once (the last checkpoint stays).
+Start order: logging, signal handlers, lock on save/, the checkpoint store (repaired before
+TensorFlow is imported), a private temporary folder, the decode workers, the inbox watcher;
+then the trainer and labeller threads, which import TensorFlow -- the main thread never
+does, so it answers signals and systemd from the first moment.
+
+Signals only set flags; the main loop acts on them:
+- SIGTERM, SIGINT, SIGQUIT, SIGXCPU: stop. Stop taking inbox work, stop training at the next
+  batch boundary and write the checkpoint (only when batches were trained since the last
+  one: a trainer still loading, evaluating or idle has everything on disk already and is
+  not waited for), give the labeller a moment to finish its batch, exit 0. A second stop
+  signal exits at once (the last checkpoint stays).
+- SIGHUP: reload config.yaml (see _reload). SIGUSR1: log the status. SIGUSR2: rescan inbox/.
+- Other signals whose default would kill the daemon silently: logged and ignored.
 """
 
-import fcntl
+import json
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 
-from daemon import dataset
+from daemon import config as config_module
+from daemon import dataset, fsutil, locking
+from daemon.decoding import Decoder
+from daemon.errors import EXIT_FATAL, EXIT_OK, ConfigError, WardrobeError
 from daemon.inbox import Inbox
 from daemon.sidecars import Sidecars
+from daemon.store import open_store
 from daemon.systemd import JournalFormatter, Notifier, stderr_is_journal
-from daemon.errors import (EXIT_FATAL, EXIT_OK, AlreadyRunning, ConfigError,
-                           IncompatibleCheckpoint, WardrobeError)
-from daemon.store import CheckpointStore
 
 log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGXCPU)
+# Default action: terminate. Handled so that none of them ends the daemon without a word.
+OTHER_SIGNALS = (signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF, signal.SIGIO, signal.SIGPWR,
+                 signal.SIGSTKFLT, *range(signal.SIGRTMIN, signal.SIGRTMAX + 1))
+# What a reload can change in a running daemon; anything else needs a restart.
+LIVE_KEYS = ("train.epochs", "classify.labels", "classify.sidecar", "classify.extensions",
+             "watch.mode", "watch.poll_seconds", "watch.rescan_seconds")
+TRAINER_STOP_SECONDS = 25  # a batch and a checkpoint; systemd's TimeoutStopSec is 30
+LABELLER_STOP_SECONDS = 0.5  # sidecars are atomic: an unfinished batch is simply redone
 
 
 def setup_logging(level=logging.INFO):
@@ -41,35 +61,6 @@ def setup_logging(level=logging.INFO):
     logging.basicConfig(level=level, handlers=[handler])
 
 
-def open_store(config):
-    """Pick the generation to resume from; quarantine what is damaged. No TensorFlow.
-
-    A damaged newest generation falls back to the previous one (WARNING); if nothing is
-    loadable, every checkpoint file moves to save/corrupt-<time>/ (ERROR) and training starts
-    afresh; a checkpoint of another model is refused (exit 2) and left untouched.
-    """
-    store = CheckpointStore(config.save)
-    newest, damaged = store.scan()
-    if newest is not None:
-        made_for = newest.get("fingerprint", {}).get("model")
-        if made_for != config.model:
-            raise IncompatibleCheckpoint(
-                f"{config.save} holds a checkpoint of model {made_for!r} but the config asks "
-                f"for {config.model!r}; set `model: {made_for}` or point `save` elsewhere")
-    if damaged and newest is not None:
-        target = store.quarantine([number for number, _ in damaged], with_exports=False)
-        for number, why in damaged:
-            log.warning("checkpoint %d is unusable (%s); moved to %s, resuming from "
-                        "checkpoint %d", number, why, target, newest.number)
-    elif newest is None and store.has_files():
-        target = store.quarantine([number for number, _ in damaged], with_exports=True)
-        log.error("no loadable checkpoint in %s (%s); moved the files to %s and starting "
-                  "afresh", config.save, "; ".join(f"{n}: {why}" for n, why in damaged)
-                  or "no manifest", target)
-    store.tidy(newest)
-    return newest
-
-
 def check_data(config):
     """A missing data.path is a config error, reported before TensorFlow is imported."""
     if config.data.source == "path":
@@ -80,46 +71,63 @@ def check_data(config):
             raise ConfigError("data.path", str(error)) from None
 
 
+def private_tmp(save):
+    """save/tmp, emptied: every temporary file of this process (TensorFlow's autograph
+    modules included) goes there, and what a killed run left is removed at the next start."""
+    folder = save / "tmp"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TMPDIR"] = str(folder)
+    tempfile.tempdir = str(folder)
+    return folder
+
+
 class Service:
     def __init__(self, config):
         self.config = config
-        self.stop_event = threading.Event()  # asks the trainer to stop
-        self._signals = []  # appended to by the handler, read by the main loop only
+        self.stop_event = threading.Event()  # asks the workers to stop
+        self._stop_signal = None  # set by the handler: the first stop signal
+        self._signals = []  # other signals, appended to by the handler, popped by the main loop
         self._wake_read, self._wake_write = socket.socketpair()
         self._wake_write.setblocking(False)
         self._errors = []  # exceptions that ended a worker thread
         self.notifier = Notifier()
-        self._labeller = None
+        self.trainer = self.labeller = self.inbox = None
         self._labeller_beat = time.monotonic()
         self._last_problem = None
+        self._live = None  # the last status written to save/live.json
 
     def run(self):
         config = self.config
         log.info("wardrobe starting (pid %d): %s", os.getpid(), config.summary())
         self._install_signal_handlers()
         check_data(config)
-        lock = _lock(config.save)
+        lock = locking.hold(config.save)
         generation = open_store(config)
-        if self._signals:
+        private_tmp(config.save)
+        if self._stopping():
             log.info("stopped before training started; bye")
             return EXIT_OK
-
-        from daemon.training import Trainer  # TensorFlow is imported from here on
-
+        decoder = Decoder()
+        decoder.start()
         sidecars = Sidecars(config.classify.sidecar, config.classify.extensions)
-        inbox = Inbox(config.inbox, sidecars)
-        inbox.start()
+        self.inbox = Inbox(config.inbox, sidecars, config.watch)
+        self.inbox.start()
         log.info("watching %s for %s images", config.inbox, ", ".join(config.classify.extensions))
-        trainer = Trainer(config, generation, self.stop_event)
-        workers = [self._start("trainer", trainer.run),
-                   self._start("labeller", self._label, inbox, sidecars)]
-        self._serve(trainer, workers, inbox)
-        # Shutdown order: stop taking inbox work, let the labeller finish its batch, stop
-        # training at the next batch boundary (the trainer writes the checkpoint), exit.
+        trainer_thread = self._start("trainer", self._train, generation)
+        labeller_thread = self._start("labeller", self._label, decoder)
+        self._serve(trainer_thread, labeller_thread)
+        # Shutdown order: stop taking inbox work; stop training at the next batch boundary
+        # and wait for its checkpoint, only if there is progress to save; give the labeller
+        # a moment to finish its batch; stop the watcher and the decode workers.
         self.stop_event.set()
-        inbox.stop()
-        for worker in workers:
-            worker.join()
+        if self.trainer is not None:
+            self.trainer.wake.set()
+            if self.trainer.unsaved():
+                trainer_thread.join(TRAINER_STOP_SECONDS)
+        labeller_thread.join(LABELLER_STOP_SECONDS)
+        self.inbox.stop()
+        decoder.stop()
         self.notifier.close()
         if self._errors:
             raise self._errors[0]
@@ -127,32 +135,30 @@ class Service:
         lock.close()
         return EXIT_OK
 
-    def _serve(self, trainer, workers, inbox):
-        """The main loop: signals, READY/STATUS/WATCHDOG to systemd, worker failures."""
+    # ---- the main loop -------------------------------------------------------------------------
+
+    def _serve(self, trainer_thread, labeller_thread):
+        """Signals, READY/STATUS/WATCHDOG to systemd, worker failures."""
         watchdog = self.notifier.watchdog_seconds
         tick = min(1.0, watchdog / 4) if watchdog else 1.0
-        ready = announced_done = False
+        ready = False
         status = last_ping = None
         while not self._errors:
-            if self._signals:
-                log.info("%s: stopping", signal.Signals(self._signals[0]).name)
-                self.notifier.notify("STOPPING=1")
+            if self._stopping():
                 return
+            self._other_signals()
             now = time.monotonic()
-            if not ready and trainer.restored.is_set():
+            if not ready and self.trainer is not None and self.trainer.restored.is_set():
                 ready = True
                 self.notifier.notify("READY=1")
                 log.info("ready: model restored, inbox watched")
-            if ready and not workers[0].is_alive() and not announced_done:
-                log.info("training complete (%d epochs); labelling inbox images until stopped",
-                         self.config.train.epochs)
-                announced_done = True
-            if ready and (current := self._status(trainer, workers[0])) != status:
+            if ready and (current := self._status_line()) != status:
                 status = current
                 self.notifier.notify(f"STATUS={status}")
+            self._write_live()
             # Ping at least every WATCHDOG_USEC/2 (sd_notify(3)), whatever the tick's jitter.
             if ready and watchdog and (last_ping is None or now - last_ping >= watchdog / 2 - tick):
-                problem = self._unhealthy(trainer, workers, inbox, now, limit=watchdog / 2)
+                problem = self._unhealthy(trainer_thread, labeller_thread, now, watchdog / 2)
                 if problem is None:
                     self.notifier.notify("WATCHDOG=1")
                     last_ping = now
@@ -161,24 +167,94 @@ class Service:
                 self._last_problem = problem
             self._wait(tick)
 
-    def _status(self, trainer, trainer_thread):
-        labelled = f"{self._labeller.labelled:,} images labelled" if self._labeller else ""
-        if trainer_thread.is_alive():
-            return (f"training epoch {trainer.epoch + 1}/{self.config.train.epochs} "
-                    f"(batch {trainer.step}), {labelled}")
-        return f"serving, {labelled}"
+    def _stopping(self):
+        if self._stop_signal is not None:
+            log.info("%s: stopping", _name(self._stop_signal))
+            self.notifier.notify("STOPPING=1")
+        return self._stop_signal is not None
 
-    def _unhealthy(self, trainer, workers, inbox, now, limit):
+    def _other_signals(self):
+        while self._signals:
+            signum = self._signals.pop(0)
+            if signum == signal.SIGHUP:
+                self._reload()
+            elif signum == signal.SIGUSR1:
+                log.info("SIGUSR1: %s", self._status_line())
+            elif signum == signal.SIGUSR2:
+                log.info("SIGUSR2: rescanning the inbox")
+                if self.inbox is not None:
+                    self.inbox.rescan("SIGUSR2")
+            else:
+                log.warning("%s received: ignored (SIGTERM stops the daemon, SIGHUP reloads "
+                            "its config)", _name(signum))
+
+    def _reload(self):
+        """SIGHUP: read the config file again. What can change live changes live; what
+        needs a restart is named and keeps its old value; a broken file changes nothing."""
+        self.notifier.reloading()
+        old = self.config
+        try:
+            new = config_module.load(old.source) if old.source else old
+        except ConfigError as error:
+            log.error("reload: %s; carrying on with the config in force", error)
+            self.notifier.notify("READY=1")
+            return
+        changed = old.differences(new)
+        for key in changed:
+            if key not in LIVE_KEYS:
+                log.warning("reload: %s changed; that takes a restart (systemctl restart "
+                            "wardrobe): carrying on with the old value", key)
+        live = [key for key in changed if key in LIVE_KEYS]
+        self.config = config_module.with_live_settings(old, new)
+        if self.trainer is not None and self.trainer.epochs != self.config.train.epochs:
+            self.trainer.set_target(self.config.train.epochs)
+        log.info("reloaded %s: %s", old.source or "the defaults",
+                 "changed " + ", ".join(live) if live else "nothing to change live")
+        self.notifier.notify("READY=1")
+
+    def _status_line(self):
+        summary = self.labeller.summary if self.labeller else {}
+        parts = [f"{summary.get('labelled', 0) + summary.get('errors', 0):,} images labelled"]
+        if summary.get("backlog"):
+            parts.append(f"{summary['backlog']:,} waiting")
+        trainer = self.trainer
+        if trainer is None or trainer.phase == "loading":
+            return "loading the model, " + ", ".join(parts)
+        if trainer.phase == "training":
+            return (f"training epoch {trainer.epoch + 1}/{trainer.epochs} "
+                    f"(batch {trainer.step}), " + ", ".join(parts))
+        return "serving, " + ", ".join(parts)
+
+    def _write_live(self):
+        """save/live.json: what `wardrobe status` shows about the running daemon."""
+        if self.labeller is None:
+            return
+        watcher = self.inbox.watcher
+        live = dict(self.labeller.summary, pid=os.getpid(), status=self._status_line(),
+                    watch={"mode": watcher.mode, "why": watcher.why},
+                    training=bool(self.trainer and self.trainer.phase == "training"))
+        if live != self._live:
+            self._live = live
+            try:
+                fsutil.write_new(self.config.save / "live.json", json.dumps(live).encode(),
+                                 sync_folder=False, durable=False)
+            except OSError as error:
+                log.debug("cannot write live.json: %s", error)
+
+    def _unhealthy(self, trainer_thread, labeller_thread, now, limit):
         """Why the daemon is not healthy, or None: a training loop without progress, a
-        labeller that stopped going round, an inbox observer that is not running."""
-        trainer_thread, labeller_thread = workers
-        if trainer_thread.is_alive() and now - trainer.last_progress > limit:
+        labeller that stopped going round, an inbox watcher that cannot run."""
+        trainer = self.trainer
+        if (trainer_thread.is_alive() and trainer is not None and trainer.phase == "training"
+                and now - trainer.last_progress > limit):
             return f"training made no progress for {now - trainer.last_progress:.0f} s"
         if not labeller_thread.is_alive() or now - self._labeller_beat > limit:
             return f"the labeller has not come round for {now - self._labeller_beat:.0f} s"
-        if not inbox.healthy():
-            return "the inbox observer is not running"
+        if self.inbox.problem:
+            return f"the inbox is not watched: {self.inbox.problem}"
         return None
+
+    # ---- the worker threads --------------------------------------------------------------------
 
     def _start(self, name, target, *args):
         def work():
@@ -189,28 +265,54 @@ class Service:
             finally:
                 self._wake_write.send(b"w")
 
-        thread = threading.Thread(target=work, name=name)
+        # daemon=True: a worker with nothing unsaved is not waited for at exit
+        thread = threading.Thread(target=work, name=name, daemon=True)
         thread.start()
         return thread
 
-    def _label(self, inbox, sidecars):
-        from daemon.classifier import Classifier, Labeller
+    def _train(self, generation):
+        from daemon.training import Trainer  # TensorFlow is imported here, off the main thread
 
-        self._labeller = Labeller(self.config, sidecars, Classifier(self.config))
+        trainer = Trainer(self.config, generation, self.stop_event)
+        self.trainer = trainer
+        trainer.epochs = self.config.train.epochs  # a reload may have come meanwhile
+        if not self.stop_event.is_set():
+            trainer.run()
+
+    def _label(self, decoder):
+        from daemon.classifier import Classifier
+        from daemon.labeller import Labeller
+
+        config = self.config
+        sidecars = self.inbox.sidecars
+        labeller = Labeller(config.inbox, sidecars, Classifier(config), decoder, self.inbox)
+        self.labeller = labeller
         while not self.stop_event.is_set():
             self._labeller_beat = time.monotonic()
-            paths = inbox.take(limit=512, timeout=0.5)
-            self._labeller.label(paths)
+            if self.config is not config:  # reloaded
+                config = self.config
+                labeller.sidecars = Sidecars(config.classify.sidecar, config.classify.extensions)
+                labeller.classifier.labels = config.classify.labels
+                self.inbox.reconfigure(labeller.sidecars, config.watch)
+            idle = not (labeller.pending or labeller.in_flight or self.inbox.scanning)
+            labeller.add(self.inbox.take(limit=4096, timeout=0.5 if idle else 0.0))
+            labeller.step()
+
+    # ---- signals -------------------------------------------------------------------------------
 
     def _install_signal_handlers(self):
         signal.set_wakeup_fd(self._wake_write.fileno(), warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (*STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
+                       *OTHER_SIGNALS):
             signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum, frame):
-        if self._signals:
-            os._exit(EXIT_FATAL)  # second signal: force; the last checkpoint stays
-        self._signals.append(signum)
+        if signum not in STOP_SIGNALS:
+            self._signals.append(signum)
+        elif self._stop_signal is None:
+            self._stop_signal = signum
+        else:
+            os._exit(EXIT_FATAL)  # second stop signal: force; the last checkpoint stays
 
     def _wait(self, timeout):
         ready, _, _ = select.select([self._wake_read], [], [], timeout)
@@ -218,30 +320,8 @@ class Service:
             self._wake_read.recv(4096)
 
 
-def _lock(folder):
-    """Hold an exclusive lock on save/.lock for the process's life; one daemon per save/."""
-    folder.mkdir(parents=True, exist_ok=True)
-    file = open(folder / ".lock", "a+")
+def _name(signum):
     try:
-        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        file.seek(0)
-        raise AlreadyRunning(f"another wardrobe (pid {file.read().strip() or '?'}) is "
-                             f"running on {folder}") from None
-    file.truncate(0)
-    file.write(f"{os.getpid()}\n")
-    file.flush()
-    return file
-
-
-def running_pid(folder):
-    """The pid of the daemon holding save/.lock, or None."""
-    try:
-        with open(folder / ".lock") as file:
-            try:
-                fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return int(file.read().strip() or 0) or None
-    except (OSError, ValueError):
-        pass
-    return None
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"

@@ -4,16 +4,22 @@ A sidecar records the size, mtime and inode of the image it labels, so an image 
 later (even by an older file) is seen as changed; a sidecar that is missing, empty or
 unparsable means: label again. No fsync per sidecar: after a power cut a lost or empty
 sidecar is simply relabelled at start-up, and batches stay fast.
+
+A sidecar goes with its image: renamed along with it, removed when it is deleted -- but only
+a sidecar of ours (one we can parse as ours), never a file of the user's.
 """
 
 import json
+import logging
 import os
-import re
 import stat
 
 from daemon import fsutil
 
-_OUR_TEMPORARY = re.compile(r"^\..+\.(json|txt)\.\d+-\d+\.tmp$")
+log = logging.getLogger(__name__)
+NAME_MAX = 255
+# Errors written by versions that took an unreadable file for a bad one: look again.
+_TRANSIENT_ERRORS = ("cannot open: ", "cannot read: ")
 
 
 class Sidecars:
@@ -28,6 +34,20 @@ class Sidecars:
 
     def path_for(self, image):
         return image + self.suffix
+
+    def image_of(self, name):
+        """The image name whose sidecar `name` would be, or None."""
+        if name.endswith(self.suffix) and self.is_image_name(name[: -len(self.suffix)]):
+            return name[: -len(self.suffix)]
+        return None
+
+    def name_too_long(self, image):
+        """Why `image` cannot have a sidecar beside it, or None."""
+        size = len(os.fsencode(os.path.basename(image))) + len(self.suffix)
+        if size > NAME_MAX:
+            return (f"its name is {size - len(self.suffix)} bytes; the sidecar's would be "
+                    f"{size}, over the file system's limit of {NAME_MAX}: rename the image")
+        return None
 
     def is_up_to_date(self, image, info=None):
         """True if `image` has a valid sidecar written for its current content."""
@@ -44,7 +64,49 @@ class Sidecars:
             return False
         if not isinstance(record, dict) or not ("label" in record or "error" in record):
             return False
+        if str(record.get("error", "")).startswith(_TRANSIENT_ERRORS):
+            return False
         return record.get("source") == _source(info)
+
+    def _is_ours(self, sidecar):
+        try:
+            text, _ = _read_regular(sidecar)
+        except OSError:
+            return False
+        if self.kind == "txt":
+            return text.endswith(b"\n") and text.count(b"\n") == 1
+        try:
+            record = json.loads(text)
+        except ValueError:
+            return False
+        return isinstance(record, dict) and "source" in record and (
+            "label" in record or "error" in record)
+
+    def drop_orphan(self, image):
+        """`image` was deleted or moved out: remove its sidecar, if it is ours and the image
+        really is not there."""
+        sidecar = self.path_for(image)
+        if os.path.lexists(image) or not self._is_ours(sidecar):
+            return
+        try:
+            os.unlink(sidecar)
+            log.debug("removed %r: its image is gone", sidecar)
+        except OSError:
+            pass
+
+    def follow(self, image, new_image):
+        """`image` was renamed to `new_image` (same content): move its sidecar along."""
+        old, new = self.path_for(image), self.path_for(new_image)
+        if os.path.lexists(image) or not self._is_ours(old):
+            return
+        if self.name_too_long(new_image) or (os.path.lexists(new) and not self._is_ours(new)):
+            self.drop_orphan(image)
+            return
+        try:
+            os.rename(old, new)
+        except OSError as error:
+            log.debug("could not move %r along with its image: %s", old, error)
+            self.drop_orphan(image)
 
     def write(self, image, info, result):
         """Write the sidecar for `image` (whose stat was `info`): `result` holds label,
@@ -59,7 +121,7 @@ class Sidecars:
 
     @staticmethod
     def is_our_temporary(name):
-        return bool(_OUR_TEMPORARY.match(name))
+        return fsutil.is_temp_name(name)
 
 
 def _read_regular(path):

@@ -47,16 +47,33 @@ class EpochBatches:
 
 
 class Trainer:
-    """Trains `config.model` up to `config.train.epochs`. run() blocks; setting stop_event,
-    from any thread, ends it at the next batch boundary with a checkpoint."""
+    """Trains `config.model` up to `epochs` (raised by a reload: training goes on), then
+    waits for a new target or a stop. run() blocks; setting stop_event (and wake), from any
+    thread, ends it at the next batch boundary with a checkpoint.
+
+    `phase` tells the service what a stop would lose: only in "training" with batches
+    trained since the last checkpoint (unsaved()) must it wait; "loading", "evaluating"
+    and "idle" have everything on disk already."""
 
     def __init__(self, config, generation, stop_event):
         self.config = config
         self.generation = generation  # verified checkpoint to resume from, or None
         self.stop_event = stop_event
+        self.epochs = config.train.epochs  # the target
+        self.wake = threading.Event()  # a new target, or stop
+        self.phase = "loading"
         self.epoch = self.step = 0
+        self.checkpoint = None
         self.restored = threading.Event()  # the model is ready: set after restore
         self.last_progress = time.monotonic()  # for the watchdog: a batch, an epoch...
+
+    def unsaved(self):
+        return self.phase == "training" and self.checkpoint is not None and bool(
+            self.checkpoint.unsaved)
+
+    def set_target(self, epochs):
+        self.epochs = epochs
+        self.wake.set()
 
     def run(self):
         train = self.config.train
@@ -70,27 +87,40 @@ class Trainer:
                                 fingerprint=self.fingerprint(data))
         checkpoint.set_model(model)
         self.epoch, self.step = checkpoint.restore(self.generation)
+        self.checkpoint = checkpoint
         self.last_progress = time.monotonic()
         self.restored.set()
         where = "resuming from" if checkpoint.restored else "no checkpoint in"
         log.info("%s %s: epoch %d/%d, batch %d", where, self.config.save, self.epoch,
-                 train.epochs, self.step)
+                 self.epochs, self.step)
         callbacks = [_StopOnEvent(self.stop_event), _Progress(self), checkpoint,
-                     _EpochLog(checkpoint, train.epochs)]
+                     _EpochLog(checkpoint, self)]
         batches = EpochBatches(data, train.batch_size, train.seed)
         trained = False
-        for epoch in range(self.epoch, train.epochs):
+        while not self.stop_event.is_set():
+            if self.epoch < self.epochs:
+                self.phase = "training"
+                epoch = self.epoch
+                model.fit(batches.of_epoch(epoch), initial_epoch=epoch, epochs=epoch + 1,
+                          shuffle=False, verbose=0, callbacks=callbacks)
+                trained = True
+                if self.step:  # stopped inside this epoch
+                    log.info("stopped at batch %d of epoch %d; checkpoint %.0f ms", self.step,
+                             epoch + 1, checkpoint.last_write_ms or 0)
+                    return model
+                continue
+            self.phase = "evaluating"
+            if trained:
+                self._report_test_accuracy(model, data)
+                trained = False
             if self.stop_event.is_set():
                 break
-            model.fit(batches.of_epoch(epoch), initial_epoch=epoch, epochs=epoch + 1,
-                      shuffle=False, verbose=0, callbacks=callbacks)
-            trained = True
-            if self.step:  # stopped inside this epoch
-                log.info("stopped at batch %d of epoch %d; checkpoint %.0f ms", self.step,
-                         epoch + 1, checkpoint.last_write_ms or 0)
-                return model
-        if trained and not self.stop_event.is_set():
-            self._report_test_accuracy(model, data)
+            log.info("training complete (%d epochs); labelling inbox images until stopped",
+                     self.epoch)
+            self.phase = "idle"
+            self.wake.wait()
+            self.wake.clear()
+            self.last_progress = time.monotonic()
         return model
 
     def fingerprint(self, data):
@@ -102,9 +132,9 @@ class Trainer:
     def _report_test_accuracy(self, model, data):
         started = time.monotonic()
         loss, accuracy = model.evaluate(data.x_test.astype("float32") / 255.0, data.y_test,
-                                        batch_size=256, verbose=0)
+                                        batch_size=256, verbose=0, callbacks=[_Progress(self)])
         log.info("training done: %d epochs; test loss %.4f accuracy %.4f on %d images "
-                 "(%.1f s)", self.config.train.epochs, loss, accuracy, len(data.x_test),
+                 "(%.1f s)", self.epoch, loss, accuracy, len(data.x_test),
                  time.monotonic() - started)
 
 
@@ -135,6 +165,9 @@ class _Progress(keras.callbacks.Callback):
         self.trainer.step = batch + 1
         self.trainer.last_progress = time.monotonic()
 
+    def on_test_batch_end(self, batch, logs=None):
+        self.trainer.last_progress = time.monotonic()
+
     def on_epoch_end(self, epoch, logs=None):
         if batch_count := self.params.get("steps"):
             if self.trainer.step >= batch_count:
@@ -144,9 +177,9 @@ class _Progress(keras.callbacks.Callback):
 class _EpochLog(keras.callbacks.Callback):
     """One INFO line per completed epoch, with the cost of its checkpoints."""
 
-    def __init__(self, checkpoint, epochs):
+    def __init__(self, checkpoint, trainer):
         super().__init__()
-        self.checkpoint, self.epochs = checkpoint, epochs
+        self.checkpoint, self.trainer = checkpoint, trainer
 
     def on_epoch_end(self, epoch, logs=None):
         history = self.checkpoint.history
@@ -157,6 +190,6 @@ class _EpochLog(keras.callbacks.Callback):
         if len(writes) > 1:
             extra = f" (+{len(writes) - 1} mid-epoch, mean {np.mean(writes[:-1]):.0f} ms)"
         log.info("epoch %d/%d: loss %.4f accuracy %.4f (%.1f s); checkpoint %.0f ms%s",
-                 epoch + 1, self.epochs, last["loss"], last["accuracy"], last["seconds"],
+                 epoch + 1, self.trainer.epochs, last["loss"], last["accuracy"], last["seconds"],
                  writes[-1] if writes else float("nan"), extra)
         writes.clear()

@@ -1,0 +1,78 @@
+"""Decoding on every core: worker processes turn image files into 28x28 arrays.
+
+Processes, not threads: preprocessing many small images is Python work that one GIL would
+serialise, and a decoder that crashes or runs out of memory on a hostile file takes down a
+worker, not the daemon. Work goes out in chunks sized from the measured time per image
+(about CHUNK_SECONDS each), so a 12-megapixel photo is one task and a burst of thumbnails
+is a few hundred per task; results come back as soon as each chunk is done. No TensorFlow
+is imported here: the workers start from a clean interpreter (spawn).
+"""
+
+import concurrent.futures
+import logging
+import multiprocessing
+import os
+import time
+
+from daemon import images
+
+log = logging.getLogger(__name__)
+
+CHUNK_SECONDS = 0.1
+MAX_CHUNK = 256
+
+
+def decode_chunk(paths):
+    """In a worker: [(path, kind, payload, seconds)] with kind "image" (a 28x28 array),
+    "bad" (final: the content cannot be labelled) or "unreadable" (may go away)."""
+    results = []
+    for path in paths:
+        started = time.perf_counter()
+        try:
+            kind, payload = "image", images.load(path)
+        except images.BadImage as error:
+            kind, payload = "bad", str(error)
+        except images.Unreadable as error:
+            kind, payload = "unreadable", str(error)
+        except MemoryError:
+            kind, payload = "unreadable", "out of memory while decoding"
+        results.append((path, kind, payload, time.perf_counter() - started))
+    return results
+
+
+class Decoder:
+    """A pool of decode workers. submit() returns a future of decode_chunk's list; after a
+    worker crash the pool is replaced (the caller retries what was in flight)."""
+
+    def __init__(self, workers=None):
+        self.workers = workers or max(1, min(len(os.sched_getaffinity(0)), 8))
+        self._seconds_per_image = CHUNK_SECONDS  # one image a chunk until measured
+        self._pool = None
+
+    def start(self):
+        # spawn: a clean interpreter without TensorFlow's threads, and no socket path that a
+        # deep save/ folder could make too long (forkserver's)
+        context = multiprocessing.get_context("spawn")
+        self._pool = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context)
+
+    def stop(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def restart(self):
+        log.warning("a decode worker died (a file that crashes the decoder, or memory); "
+                    "starting new workers")
+        self.stop()
+        self.start()
+
+    def chunk_size(self):
+        return max(1, min(MAX_CHUNK, int(CHUNK_SECONDS / self._seconds_per_image)))
+
+    def submit(self, paths):
+        return self._pool.submit(decode_chunk, paths)
+
+    def measured(self, results):
+        """Update the time-per-image estimate from a finished chunk."""
+        if results:
+            mean = sum(r[3] for r in results) / len(results)
+            self._seconds_per_image = 0.7 * self._seconds_per_image + 0.3 * max(mean, 1e-5)

@@ -1,0 +1,220 @@
+"""Turns image paths into sidecars: stat, decode on every core (daemon.decoding), one batched
+predict, atomic sidecar writes. Runs in one thread, the service's.
+
+Work is bounded in time, not count: a step waits for decoded images for at most
+STEP_SECONDS and then labels what it has, so sidecars stream out of a backlog of photos
+instead of appearing all at the end, and the service's loop keeps coming round.
+
+Only a verdict about a file's content is final (an error sidecar), and only once the file
+has stopped changing for QUIET_SECONDS; anything that can go away by itself -- a full disk,
+a permission, an I/O error, a read-only file system, a file still being written -- is
+retried with backoff, without a restart. A name too long to have a sidecar beside it is
+said once and counted.
+"""
+
+import concurrent.futures
+import errno
+import logging
+import os
+import time
+from concurrent.futures.process import BrokenProcessPool
+
+log = logging.getLogger(__name__)
+
+STEP_SECONDS = 0.5
+QUIET_SECONDS = 5.0
+RETRY_FIRST, RETRY_MAX = 1.0, 30.0
+MAX_BATCH = 2048
+
+
+class Labeller:
+    def __init__(self, root, sidecars, classifier, decoder, inbox, clock=time.monotonic):
+        self.root = os.path.realpath(root)
+        self.sidecars = sidecars
+        self.classifier = classifier
+        self.decoder = decoder
+        self.inbox = inbox
+        self.clock = clock
+        self.pending = {}  # path -> None: to decode (also those waiting for a first checkpoint)
+        self.in_flight = {}  # future -> {path: stat before decoding}
+        self.retry = {}  # path -> (when, delay): failed for a reason that can go away
+        self.cannot = {}  # path -> why it can never have a sidecar (said once)
+        self.counts = {"label": 0, "error": 0}
+        self._suspects = set()  # paths in flight when a decode worker died
+        self._folders = {}  # folder -> inside the inbox without symlinks (per step)
+        self.summary = self._summary()  # read by the service's thread: replaced, never changed
+
+    def _summary(self):
+        for path in [p for p in self.cannot if not os.path.lexists(p)]:
+            del self.cannot[path]  # renamed or deleted since
+        return {"labelled": self.counts["label"], "errors": self.counts["error"],
+                "backlog": len(self.pending) + sum(map(len, self.in_flight.values())),
+                "retrying": len(self.retry), "cannot_label": len(self.cannot)}
+
+    def add(self, paths):
+        for path in paths:
+            self.pending[path] = None
+            self.retry.pop(path, None)
+
+    def step(self):
+        """Decode for up to STEP_SECONDS, label what came back; returns sidecars written."""
+        deadline = self.clock() + STEP_SECONDS
+        self._due_retries()
+        if not (self.pending or self.in_flight) or not self.classifier.refresh():
+            self.summary = self._summary()
+            return 0  # nothing to do, or no checkpoint to label with yet
+        self._folders = {}
+        results = []
+        while True:
+            self._submit()
+            if not self.in_flight or len(results) >= MAX_BATCH:
+                break
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                break
+            done, _ = concurrent.futures.wait(self.in_flight, timeout=remaining,
+                                              return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                chunk = self.in_flight.pop(future)
+                try:
+                    decoded = future.result()
+                except BrokenProcessPool:
+                    self._worker_died(chunk)
+                    break
+                self.decoder.measured(decoded)
+                results += [(path, chunk[path], kind, payload)
+                            for path, kind, payload, _ in decoded]
+        written = self._finish(results)
+        self.summary = self._summary()
+        return written
+
+    # ---- decoding ----------------------------------------------------------------------------
+
+    def _submit(self):
+        """Keep two chunks per worker in flight."""
+        while self.pending and len(self.in_flight) < 2 * self.decoder.workers:
+            chunk, size = {}, self.decoder.chunk_size()
+            while self.pending and len(chunk) < size:
+                path = next(iter(self.pending))
+                del self.pending[path]
+                info = self._ready(path)
+                if info is not None:
+                    chunk[path] = info
+                    if path in self._suspects:
+                        break  # alone, so a crash names it
+            if chunk:
+                self.in_flight[self.decoder.submit(list(chunk))] = chunk
+
+    def _ready(self, path):
+        """lstat of `path` if it needs a label and can have one, else None."""
+        info = self._stat_inside(path)
+        if info is None:
+            self.retry.pop(path, None)  # gone, or not ours to label
+            return None
+        if info is False or self.sidecars.is_up_to_date(path, info):
+            return None
+        why = self.sidecars.name_too_long(path)
+        if why:
+            if path not in self.cannot:
+                log.warning("%r cannot have a sidecar: %s", path, why)
+            self.cannot[path] = why
+            return None
+        return info
+
+    def _stat_inside(self, path):
+        """lstat of `path` if it still exists inside the inbox, reached without symlinks."""
+        parent = os.path.dirname(path)
+        if parent not in self._folders:
+            self._folders[parent] = os.path.realpath(parent) == parent and (
+                parent + os.sep).startswith(self.root + os.sep)
+        if not self._folders[parent]:
+            log.warning("not labelling %r: it is not inside %s", path, self.root)
+            return None
+        try:
+            return os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            return None  # gone again: nothing to label
+        except OSError as error:
+            self._later(path, f"cannot stat: {error.strerror}")
+            return False
+
+    def _worker_died(self, chunk):
+        """Every future in flight is broken: retry them all, a former suspect alone; a file
+        that kills a worker on its own gets an error sidecar."""
+        chunks = [chunk, *self.in_flight.values()]
+        self.in_flight.clear()
+        self.decoder.restart()
+        for each in chunks:
+            for path, info in each.items():
+                if path in self._suspects and len(each) == 1:
+                    self._suspects.discard(path)
+                    self._write(path, info, {"error": "the image decoder crashed on this file"})
+                else:
+                    self._suspects.add(path)
+                    self.pending[path] = None
+
+    # ---- labelling ---------------------------------------------------------------------------
+
+    def _finish(self, results):
+        written, batch = 0, []
+        for path, info, kind, payload in results:
+            self._suspects.discard(path)
+            now = self._unchanged(path, info)
+            if now is None:
+                continue  # changed or gone while we decoded: it comes round again
+            if kind == "image":
+                batch.append((path, info, payload))
+            elif kind == "unreadable":
+                self._later(path, payload)
+            elif time.time() - info.st_mtime < QUIET_SECONDS:
+                # Maybe a download that paused: an error only for a file that stopped changing.
+                self.inbox.recheck_later(path, QUIET_SECONDS - (time.time() - info.st_mtime))
+            else:
+                written += self._write(path, info, {"error": payload})
+        if batch:
+            labels = self.classifier.results([image for _, _, image in batch])
+            for (path, info, _), result in zip(batch, labels):
+                written += self._write(path, info, result)
+        return written
+
+    def _unchanged(self, path, info):
+        try:
+            now = os.stat(path, follow_symlinks=False)
+        except OSError:
+            return None
+        same = (now.st_ino, now.st_size, now.st_mtime_ns) == (
+            info.st_ino, info.st_size, info.st_mtime_ns)
+        if not same:
+            self.inbox.recheck_later(path, 0.0)
+        return now if same else None
+
+    def _write(self, path, info, result):
+        try:
+            self.sidecars.write(path, info, result)
+        except OSError as error:
+            if error.errno == errno.ENAMETOOLONG:
+                self.cannot[path] = f"sidecar name too long: {error.strerror}"
+                log.warning("%r cannot have a sidecar: %s", path, error.strerror)
+            else:
+                self._later(path, f"cannot write its sidecar: {error.strerror}")
+            return 0
+        self.counts["label" if "label" in result else "error"] += 1
+        if self.retry.pop(path, None):
+            log.info("labelled %r after retrying", path)
+        self.cannot.pop(path, None)
+        return 1
+
+    def _later(self, path, why):
+        """Retry `path` with backoff: 1 s, 2 s, 4 s ... at most RETRY_MAX apart."""
+        _, delay = self.retry.get(path, (0.0, 0.0))
+        if not delay:
+            log.warning("%r: %s; will retry", path, why)
+        delay = min(RETRY_MAX, max(RETRY_FIRST, delay * 2))
+        self.retry[path] = (self.clock() + delay, delay)
+
+    def _due_retries(self):
+        now = self.clock()
+        for path, (when, delay) in list(self.retry.items()):
+            if when <= now:
+                self.pending[path] = None
+                self.retry[path] = (float("inf"), delay)  # until it fails again

@@ -1,0 +1,305 @@
+"""A watched folder tree -> a queue of changes. The one watcher of the daemon: the inbox uses
+it, and so will the training-data folder.
+
+Events come from inotify (watchdog) on local file systems. On network and FUSE file systems
+(NFS, SMB, sshfs, rclone, 9p, ...) files written by other machines raise no inotify event,
+so there the tree is polled: each poll stats every wanted file and reports what appeared,
+changed, moved (same inode, new name) or vanished. Either way the consumer also gets a
+"scan" at start, after an inotify overflow, when the root folder was replaced or came back,
+and every `rescan_seconds` as a safety net for anything the kernel or a bug ever missed.
+
+A root that vanishes (renamed away, deleted, a share unmounted or suddenly empty) is never
+reported as "every file deleted": the watcher says so once, waits, and rescans when a folder
+is back at that path. Nothing here decodes or writes; tick() runs in the consumer's thread.
+"""
+
+import logging
+import os
+import queue
+import stat
+import time
+
+from watchdog.events import (DirCreatedEvent, DirMovedEvent, FileClosedEvent,
+                             FileCreatedEvent, FileDeletedEvent, FileMovedEvent,
+                             FileSystemEventHandler)
+from watchdog.observers.inotify import InotifyObserver
+
+log = logging.getLogger(__name__)
+
+EVENTS = [FileClosedEvent, FileCreatedEvent, FileDeletedEvent, FileMovedEvent,
+          DirMovedEvent, DirCreatedEvent]
+# File systems where another machine's writes raise no inotify event here.
+REMOTE = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse", "fuseblk", "ceph",
+          "glusterfs", "afs", "lustre", "gpfs", "vboxsf", "virtiofs", "davfs", "ncpfs", "coda")
+MODES = ("auto", "inotify", "poll")
+
+
+def filesystem_of(path):
+    """(type, mount point) of the file system holding `path`, from /proc/self/mountinfo."""
+    path = os.path.realpath(path)
+    best = ("unknown", "/")
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as file:
+            for line in file:
+                fields = line.split()
+                mount = _unescape(fields[4])
+                fstype = fields[fields.index("-") + 1]
+                inside = path == mount or path.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) >= len(best[1]):
+                    best = (fstype, mount)
+    except (OSError, ValueError, IndexError):
+        pass
+    return best
+
+
+def choose_mode(path, configured="auto"):
+    """("inotify" | "poll", why) for watching `path`."""
+    fstype, mount = filesystem_of(path)
+    if configured != "auto":
+        return configured, f"watch.mode is {configured} ({fstype} file system at {mount})"
+    if fstype.split(".")[0] in REMOTE:
+        return "poll", (f"{fstype} file system at {mount}: changes made elsewhere raise no "
+                        "inotify event")
+    return "inotify", f"{fstype} file system at {mount}"
+
+
+def _unescape(field):
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace(
+        "\\134", "\\")
+
+
+class Watcher:
+    """Watches `root` and queues changes as (kind, path, dest):
+    "file" (closed after write, moved in, or seen new or changed by a poll), "created" (a
+    name appeared that may never be closed after writing: a hard link, symlink or FIFO),
+    "gone" (deleted or moved out), "moved" (path -> dest inside the tree), "scan" (walk
+    this folder, with the reason as dest). Only names for which `wanted(name)` holds are
+    reported as files; folders always are."""
+
+    def __init__(self, root, wanted, mode="auto", poll_seconds=2.0, rescan_seconds=3600.0,
+                 clock=time.monotonic):
+        self.root = os.path.abspath(root)
+        self.wanted = wanted
+        self.configured, self.poll_seconds, self.rescan_seconds = mode, poll_seconds, rescan_seconds
+        self.clock = clock
+        self.changes = queue.Queue()
+        self.mode = self.why = None
+        self._observer = None
+        self._identity = None  # (st_dev, st_ino) of the root we watch; None while it is gone
+        self._snapshot = {}  # polling: path -> (dev, ino, size, mtime_ns, type)
+        self._next_poll = self._next_rescan = 0.0
+        self._failure = None  # why the observer could not start, said once
+        self._empty = False  # polling found the tree suddenly empty: waiting for it
+        self._overflow_hook = _OverflowHook(self)
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    def start(self):
+        logging.getLogger("watchdog.observers.inotify").addHandler(self._overflow_hook)
+        logging.getLogger("watchdog.observers.inotify_c").addHandler(self._overflow_hook)
+        self._attach("start-up")
+
+    def stop(self):
+        for name in ("watchdog.observers.inotify", "watchdog.observers.inotify_c"):
+            logging.getLogger(name).removeHandler(self._overflow_hook)
+        self._stop_observer()
+        self.changes.put(("wake", None, None))
+
+    def reconfigure(self, mode, poll_seconds, rescan_seconds):
+        changed = mode != self.configured
+        self.configured, self.poll_seconds, self.rescan_seconds = mode, poll_seconds, rescan_seconds
+        self._next_rescan = self.clock() + rescan_seconds if rescan_seconds else 0.0
+        if changed:
+            self._attach("watch.mode changed")
+
+    @property
+    def problem(self):
+        """Why the tree is not being watched as it should be, or None. A root that is gone
+        is not a problem of ours: we wait for it."""
+        if self._identity is None or self.mode != "inotify":
+            return None
+        observer = self._observer
+        alive = observer and observer.is_alive() and all(e.is_alive() for e in observer.emitters)
+        return None if alive else (self._failure or "the inotify observer is not running")
+
+    # ---- called often from the consumer's thread ----------------------------------------------
+
+    def tick(self):
+        """Check the root is still the folder we watch, restart a dead observer, and run
+        the poll or the safety-net rescan when due."""
+        now = self.clock()
+        identity = _identity(self.root)
+        if identity != self._identity:
+            if identity is None:
+                self._stop_observer()
+                self._identity = None
+                log.warning("%s is gone (renamed, deleted or unmounted); waiting for it to "
+                            "come back", self.root)
+                return
+            self._attach("back" if self._identity is None else "replaced by another folder")
+            return
+        if identity is None:
+            return
+        if self.mode == "inotify" and self.problem:
+            if not self._failure:
+                log.error("the inotify observer of %s stopped; starting a new one", self.root)
+            self._attach("observer restarted")
+        elif self.mode == "poll" and now >= self._next_poll:
+            self._next_poll = now + self.poll_seconds
+            self._poll()
+        if self.rescan_seconds and now >= self._next_rescan:
+            self._next_rescan = now + self.rescan_seconds
+            self.rescan("periodic safety net")
+
+    def rescan(self, why):
+        if why not in ("start-up", "periodic safety net"):
+            log.warning("rescanning %s (%s)", self.root, why)
+        else:
+            log.debug("rescanning %s (%s)", self.root, why)
+        self.changes.put(("scan", self.root, why))
+
+    # ---- inotify or polling --------------------------------------------------------------------
+
+    def _attach(self, why):
+        """(Re)start watching whatever folder is at root now, then scan it."""
+        self._stop_observer()
+        self._identity = _identity(self.root)
+        if self._identity is None:
+            return
+        mode, reason = choose_mode(self.root, self.configured)
+        if mode == "inotify":
+            try:
+                self._start_observer()
+                self._failure = None
+            except OSError as error:  # e.g. fs.inotify.max_user_watches reached
+                if self.configured == "inotify":
+                    if str(error) != self._failure:
+                        log.error("cannot watch %s with inotify: %s", self.root, error)
+                    self._failure = str(error)
+                else:
+                    mode, reason = "poll", f"inotify failed: {error}"
+        if (mode, reason) != (self.mode, self.why):
+            log.info("watching %s by %s: %s", self.root,
+                     "polling every %g s" % self.poll_seconds if mode == "poll" else mode, reason)
+        self.mode, self.why = mode, reason
+        self._snapshot = self._walk_snapshot() if mode == "poll" else {}
+        self._next_poll = self.clock() + self.poll_seconds
+        self._next_rescan = self.clock() + self.rescan_seconds if self.rescan_seconds else 0.0
+        if why == "start-up":
+            self.rescan("start-up")
+        else:
+            self.rescan(f"{self.root} {why}")
+
+    def _start_observer(self):
+        # Full events: a file moved in from outside the tree arrives as a move with no
+        # source, not as a "created" event that a file still being written also makes.
+        observer = InotifyObserver(generate_full_events=True)
+        observer.name = "watch-observer"
+        observer.schedule(_Handler(self), self.root, recursive=True, event_filter=EVENTS)
+        observer.start()
+        self._observer = observer
+
+    def _stop_observer(self):
+        if self._observer is not None:
+            self._observer.stop()  # also stops and joins its emitters
+            self._observer.join(5)
+            self._observer = None
+
+    def _walk_snapshot(self, keep=None):
+        """path -> stat key of every wanted file below root; a folder that cannot be listed
+        keeps its entries from `keep` (a share briefly gone is not a deletion)."""
+        snapshot, stack = {}, [self.root]
+        while stack:
+            folder = stack.pop()
+            try:
+                with os.scandir(folder) as entries:
+                    for entry in entries:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                        elif self.wanted(entry.name):
+                            info = entry.stat(follow_symlinks=False)
+                            snapshot[entry.path] = (info.st_dev, info.st_ino, info.st_size,
+                                                    info.st_mtime_ns, stat.S_IFMT(info.st_mode))
+            except OSError:
+                prefix = folder.rstrip("/") + "/"
+                snapshot.update((p, k) for p, k in (keep or {}).items() if p.startswith(prefix))
+        return snapshot
+
+    def _poll(self):
+        before = self._snapshot
+        now = self._walk_snapshot(keep=before)
+        if before and not now:
+            if not self._empty:
+                log.warning("%s is suddenly empty (%d images vanished at once); taking it for "
+                            "a share that went away, not deletions: waiting", self.root,
+                            len(before))
+                self._empty = True
+            return  # keep the old snapshot: when the files are back, nothing happened
+        if self._empty:
+            self._empty = False
+            log.info("%s has files again", self.root)
+            self.rescan("files are back")
+        self._snapshot = now
+        appeared = {p: k for p, k in now.items() if before.get(p) != k}
+        vanished = {before[p][:2]: p for p in before if p not in now}
+        for path, key in appeared.items():
+            source = vanished.pop(key[:2], None)
+            if source is not None and before.get(path) is None:
+                self.changes.put(("moved", source, path))
+            else:
+                self.changes.put(("file", path, None))
+        for path in vanished.values():
+            self.changes.put(("gone", path, None))
+
+
+class _Handler(FileSystemEventHandler):
+    """Runs in watchdog's thread: only queue puts here (watchdog dispatches under a lock)."""
+
+    def __init__(self, watcher):
+        self.watcher = watcher
+        self.put = watcher.changes.put
+
+    def on_closed(self, event):
+        if self.watcher.wanted(os.path.basename(event.src_path)):
+            self.put(("file", event.src_path, None))
+
+    def on_created(self, event):
+        if event.is_directory:  # files may land in it before its watch exists
+            self.put(("scan", event.src_path, "new folder"))
+        elif self.watcher.wanted(os.path.basename(event.src_path)):
+            self.put(("created", event.src_path, None))
+
+    def on_deleted(self, event):
+        if not event.is_directory:
+            self.put(("gone", event.src_path, None))
+
+    def on_moved(self, event):
+        if not event.dest_path:
+            if not event.is_directory:
+                self.put(("gone", event.src_path, None))  # moved out of the tree
+        elif event.is_directory:
+            self.put(("scan", event.dest_path, "folder moved in"))
+        elif not event.src_path:
+            self.put(("file", event.dest_path, None))  # moved in from outside
+        else:
+            self.put(("moved", event.src_path, event.dest_path))
+
+
+class _OverflowHook(logging.Handler):
+    """watchdog reports an inotify overflow only as a log record: turn it into a rescan."""
+
+    def __init__(self, watcher):
+        super().__init__(logging.WARNING)
+        self.watcher = watcher
+
+    def emit(self, record):
+        if "overflow" in record.getMessage().lower():
+            self.watcher.rescan("inotify queue overflow: events were lost")
+
+
+def _identity(path):
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino) if stat.S_ISDIR(info.st_mode) else None
