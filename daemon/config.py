@@ -4,6 +4,9 @@ No TensorFlow here: a bad config must exit 2 in well under a second.
 """
 
 import dataclasses
+import math
+import os
+import re
 from pathlib import Path
 
 import yaml
@@ -18,6 +21,9 @@ DEFAULT_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp")
 DATA_SOURCES = ("auto", "keras", "sample", "path")
 MODELS = ("mlp", "cnn")
 SIDECARS = ("json", "txt")
+# Never image extensions: the sidecar suffixes (sidecars of sidecars) and our temporaries.
+RESERVED_EXTENSIONS = SIDECARS + ("tmp",)
+WATCH_MODES = ("auto", "inotify", "poll")
 NUM_CLASSES = 10  # both model presets end in Dense(10)
 
 
@@ -48,6 +54,13 @@ class Classify:
 
 
 @dataclasses.dataclass(frozen=True)
+class Watch:
+    mode: str = "auto"  # auto: poll on network/FUSE file systems, inotify elsewhere
+    poll_seconds: float = 2
+    rescan_seconds: float = 3600  # full rescan as a safety net; 0 = off
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     inbox: Path
     save: Path
@@ -55,6 +68,7 @@ class Config:
     model: str = "mlp"
     train: Train = Train()
     classify: Classify = Classify()
+    watch: Watch = Watch()
     source: Path = None  # the file this came from, None for built-in defaults
 
     def summary(self):
@@ -65,8 +79,33 @@ class Config:
             f"train.batch_size={self.train.batch_size} train.seed={self.train.seed} "
             f"train.checkpoint_every={self.train.checkpoint_every} "
             f"classify.sidecar={self.classify.sidecar} "
-            f"classify.extensions={','.join(self.classify.extensions)}"
+            f"classify.extensions={','.join(self.classify.extensions)} "
+            f"watch.mode={self.watch.mode} watch.poll_seconds={self.watch.poll_seconds} "
+            f"watch.rescan_seconds={self.watch.rescan_seconds}"
         )
+
+    def differences(self, other):
+        """Sorted dotted names of the settings whose effective values differ from `other`'s
+        (for a reload: what changed); where each came from (`source`) does not count."""
+        return sorted(name for name, value in _settings(self).items()
+                      if _settings(other)[name] != value)
+
+
+def _settings(config):
+    """{dotted key: effective value} for every setting of a Config; folders as the real
+    paths they name (`a/../in` and `b/../in` are one folder)."""
+    flat = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name == "source":
+            continue
+        if dataclasses.is_dataclass(value):
+            for inner in dataclasses.fields(value):
+                flat[f"{field.name}.{inner.name}"] = getattr(value, inner.name)
+        else:
+            flat[field.name] = value
+    return {key: os.path.realpath(value) if isinstance(value, Path) else value
+            for key, value in flat.items()}
 
 
 def load(path=None):
@@ -95,6 +134,7 @@ def parse(raw, base):
     data = section.section("data")
     train = section.section("train")
     classify = section.section("classify")
+    watch = section.section("watch")
     config = Config(
         inbox=_resolve(base, section.string("inbox", "inbox")),
         save=_resolve(base, section.string("save", "save")),
@@ -114,15 +154,36 @@ def parse(raw, base):
             sidecar=classify.choice("sidecar", "json", SIDECARS),
             extensions=classify.extensions("extensions"),
         ),
+        watch=Watch(
+            mode=watch.choice("mode", "auto", WATCH_MODES),
+            poll_seconds=watch.number("poll_seconds", 2, above=0),
+            rescan_seconds=watch.number("rescan_seconds", 3600, at_least=0),
+        ),
     )
-    for each in (section, data, train, classify):
+    for each in (section, data, train, classify, watch):
         each.reject_unknown()
     if config.data.source == "path" and config.data.path is None:
         raise ConfigError("data.path", "expected a folder holding the Fashion-MNIST IDX "
                           "files when data.source is 'path', got nothing")
-    if config.inbox == config.save:
-        raise ConfigError("save", f"must differ from inbox, both are {config.save}")
+    _check_apart(config)
     return config
+
+
+def _check_apart(config):
+    """The daemon must never read its own output: inbox, save and data.path are disjoint
+    trees. Compared after resolving `..` and symlinks, which can hide a nesting."""
+    folders = [("save", config.save), ("inbox", config.inbox)]
+    if config.data.path is not None:
+        folders.insert(0, ("data.path", config.data.path))
+    for index, (key, path) in enumerate(folders):
+        for other, other_path in folders[index + 1:]:
+            mine, theirs = Path(os.path.realpath(path)), Path(os.path.realpath(other_path))
+            if mine == theirs:
+                raise ConfigError(key, f"must differ from {other}, both are {mine}")
+            if mine.is_relative_to(theirs) or theirs.is_relative_to(mine):
+                inner, outer = sorted((mine, theirs), key=lambda p: len(p.parts), reverse=True)
+                raise ConfigError(key, f"must not be nested with {other}: {inner} is inside "
+                                  f"{outer}")
 
 
 def _resolve(base, value):
@@ -148,7 +209,8 @@ class _Section:
         raise ConfigError(self.prefix + key, f"expected {expected}, got {_show(value)}")
 
     def section(self, key):
-        return _Section(self._get(key, {}) or {}, f"{self.prefix}{key}.")
+        value = self._get(key, None)  # absent or null: the defaults; anything else a mapping
+        return _Section({} if value is None else value, f"{self.prefix}{key}.")
 
     def string(self, key, default, optional=False):
         value = self._get(key, default)
@@ -170,6 +232,17 @@ class _Section:
         if not ok or value < minimum or (maximum is not None and value > maximum):
             limits = f"from {minimum} to {maximum}" if maximum else f"of at least {minimum}"
             self._fail(key, f"a whole number {limits}", value)
+        return value
+
+    def number(self, key, default, above=None, at_least=None):
+        """An int or float (not a bool, not inf or nan) above or at least a limit."""
+        value = self._get(key, default)
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and math.isfinite(value))
+        if not ok or (above is not None and value <= above) or (
+                at_least is not None and value < at_least):
+            limit = f"above {above}" if above is not None else f"of at least {at_least}"
+            self._fail(key, f"a number of seconds {limit}", value)
         return value
 
     def checkpoint_every(self, key):
@@ -194,10 +267,16 @@ class _Section:
     def extensions(self, key):
         value = self._get(key, list(DEFAULT_EXTENSIONS))
         if not isinstance(value, list) or not value or not all(
-            isinstance(ext, str) and ext.strip(". ") for ext in value
+            isinstance(ext, str) and _EXTENSION.fullmatch(ext) for ext in value
         ):
-            self._fail(key, "a non-empty list of file extensions such as [png, jpg]", value)
-        return tuple(sorted({ext.strip().lstrip(".").lower() for ext in value}))
+            self._fail(key, "a non-empty list of file extensions such as [png, jpg] "
+                       "(letters and digits, one per entry)", value)
+        extensions = {ext.lstrip(".").lower() for ext in value}
+        reserved = sorted(extensions.intersection(RESERVED_EXTENSIONS))
+        if reserved:
+            self._fail(key, f"image extensions; {', '.join(reserved)} cannot be (json and txt "
+                       "are sidecars, tmp our temporary files)", value)
+        return tuple(sorted(extensions))
 
     def reject_unknown(self):
         unknown = sorted(str(key) for key in self.raw if key not in self.known)
@@ -205,6 +284,9 @@ class _Section:
             name = self.prefix + unknown[0]
             raise ConfigError(name, "unknown key (known here: "
                               + ", ".join(sorted(self.known)) + ")")
+
+
+_EXTENSION = re.compile(r"\.?[A-Za-z0-9]+")
 
 
 def _show(value):

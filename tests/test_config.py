@@ -33,6 +33,25 @@ BAD = [
     ("classify: {sidecar: xml}\n", "classify.sidecar", "one of json, txt"),
     ("classify: {extensions: []}\n", "classify.extensions", "non-empty list"),
     ("train: [1, 2]\n", "train", "expected a mapping"),
+    ("data: []\n", "data", "expected a mapping of keys, got []"),
+    ("train: 0\n", "train", "expected a mapping of keys, got 0"),
+    ("classify: false\n", "classify", "expected a mapping of keys, got False"),
+    ("watch: yes\n", "watch", "expected a mapping of keys, got True"),
+    ("classify: {extensions: [png jpg]}\n", "classify.extensions", "one per entry"),
+    ("classify: {extensions: [png, '']}\n", "classify.extensions", "one per entry"),
+    ("classify: {extensions: ['*.png']}\n", "classify.extensions", "one per entry"),
+    ("classify: {extensions: [png, json]}\n", "classify.extensions", "json cannot be"),
+    ("classify: {extensions: [txt]}\n", "classify.extensions", "txt cannot be"),
+    ("classify: {extensions: [.TMP, png]}\n", "classify.extensions", "tmp cannot be"),
+    ("watch: {mode: fast}\n", "watch.mode", "one of auto, inotify, poll"),
+    ("watch: {poll_seconds: 0}\n", "watch.poll_seconds", "a number of seconds above 0, got 0"),
+    ("watch: {poll_seconds: -0.5}\n", "watch.poll_seconds", "above 0"),
+    ("watch: {poll_seconds: true}\n", "watch.poll_seconds", "above 0, got True"),
+    ("watch: {poll_seconds: '2'}\n", "watch.poll_seconds", "above 0, got '2'"),
+    ("watch: {poll_seconds: .inf}\n", "watch.poll_seconds", "above 0"),
+    ("watch: {rescan_seconds: -1}\n", "watch.rescan_seconds", "of at least 0, got -1"),
+    ("watch: {rescan_seconds: null}\n", "watch.rescan_seconds", "of at least 0, got None"),
+    ("watch: {interval: 3}\n", "watch.interval", "unknown key"),
     ("- just\n- a list\n", "config", "expected a mapping"),
     ("train: {epochs: 3\n", "config", "not valid YAML at line"),
 ]
@@ -48,6 +67,76 @@ def test_bad_value_names_its_key(tmp_path, text, key, expected):
     assert str(caught.value).startswith(f"{key}: ") and expected in str(caught.value)
 
 
+def write_linked(tmp_path):
+    """tmp_path/real, and tmp_path/link -> real."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+
+
+OVERLAPS = [  # (config, key named, words in the message)
+    ("inbox: a\nsave: b/../a\n", "save", "must differ from inbox"),
+    ("inbox: a\nsave: a/save\n", "save", "must not be nested with inbox"),
+    ("inbox: s/inbox\nsave: s\n", "save", "must not be nested with inbox"),
+    ("inbox: real\nsave: link\n", "save", "must differ from inbox"),
+    ("inbox: real\nsave: link/save\n", "save", "must not be nested with inbox"),
+    ("inbox: link/inbox\nsave: real\n", "save", "must not be nested with inbox"),
+    ("data: {path: inbox}\n", "data.path", "must differ from inbox"),
+    ("data: {source: path, path: save/data}\n", "data.path", "nested with save"),
+    ("inbox: d/inbox\ndata: {path: d}\n", "data.path", "nested with inbox"),
+    ("save: link/save\ndata: {path: real/../real}\n", "data.path", "nested with save"),
+]
+
+
+@pytest.mark.parametrize("text,key,expected", OVERLAPS, ids=[c[0] for c in OVERLAPS])
+def test_overlapping_folders_name_the_key(tmp_path, text, key, expected):
+    """The daemon would read its own output: also through `..` and symlinks."""
+    write_linked(tmp_path)
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        config_module.load(path)
+    assert caught.value.key == key and expected in str(caught.value), str(caught.value)
+
+
+@pytest.mark.parametrize("text", ["data:\ntrain: null\n", "inbox: in\nsave: inside\n",
+                                  "inbox: real/in\nsave: link/save\ndata: {path: real/d}\n"])
+def test_defaults_and_neighbouring_folders_are_fine(tmp_path, text):
+    write_linked(tmp_path)
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    loaded = config_module.load(path)
+    assert loaded.train == config_module.Train() and loaded.data.source == "auto"
+
+
+def test_watch_settings_and_extensions(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("watch: {mode: poll, poll_seconds: 0.25, rescan_seconds: 0}\n"
+                    "classify: {extensions: [.PNG, jpg, png, jp2]}\n")
+    loaded = config_module.load(path)
+    assert loaded.watch == config_module.Watch(mode="poll", poll_seconds=0.25, rescan_seconds=0)
+    assert loaded.classify.extensions == ("jp2", "jpg", "png")
+    assert "watch.mode=poll watch.poll_seconds=0.25 watch.rescan_seconds=0" in loaded.summary()
+    defaults = config_module.parse({}, tmp_path).watch
+    assert (defaults.mode, defaults.poll_seconds, defaults.rescan_seconds) == ("auto", 2, 3600)
+
+
+def test_differences_names_the_changed_keys(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    before = tmp_path / "a" / "config.yaml"
+    before.write_text("inbox: ../in\nsave: ../save\ntrain: {epochs: 5}\n")
+    same = tmp_path / "b" / "config.yaml"  # another file, same effective values
+    same.write_text("inbox: ../in\nsave: ../save\ntrain: {epochs: 5, seed: 0}\nwatch:\n")
+    after = tmp_path / "b" / "changed.yaml"
+    labels = list(config_module.DEFAULT_LABELS[:9]) + ["Boot"]
+    after.write_text(f"inbox: ../in\nsave: ../save\ntrain: {{epochs: 6}}\n"
+                     f"classify: {{labels: {labels}}}\n")
+    old = config_module.load(before)
+    assert old.differences(config_module.load(same)) == []
+    assert old.differences(config_module.load(after)) == ["classify.labels", "train.epochs"]
+    assert config_module.load(after).differences(old) == ["classify.labels", "train.epochs"]
+
+
 def run_cli(*args, cwd=REPO):
     """Run the CLI in a fresh interpreter; report whether TensorFlow got imported."""
     code = ("import sys; from daemon.__main__ import main; code = main(sys.argv[1:]); "
@@ -59,6 +148,8 @@ def run_cli(*args, cwd=REPO):
 
 @pytest.mark.parametrize("text,key", [("train: {epochs: ten}\n", "train.epochs"),
                                       ("model: resnet\n", "model"),
+                                      ("data: []\n", "data"),
+                                      ("inbox: x\nsave: x/../x/save\n", "save"),
                                       ("data: {source: path, path: nowhere}\n", "data.path")])
 def test_run_exits_2_before_tensorflow(tmp_path, text, key):
     path = tmp_path / "config.yaml"
