@@ -292,3 +292,11 @@ _EXTENSION = re.compile(r"\.?[A-Za-z0-9]+")
 def _show(value):
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def with_live_settings(running, new):
+    """`running` with what a reload can change in a running daemon taken from `new`:
+    train.epochs, classify.*, watch.*. Everything else keeps its running value."""
+    return dataclasses.replace(
+        running, train=dataclasses.replace(running.train, epochs=new.train.epochs),
+        classify=new.classify, watch=new.watch)

@@ -91,7 +91,10 @@ class Inbox:
         return list(paths)
 
     def _handle(self, kind, path, dest, paths):
-        if kind == "file":
+        if kind == "file":  # closed after writing, or moved in: complete
+            if self.sidecars.is_image_name(path):
+                paths[path] = None
+        elif kind == "changed":  # seen by a poll: it may still be being written
             self._offer(path, paths)
         elif kind == "created":
             # A hard link, symlink or FIFO is never closed after writing: offer it now. A new
@@ -101,7 +104,7 @@ class Inbox:
             except OSError:
                 return
             if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
-                self._offer(path, paths)
+                paths[path] = None
         elif kind == "gone":
             self.sidecars.drop_orphan(path)
             paths.pop(path, None)
@@ -109,7 +112,7 @@ class Inbox:
             paths.pop(path, None)
             if self.sidecars.is_image_name(dest):
                 self.sidecars.follow(path, dest)
-                self._offer(dest, paths)
+                paths[dest] = None  # renamed: complete
             else:
                 self.sidecars.drop_orphan(path)
         elif kind == "scan":

@@ -28,12 +28,12 @@ import threading
 import time
 
 from daemon import config as config_module
-from daemon import dataset, fsutil, locking
+from daemon import dataset, fsutil
 from daemon.decoding import Decoder
 from daemon.errors import EXIT_FATAL, EXIT_OK, ConfigError, WardrobeError
 from daemon.inbox import Inbox
 from daemon.sidecars import Sidecars
-from daemon.store import open_store
+from daemon.store import hold_lock, open_store
 from daemon.systemd import JournalFormatter, Notifier, stderr_is_journal
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ class Service:
         self._errors = []  # exceptions that ended a worker thread
         self.notifier = Notifier()
         self.trainer = self.labeller = self.inbox = None
+        self._imported = threading.Event()  # TensorFlow is imported: the labeller may start
         self._labeller_beat = time.monotonic()
         self._last_problem = None
         self._live = None  # the last status written to save/live.json
@@ -102,7 +103,7 @@ class Service:
         log.info("wardrobe starting (pid %d): %s", os.getpid(), config.summary())
         self._install_signal_handlers()
         check_data(config)
-        lock = locking.hold(config.save)
+        lock = hold_lock(config.save)
         generation = open_store(config)
         private_tmp(config.save)
         if self._stopping():
@@ -271,8 +272,12 @@ class Service:
         return thread
 
     def _train(self, generation):
-        from daemon.training import Trainer  # TensorFlow is imported here, off the main thread
+        # TensorFlow is imported here, off the main thread, and by one thread only (two
+        # threads importing it at once deadlock)
+        from daemon.training import Trainer
+        from daemon.classifier import Classifier  # noqa: F401
 
+        self._imported.set()
         trainer = Trainer(self.config, generation, self.stop_event)
         self.trainer = trainer
         trainer.epochs = self.config.train.epochs  # a reload may have come meanwhile
@@ -280,6 +285,10 @@ class Service:
             trainer.run()
 
     def _label(self, decoder):
+        while not self._imported.wait(0.5):
+            self._labeller_beat = time.monotonic()
+            if self.stop_event.is_set():
+                return
         from daemon.classifier import Classifier
         from daemon.labeller import Labeller
 

@@ -3,8 +3,7 @@
 import datetime
 import json
 
-from daemon.service import running_pid
-from daemon.store import CheckpointStore
+from daemon.store import CheckpointStore, running_pid
 
 
 def report(config):
@@ -19,7 +18,21 @@ def report(config):
                       accuracy=newest.get("accuracy"), checkpoint=newest.number,
                       checkpoint_time=newest["written_at"],
                       model=newest.get("fingerprint", {}).get("model", config.model))
+    result["inbox"] = _live(config.save, result["running_pid"])
     return result
+
+
+def _live(save, pid):
+    """What the running daemon says of its inbox (save/live.json), or None when it is down:
+    labelled, errors, backlog, retrying, cannot_label, watch (mode and why)."""
+    try:
+        live = json.loads((save / "live.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if pid is None or live.get("pid") != pid:
+        return None
+    return {key: live.get(key) for key in ("status", "labelled", "errors", "backlog",
+                                          "retrying", "cannot_label", "watch")}
 
 
 def render(result, as_json):
@@ -37,6 +50,13 @@ def render(result, as_json):
                  f"({_ago(age.total_seconds())})")
     if result["loss"] is not None:
         lines.append(f"last epoch: loss {result['loss']:.4f} accuracy {result['accuracy']:.4f}")
+    if inbox := result.get("inbox"):
+        lines.append(f"inbox: {inbox['labelled']:,} labelled, {inbox['errors']:,} errors, "
+                     f"{inbox['backlog']:,} waiting, {inbox['retrying']:,} retrying; "
+                     f"watched by {inbox['watch']['mode']} ({inbox['watch']['why']})")
+        if inbox["cannot_label"]:
+            lines.append(f"inbox: {inbox['cannot_label']:,} images cannot have a sidecar "
+                         "(see the log)")
     return "\n".join(lines)
 
 

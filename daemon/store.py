@@ -8,6 +8,7 @@ by mid-epoch generations) are complete, fsynced and renamed. The previous genera
 Reading needs no TensorFlow, so `status` stays fast.
 """
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from daemon import fsutil
+from daemon.errors import AlreadyRunning, IncompatibleCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -219,3 +221,61 @@ def _unlink(path):
         path.unlink()
     except FileNotFoundError:
         pass
+
+
+def open_store(config):
+    """Pick the generation to resume from; quarantine what is damaged. No TensorFlow.
+
+    A damaged newest generation falls back to the previous one (WARNING); if nothing is
+    loadable, every checkpoint file moves to save/corrupt-<time>/ (ERROR) and training starts
+    afresh; a checkpoint of another model is refused (exit 2) and left untouched.
+    """
+    store = CheckpointStore(config.save)
+    newest, damaged = store.scan()
+    if newest is not None:
+        made_for = newest.get("fingerprint", {}).get("model")
+        if made_for != config.model:
+            raise IncompatibleCheckpoint(
+                f"{config.save} holds a checkpoint of model {made_for!r} but the config asks "
+                f"for {config.model!r}; set `model: {made_for}` or point `save` elsewhere")
+    if damaged and newest is not None:
+        target = store.quarantine([number for number, _ in damaged], with_exports=False)
+        for number, why in damaged:
+            log.warning("checkpoint %d is unusable (%s); moved to %s, resuming from "
+                        "checkpoint %d", number, why, target, newest.number)
+    elif newest is None and store.has_files():
+        target = store.quarantine([number for number, _ in damaged], with_exports=True)
+        log.error("no loadable checkpoint in %s (%s); moved the files to %s and starting "
+                  "afresh", config.save, "; ".join(f"{n}: {why}" for n, why in damaged)
+                  or "no manifest", target)
+    store.tidy(newest)
+    return newest
+
+
+def hold_lock(folder):
+    """Hold an exclusive lock on save/.lock for the process's life; one daemon per save/."""
+    folder.mkdir(parents=True, exist_ok=True)
+    file = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.seek(0)
+        raise AlreadyRunning(f"another wardrobe (pid {file.read().strip() or '?'}) is "
+                             f"running on {folder}") from None
+    file.truncate(0)
+    file.write(f"{os.getpid()}\n")
+    file.flush()
+    return file
+
+
+def running_pid(folder):
+    """The pid of the daemon holding save/.lock, or None."""
+    try:
+        with open(folder / ".lock") as file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return int(file.read().strip() or 0) or None
+    except (OSError, ValueError):
+        pass
+    return None

@@ -70,7 +70,8 @@ def _unescape(field):
 
 class Watcher:
     """Watches `root` and queues changes as (kind, path, dest):
-    "file" (closed after write, moved in, or seen new or changed by a poll), "created" (a
+    "file" (closed after write or moved in), "changed" (seen new or changed by a poll: may
+    still be being written), "created" (a
     name appeared that may never be closed after writing: a hard link, symlink or FIFO),
     "gone" (deleted or moved out), "moved" (path -> dest inside the tree), "scan" (walk
     this folder, with the reason as dest). Only names for which `wanted(name)` holds are
@@ -247,7 +248,7 @@ class Watcher:
             if source is not None and before.get(path) is None:
                 self.changes.put(("moved", source, path))
             else:
-                self.changes.put(("file", path, None))
+                self.changes.put(("changed", path, None))
         for path in vanished.values():
             self.changes.put(("gone", path, None))
 

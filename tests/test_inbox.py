@@ -189,7 +189,7 @@ def test_inotify_overflow_turns_into_a_rescan(tmp_path, trained, daemons, crops)
     for i in range(3000):
         (inbox / f"burst-{i:04d}.png").write_bytes(data)
     wait_until(lambda: all_labelled(inbox, 3000), 120, message="all 3,000 labelled")
-    assert re.search(r"WARNING daemon.inbox: rescanning .* \(inotify queue overflow", daemon.log)
+    assert re.search(r"WARNING daemon.watch: rescanning .* \(inotify queue overflow", daemon.log)
     assert daemon.stop() == 0
 
 
@@ -198,7 +198,7 @@ def test_a_deleted_and_recreated_inbox_is_watched_again(tmp_path, trained, daemo
     daemon = daemons(trained)
     daemon.wait_for_log(r"watching .*inbox")
     shutil.rmtree(inbox)
-    daemon.wait_for_log(r"observer stopped; starting a new one")
+    daemon.wait_for_log(r"inbox is gone .*; waiting for it to come back")
     inbox.mkdir(exist_ok=True)
     (inbox / "back.png").write_bytes(png(crops[0][6]))
     wait_until(lambda: sidecar(inbox / "back.png"), 30, message="a label after the restart")
@@ -291,27 +291,31 @@ def test_a_replaced_image_is_labelled_again_even_while_down(tmp_path, trained, d
 def test_an_observer_killed_by_a_raising_handler_is_replaced(tmp_path, monkeypatch):
     """watchdog's observer thread dies silently when a handler raises; take() notices,
     starts a new observer and rescans. In-process, with the real observer."""
-    from daemon import inbox as inbox_module
+    from daemon import watch
+    from daemon.config import Watch
+    from daemon.inbox import Inbox
     from daemon.sidecars import Sidecars
 
     root = tmp_path / "inbox"
-    inbox = inbox_module.Inbox(root, Sidecars("json", ["png"]))
+    inbox = Inbox(root, Sidecars("json", ["png"]), Watch(mode="inotify"))
     inbox.start()
     try:
-        assert inbox.take(10, 0.1) == [] and inbox.healthy()
+        assert inbox.take(10, 0.1) == [] and not inbox.problem
         raised = []
 
         def broken_handler(self, event):
             raised.append(event)
             raise RuntimeError("a bug in a handler")
 
-        monkeypatch.setattr(inbox_module._Handler, "on_closed", broken_handler)
+        monkeypatch.setattr(watch._Handler, "on_closed", broken_handler)
         (root / "lost.png").write_bytes(b"event lost with the thread")
-        wait_until(lambda: raised and not inbox.healthy(), 10, message="the observer to die")
+        wait_until(lambda: raised and inbox.problem, 10, message="the observer to die")
         monkeypatch.undo()
+        os.utime(root / "lost.png", (1, 1))  # settled: no wait
         found = wait_until(lambda: inbox.take(10, 0.2), 10, message="the rescan to find it")
-        assert found == [str(root / "lost.png")] and inbox.healthy()
+        assert found == [str(root / "lost.png")] and not inbox.problem
         (root / "next.png").write_bytes(b"seen by the new observer")
+        os.utime(root / "next.png", (1, 1))
         assert wait_until(lambda: inbox.take(10, 0.2), 10) == [str(root / "next.png")]
     finally:
         inbox.stop()
