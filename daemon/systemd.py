@@ -3,8 +3,11 @@
 import getpass
 import logging
 import os
+import re
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,13 @@ class Notifier:
             self._failed = True
             return False
 
+    def reloading(self):
+        """Tell systemd a reload has begun; notify("READY=1") when it is done. The
+        CLOCK_MONOTONIC timestamp shows Type=notify-reload that this reload started after
+        its signal (sd_notify(3))."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        return self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}")
+
     def close(self):
         if self._socket is not None:
             self._socket.close()
@@ -83,11 +93,41 @@ def stderr_is_journal(environ=os.environ):
 HOMES = ("/home", "/root", "/run/user")
 WATCHDOG_SECONDS = 60
 STOP_SECONDS = 30
+NOTIFY_RELOAD_SINCE = 253  # Type=notify-reload is new in systemd 253
 
 
-def unit_file(config, user=False):
+def manager_version(user=False):
+    """The major version of the systemd that will run the unit: the running manager's if
+    systemctl can reach it, else the installed systemctl's; None if neither answers."""
+    scope = ["--user"] if user else []
+    for command, pattern in [(["systemctl", *scope, "show", "--property=Version", "--value"],
+                              r"(\d+)"),
+                             (["systemctl", "--version"], r"systemd (\d+)")]:
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        match = re.match(pattern, result.stdout.strip())
+        if result.returncode == 0 and match:
+            return int(match.group(1))
+    return None
+
+
+def reload_lines(version):
+    """How `systemctl reload` reaches the daemon's SIGHUP handler on this systemd."""
+    if version is not None and version >= NOTIFY_RELOAD_SINCE:
+        # systemd sends SIGHUP and waits for RELOADING=1 and READY=1: a synchronous reload.
+        return ["Type=notify-reload"]
+    # Older (or unknown) systemd: ExecReload only sends the signal, so `systemctl reload`
+    # returns before the reload is done; the daemon's RELOADING=1 and READY=1 still show it.
+    return ["Type=notify", "ExecReload=/bin/kill -HUP $MAINPID"]
+
+
+def unit_file(config, user=False, version=None):
     """A ready unit for this installation: this interpreter, this config, hardened as far as
-    TensorFlow and the paths allow."""
+    TensorFlow and the paths allow. `version`: the systemd's major version (default: asked)."""
+    if version is None:
+        version = manager_version(user)
     interpreter = Path(sys.executable).absolute()
     config_path = Path(config.source).absolute() if config.source else None
     config_arg = f" --config {_quote(config_path)}" if config_path else ""
@@ -103,7 +143,7 @@ def unit_file(config, user=False):
         "After=local-fs.target",
         "",
         "[Service]",
-        "Type=notify",
+        *reload_lines(version),
         "NotifyAccess=main",
         f"ExecStart={_quote(interpreter)} -m daemon run{config_arg}",
         f"WorkingDirectory={_quote(config_path.parent if config_path else Path.cwd())}",
@@ -114,7 +154,8 @@ def unit_file(config, user=False):
         "RestartSec=2",
         "RestartPreventExitStatus=2",  # a config error must not crash-loop
         "KillSignal=SIGTERM",
-        "TimeoutStartSec=300",  # TensorFlow import, data loading, a dataset download
+        # TensorFlow import, data loading, a dataset download; it also bounds a reload.
+        "TimeoutStartSec=300",
         f"TimeoutStopSec={STOP_SECONDS}",  # a stop takes well under a second
         f"WatchdogSec={WATCHDOG_SECONDS}",
     ]

@@ -1,5 +1,6 @@
 """Under a real systemd (../shared/tools/systemd-sandbox): the unit from `daemon unit`,
-READY, STATUS, restart after kill -9 with resume, a label, a clean stop, no restart loop."""
+READY, STATUS, restart after kill -9 with resume, a label, a clean stop, no restart loop,
+`systemctl reload`."""
 
 import json
 import os
@@ -15,8 +16,13 @@ import pytest
 from conftest import REPO, status, wait_until, write_config
 from daemon import dataset
 from daemon.config import DEFAULT_LABELS
+from daemon.systemd import reload_lines
 
 SANDBOX = REPO.parent / "shared" / "tools" / "systemd-sandbox"
+# systemd's debug log of the daemon's answer to a reload: "Got notification message from
+# PID 61 (RELOADING=1, MONOTONIC_USEC=...)" (": ..." in newer systemd), later READY=1.
+ANSWERED = re.compile(r"Got notification message from PID \d+\W+RELOADING=1, MONOTONIC_USEC=\d+"
+                      r".*?Got notification message from PID \d+\W+READY=1", re.S)
 
 
 class Sandbox:
@@ -37,6 +43,11 @@ class Sandbox:
     def journal(self):
         return self("journal", "-u", "wardrobe", "--no-pager", check=False).stdout
 
+    def version(self):
+        """The major version of the systemd running in the sandbox."""
+        text = self("in", "systemctl", "show", "--property=Version", "--value").stdout
+        return int(re.match(r"\d+", text.strip()).group())
+
 
 @pytest.fixture
 def sandbox(tmp_path):
@@ -52,12 +63,20 @@ def sandbox(tmp_path):
     box("stop", check=False)
 
 
-def test_wardrobe_as_a_systemd_service(tmp_path, small_data, sandbox):
-    config = write_config(tmp_path, small_data, epochs=500, checkpoint_every=10)
+def install_unit(sandbox, folder, config):
+    """`daemon unit` for `config`, run with this tree's code (the unit's working folder is
+    the config's, where `python -m daemon` would find another installation's)."""
     unit = subprocess.run([sys.executable, "-m", "daemon", "unit", "--config", str(config)],
                           capture_output=True, text=True, cwd=REPO, timeout=60, check=True)
-    (tmp_path / "wardrobe.service").write_text(unit.stdout)
-    sandbox("install", str(tmp_path / "wardrobe.service"))
+    text = unit.stdout.replace("[Service]\n", f"[Service]\nEnvironment=PYTHONPATH={REPO}\n", 1)
+    (folder / "wardrobe.service").write_text(text)
+    sandbox("install", str(folder / "wardrobe.service"))
+    return text
+
+
+def test_wardrobe_as_a_systemd_service(tmp_path, small_data, sandbox):
+    config = write_config(tmp_path, small_data, epochs=500, checkpoint_every=10)
+    install_unit(sandbox, tmp_path, config)
 
     started = time.monotonic()
     sandbox("ctl", "start", "wardrobe")  # returns once the daemon sent READY=1
@@ -105,6 +124,44 @@ def test_wardrobe_as_a_systemd_service(tmp_path, small_data, sandbox):
         time.sleep(0.5)
     print(f"\nsystemd: READY after {ready_seconds:.2f} s; running again {restart_seconds:.2f} s "
           f"after kill -9; stop {stop_seconds:.2f} s")
+
+
+def test_systemctl_reload(tmp_path, small_data, sandbox):
+    """SIGHUP from `systemctl reload`: the daemon answers RELOADING=1 (with MONOTONIC_USEC)
+    and READY=1, and keeps running with the same pid. Type=notify-reload (systemd >= 253)
+    waits for that answer; older systemd runs ExecReload=kill -HUP and takes the answer as
+    a reload announced by the service."""
+    config = write_config(tmp_path, small_data, epochs=500)
+    text = install_unit(sandbox, tmp_path, config)
+    for line in reload_lines(sandbox.version()):  # the variant for the systemd running it
+        assert line in text.splitlines(), line
+    sandbox("in", "systemd-analyze", "log-level", "debug")  # log every notify message
+    sandbox("ctl", "start", "wardrobe")
+    pid = sandbox.show("MainPID")
+    for count in (1, 2):  # a second reload works as the first did
+        started = time.monotonic()
+        sandbox("ctl", "reload", "wardrobe", timeout=60)  # must never hang
+        reload_seconds = time.monotonic() - started
+        wait_until(lambda: reloads(sandbox, pid) == count, 30, interval=0.5,
+                   message=f"reload {count} in the journal")
+        # systemd saw RELOADING=1 with a timestamp, then READY=1, and is back to running
+        # (without READY=1 it would stay "reloading" until TimeoutStartSec).
+        wait_until(lambda: len(ANSWERED.findall(sandbox.journal())) == count
+                   and sandbox.show("ActiveState") == "active", 30, interval=0.5,
+                   message=f"RELOADING=1, READY=1 and active after reload {count}")
+        assert (sandbox.show("MainPID"), sandbox.show("SubState")) == (pid, "running")
+    assert sandbox.show("NRestarts") == "0"
+    sandbox("ctl", "stop", "wardrobe")
+    assert (sandbox.show("Result"), sandbox.show("ExecMainStatus")) == ("success", "0")
+    print(f"\nsystemd {sandbox.version()}: systemctl reload took {reload_seconds:.2f} s")
+
+
+def reloads(sandbox, pid):
+    """How many reloads the daemon logged; fails at once if it is gone (SIGHUP kills a
+    process without a handler, and systemd counts that as a clean exit)."""
+    journal = sandbox.journal()
+    assert sandbox.show("MainPID") == pid, journal[-3000:]
+    return len(re.findall(r"daemon\.service: reloaded config", journal))
 
 
 def _read_json(path):

@@ -13,6 +13,8 @@ import time
 import pytest
 
 from conftest import REPO, wait_until, write_config
+from daemon import config as config_module
+from daemon import systemd
 
 STRACE = shutil.which("strace")
 ANALYZE = shutil.which("systemd-analyze")
@@ -69,7 +71,7 @@ def test_ready_status_watchdog_and_stopping(tmp_path, small_data, daemons, notif
     daemon = daemons(config, env={"NOTIFY_SOCKET": notify_socket.address,
                                   "WATCHDOG_USEC": "1000000"})
     wait_until(lambda: notify_socket.lines("READY=1"), 60, message="READY=1")
-    assert "ready: model restored, inbox watched" in daemon.log
+    daemon.wait_for_log("ready: model restored, inbox watched")  # logged after READY=1
     wait_until(lambda: notify_socket.lines("STATUS=training epoch"), 30)
     wait_until(lambda: len(notify_socket.lines("WATCHDOG=1")) >= 4, 30, message="pings")
     pings = [at for at, _ in notify_socket.lines("WATCHDOG=1")]
@@ -156,6 +158,59 @@ def test_logs_fit_the_journal(tmp_path, trained, daemons):
     assert again.stop() == 0
 
 
+def test_reloading_sends_a_monotonic_timestamp(tmp_path):
+    fake = FakeNotifySocket(str(tmp_path / "notify.sock"))
+    try:
+        notifier = systemd.Notifier({"NOTIFY_SOCKET": fake.address})
+        before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        assert notifier.reloading() and notifier.notify("READY=1")
+        after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        wait_until(lambda: len(fake.messages) == 3, 10, message="three lines")
+        lines = [line for _, line in fake.messages]
+        assert lines[0] == "RELOADING=1" and lines[2] == "READY=1"
+        assert before <= int(lines[1].removeprefix("MONOTONIC_USEC=")) <= after
+        notifier.close()
+    finally:
+        fake.close()
+    assert not systemd.Notifier({}).reloading()  # not under systemd: nothing to tell
+
+
+@pytest.mark.parametrize("user", [False, True])
+def test_unit_reload_per_systemd_version(tmp_path, small_data, user):
+    config = config_module.load(write_config(tmp_path, small_data))
+    for version in (253, 257):  # systemd sends SIGHUP and waits for RELOADING=1, READY=1
+        lines = systemd.unit_file(config, user=user, version=version).splitlines()
+        assert "Type=notify-reload" in lines and "Type=notify" not in lines
+        assert not any(line.startswith("ExecReload=") for line in lines)
+    lines = systemd.unit_file(config, user=user, version=252).splitlines()
+    assert "Type=notify" in lines and "ExecReload=/bin/kill -HUP $MAINPID" in lines
+    assert "Type=notify-reload" not in lines
+    assert systemd.reload_lines(None) == systemd.reload_lines(252)  # unknown: the safe one
+
+
+def fake_systemctl(folder, script):
+    """A `systemctl` first on $PATH, standing in for a machine's."""
+    path = folder / "systemctl"
+    path.write_text(f"#!/bin/sh\n{script}\n")
+    path.chmod(0o755)
+
+
+def test_manager_version_asks_the_running_manager_then_systemctl(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert systemd.manager_version() is None  # no systemctl at all
+    fake_systemctl(tmp_path, 'case "$*" in\n'
+                   '  "show --property=Version --value") echo 256.7-1; exit 0;;\n'
+                   '  "--user show --property=Version --value") exit 1;;\n'
+                   '  --version) echo "systemd 254 (254.5-1~bpo12+3)"; echo "+PAM";;\n'
+                   'esac')
+    assert systemd.manager_version() == 256  # PID 1's own version
+    assert systemd.manager_version(user=True) == 254  # no user manager: the installed one
+    fake_systemctl(tmp_path, "echo 'System has not been booted with systemd'; exit 1")
+    assert systemd.manager_version() is None
+    fake_systemctl(tmp_path, "echo garbage")
+    assert systemd.manager_version() is None
+
+
 def unit_text(config, *extra):
     result = subprocess.run([sys.executable, "-m", "daemon", "unit", "--config", str(config),
                              *extra], capture_output=True, text=True, cwd=REPO, timeout=60)
@@ -166,7 +221,7 @@ def unit_text(config, *extra):
 def test_unit_file_for_this_installation(tmp_path, small_data):
     config = write_config(tmp_path, small_data)
     text = unit_text(config)
-    for line in ["Type=notify", f"ExecStart={sys.executable} -m daemon run --config {config}",
+    for line in [*systemd.reload_lines(systemd.manager_version()), f"ExecStart={sys.executable} -m daemon run --config {config}",
                  "Restart=on-failure", "RestartPreventExitStatus=2", "KillSignal=SIGTERM",
                  "NoNewPrivileges=yes", "ProtectSystem=strict",
                  f"ReadWritePaths={tmp_path / 'inbox'} {tmp_path / 'save'} /tmp /var/tmp"]:
@@ -192,3 +247,10 @@ def test_systemd_analyze_verify_accepts_the_units(tmp_path, small_data):
         assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
     shipped = (REPO / "deploy" / "wardrobe.service").read_text()
     assert "Type=notify" in shipped and "RestartPreventExitStatus=2" in shipped
+
+
+def test_the_shipped_unit_reloads_on_current_systemd_and_says_how_on_older():
+    lines = (REPO / "deploy" / "wardrobe.service").read_text().splitlines()
+    assert "Type=notify-reload" in lines
+    for line in systemd.reload_lines(252):  # the two lines to use instead, commented
+        assert f"#   {line}" in lines, line
