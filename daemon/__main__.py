@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from daemon import config as config_module
-from daemon.errors import EXIT_FATAL, WardrobeError
+from daemon.errors import EXIT_FATAL, EXIT_OK, WardrobeError
 
 log = logging.getLogger("daemon")
 
@@ -40,7 +40,15 @@ def load_config(path):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    code = dispatch(args)
+    try:
+        code = dispatch(args)
+        sys.stdout.flush()  # so a closed pipe shows here, not in the interpreter's last flush
+    except BrokenPipeError:
+        # The reader has gone (`wardrobe status | head -1`): that is its choice, not an error.
+        # Point stdout at devnull so the interpreter's final flush cannot fail again (the
+        # recipe in the Python docs, signal module, "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_OK
     if args.command == "run" and "tensorflow" in sys.modules:
         # Everything is on disk and every thread joined: skip the interpreter's teardown
         # of TensorFlow, which takes most of a second and would delay a systemd stop.
@@ -81,6 +89,8 @@ def dispatch(args):
         else:
             print(f"wardrobe: {error}", file=sys.stderr)
         return error.exit_code
+    except BrokenPipeError:
+        raise  # see main()
     except Exception:
         log.exception("fatal error")
         return EXIT_FATAL

@@ -36,16 +36,18 @@ def _live(save, pid):
 
 
 def render(result, as_json):
+    """JSON, or lines for people; the first says whether it runs and how far it got, for
+    `wardrobe status | head -1`."""
     if as_json:
         return json.dumps(result, sort_keys=True)
     state = f"running (pid {result['running_pid']})" if result["running_pid"] else "not running"
-    lines = [f"wardrobe: {state}; model {result['model']}; save {result['save']}"]
+    where = f"model {result['model']}; save {result['save']}"
     if result["checkpoint"] is None:
-        lines.append(f"no checkpoint yet: epoch 0/{result['epochs']}")
-        return "\n".join(lines)
+        return f"wardrobe: {state}; no checkpoint yet: epoch 0/{result['epochs']}\n{where}"
+    lines = [f"wardrobe: {state}; epoch {result['epoch']}/{result['epochs']}, "
+             f"batch {result['step']}", where]
     written = datetime.datetime.fromisoformat(result["checkpoint_time"])
     age = datetime.datetime.now(datetime.timezone.utc) - written
-    lines.append(f"epoch {result['epoch']}/{result['epochs']}, batch {result['step']}")
     lines.append(f"last checkpoint: #{result['checkpoint']} at {written:%Y-%m-%d %H:%M:%S} UTC "
                  f"({_ago(age.total_seconds())})")
     if result["loss"] is not None:

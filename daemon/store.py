@@ -6,6 +6,10 @@ rename is the commit point: it is written last, after the state file and the exp
 (`model.json`, `model.h5`, the tutorial-facing pair; written at epoch ends and stops, not
 by mid-epoch generations) are complete, fsynced and renamed. The previous generation is kept.
 Reading needs no TensorFlow, so `status` stays fast.
+
+After a crash or power cut, what was never committed (a state file without a manifest,
+temporaries, exports written before the first manifest) is a write cut short, not damage:
+it is removed. Only a committed generation that fails verification is quarantined.
 """
 
 import fcntl
@@ -92,21 +96,29 @@ class CheckpointStore:
         return sorted(found, reverse=True)
 
     def scan(self):
-        """(newest verified Generation or None, [(number, why) for newer damaged ones])."""
+        """(newest verified Generation or None, [(number, why) for newer damaged ones]).
+
+        Only committed generations (with a manifest) count: a state file without one is a
+        write in progress or cut short, never damage.
+        """
         damaged = []
         for number in self.numbers():
             try:
-                return Generation(self.folder, self._verify(number)), damaged
+                manifest = self._verify(number)
             except _Damaged as why:
                 damaged.append((number, str(why)))
+                continue
+            if manifest is not None:
+                return Generation(self.folder, manifest), damaged
         return None, damaged
 
     def _verify(self, number):
+        """The manifest of a sound generation; None if it was never committed."""
         path = self.folder / manifest_name(number)
         try:
             manifest = json.loads(path.read_bytes())
         except FileNotFoundError:
-            raise _Damaged("no manifest (a write was cut short)") from None
+            return None
         except (OSError, ValueError) as error:
             raise _Damaged(f"manifest unreadable: {error}") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -182,19 +194,27 @@ class CheckpointStore:
 
     # ---- repair ----------------------------------------------------------------------------
 
-    def tidy(self, newest):
-        """At start: remove temporaries and uncommitted state files newer than `newest`."""
+    def tidy(self, _newest=None):  # the argument: for service.open_store, which passes it
+        """At start, with no writer running: remove what a write cut short left behind --
+        temporaries, state files without a manifest, and the exports if no generation was
+        ever committed (they were written before the first manifest). Returns the names."""
         try:
             names = os.listdir(self.folder)
         except FileNotFoundError:
-            return
-        newest_number = newest.number if newest else 0
+            return []
+        committed = self.committed()
+        removed = []
         for name in names:
             match = _GENERATION.match(name)
-            uncommitted = (match and match.group(2) == "npz" and int(match.group(1)) > newest_number
-                           and not (self.folder / manifest_name(int(match.group(1)))).exists())
-            if fsutil.is_temp_name(name) or uncommitted:
+            orphan = match and match.group(2) == "npz" and int(match.group(1)) not in committed
+            if fsutil.is_temp_name(name) or orphan or (name in EXPORTS and not committed):
                 _unlink(self.folder / name)
+                removed.append(name)
+        if removed:
+            fsutil.fsync_folder(self.folder)
+            log.info("removed what an unfinished checkpoint write left in %s: %s",
+                     self.folder, ", ".join(sorted(removed)))
+        return removed
 
     def quarantine(self, numbers, with_exports):
         """Move damaged generations (and the exports) to save/corrupt-<time>/; returns it."""
@@ -208,8 +228,80 @@ class CheckpointStore:
         fsutil.fsync_folder(self.folder)
         return target
 
+    def committed(self):
+        """Numbers of the generations that were committed (have a manifest), sound or not."""
+        try:
+            names = os.listdir(self.folder)
+        except FileNotFoundError:
+            return set()
+        return {int(match.group(1)) for match in map(_GENERATION.match, names)
+                if match and match.group(2) == "json"}
+
     def has_files(self):
-        return bool(self.numbers()) or any((self.folder / n).exists() for n in EXPORTS)
+        """Whether a generation was ever committed here (kept for service.open_store, which
+        quarantines when this is true and nothing loads; open_store below replaces it)."""
+        return bool(self.committed())
+
+
+def open_store(config):
+    """Pick the generation to resume from; quarantine what is damaged. No TensorFlow.
+
+    A damaged newest generation falls back to the previous one (WARNING); if nothing
+    committed is loadable, every checkpoint file moves to save/corrupt-<time>/ (ERROR) and
+    training starts afresh; what was never committed is removed (INFO); a checkpoint of
+    another model is refused (exit 2) and left untouched.
+    """
+    store = CheckpointStore(config.save)
+    newest, damaged = store.scan()
+    if newest is not None:
+        made_for = newest.get("fingerprint", {}).get("model")
+        if made_for != config.model:
+            raise IncompatibleCheckpoint(
+                f"{config.save} holds a checkpoint of model {made_for!r} but the config asks "
+                f"for {config.model!r}; set `model: {made_for}` or point `save` elsewhere")
+    if damaged:
+        target = store.quarantine([number for number, _ in damaged], with_exports=newest is None)
+        if newest is not None:
+            for number, why in damaged:
+                log.warning("checkpoint %d is unusable (%s); moved to %s, resuming from "
+                            "checkpoint %d", number, why, target, newest.number)
+        else:
+            log.error("no loadable checkpoint in %s (%s); moved the files to %s and starting "
+                      "afresh", config.save, "; ".join(f"{n}: {why}" for n, why in damaged),
+                      target)
+    store.tidy(newest)
+    return newest
+
+
+def lock(folder):
+    """Hold an exclusive lock on save/.lock for the process's life; one daemon per save/."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    file = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.seek(0)
+        pid = file.read().strip() or "?"
+        file.close()
+        raise AlreadyRunning(f"another wardrobe (pid {pid}) is running on {folder}") from None
+    file.truncate(0)
+    file.write(f"{os.getpid()}\n")
+    file.flush()
+    return file
+
+
+def running_pid(folder):
+    """The pid of the daemon holding save/.lock, or None."""
+    try:
+        with open(Path(folder) / ".lock") as file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return int(file.read().strip() or 0) or None
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 class _Damaged(Exception):

@@ -44,8 +44,8 @@ def corrupt_dirs(save):
     return [p for p in save.iterdir() if p.name.startswith("corrupt-")]
 
 
-@pytest.mark.parametrize("damage", ["truncate state", "garble state", "garble manifest",
-                                    "empty manifest", "delete manifest"])
+@pytest.mark.parametrize("damage", ["truncate state", "garble state", "flip state",
+                                    "garble manifest", "empty manifest", "delete state"])
 def test_damaged_newest_generation_falls_back_to_the_previous(tmp_path, small_data, daemons,
                                                               save, damage):
     newest, previous = generations(save)[:2]
@@ -58,6 +58,10 @@ def test_damaged_newest_generation_falls_back_to_the_previous(tmp_path, small_da
         data = bytearray(path.read_bytes())
         data[len(data) // 2: len(data) // 2 + 16] = b"\xff" * 16
         path.write_bytes(bytes(data))
+    elif what == "flip":  # one bit of one byte: the checksum must catch it
+        data = bytearray(path.read_bytes())
+        data[len(data) // 3] ^= 0x01
+        path.write_bytes(bytes(data))
     elif what == "empty":
         path.write_bytes(b"")
     else:
@@ -69,6 +73,73 @@ def test_damaged_newest_generation_falls_back_to_the_previous(tmp_path, small_da
                      rf"{previous}", daemon.log), daemon.log
     [quarantine] = corrupt_dirs(save)
     assert path.name in {p.name for p in quarantine.iterdir()} or what == "delete"
+
+
+def cut_short(save, number):
+    """What a power cut leaves while generation `number` was being written: its state file
+    without a manifest, and a temporary."""
+    manifest = save / manifest_name(number)
+    if manifest.exists():
+        manifest.unlink()
+    (save / f".{state_name(number)}.999-0.tmp").write_bytes(b"half a write")
+
+
+def test_uncommitted_newest_generation_is_removed_not_quarantined(tmp_path, small_data,
+                                                                  daemons, save):
+    newest, previous = generations(save)[:2]
+    expected = manifest_of(save, previous)
+    cut_short(save, newest)
+    daemon, epoch, batch = start_and_stop(daemons, write_config(tmp_path, small_data))
+    assert (epoch, batch) == (expected["epoch"], expected["step"]), daemon.log
+    assert re.search(rf"INFO .*removed what an unfinished checkpoint write left in .*: "
+                     rf"\.{state_name(newest)}\.999-0\.tmp, {state_name(newest)}\n", daemon.log)
+    assert not corrupt_dirs(save)
+    assert "unusable" not in daemon.log and "ERROR daemon" not in daemon.log
+
+
+def test_no_committed_generation_is_a_fresh_start_not_a_quarantine(tmp_path, small_data,
+                                                                   daemons, save):
+    numbers = generations(save)
+    for number in numbers:
+        cut_short(save, number)
+    daemon, epoch, batch = start_and_stop(daemons, write_config(tmp_path, small_data))
+    assert (epoch, batch) == (0, 0), daemon.log
+    leftovers = sorted([f".{state_name(n)}.999-0.tmp" for n in numbers]
+                       + [state_name(n) for n in numbers] + ["model.h5", "model.json"])
+    assert re.search(r"INFO .*removed what an unfinished checkpoint write left in .*: "
+                     + re.escape(", ".join(leftovers)) + "\n", daemon.log), daemon.log
+    assert not corrupt_dirs(save)
+    assert not re.search(r"(WARNING|ERROR) daemon", daemon.log), daemon.log
+
+
+@pytest.mark.parametrize("case", ["uncommitted newest", "nothing committed", "flipped byte"])
+def test_open_store_removes_the_uncommitted_and_quarantines_the_damaged(tmp_path, save, case):
+    """store.open_store, the start-up repair, on its own (no daemon, no TensorFlow)."""
+    from daemon import config as config_module
+    from daemon.store import open_store
+
+    config = config_module.parse({"save": str(save), "inbox": str(tmp_path / "inbox")}, tmp_path)
+    newest, previous = generations(save)[:2]
+    if case == "uncommitted newest":
+        cut_short(save, newest)
+        expected, quarantined = previous, set()
+    elif case == "nothing committed":
+        for number in (newest, previous):
+            cut_short(save, number)
+        expected, quarantined = None, set()
+    else:
+        path = save / state_name(newest)
+        data = bytearray(path.read_bytes())
+        data[100] ^= 0x80
+        path.write_bytes(bytes(data))
+        expected, quarantined = previous, {manifest_name(newest), state_name(newest)}
+    generation = open_store(config)
+    assert (generation.number if generation else None) == expected
+    found = {p.name for folder in corrupt_dirs(save) for p in folder.iterdir()}
+    assert found == quarantined
+    assert not [p for p in save.iterdir() if fsutil.is_temp_name(p.name)]
+    assert set(generations(save)) == ({expected} if expected else set())
+    assert (save / "model.h5").exists() == (expected is not None)
 
 
 @pytest.mark.parametrize("export", ["model.h5", "model.json"])
@@ -93,7 +164,7 @@ def test_nothing_loadable_is_quarantined_and_training_starts_afresh(tmp_path, sm
     damaged = sorted(p.name for p in save.iterdir() if not p.name.startswith("."))
     daemon, epoch, batch = start_and_stop(daemons, write_config(tmp_path, small_data))
     assert (epoch, batch) == (0, 0)
-    assert "ERROR daemon.service: no loadable checkpoint" in daemon.log
+    assert re.search(r"ERROR daemon\.\w+: no loadable checkpoint", daemon.log)
     [quarantine] = corrupt_dirs(save)
     assert sorted(p.name for p in quarantine.iterdir()) == damaged
     # and the next start is a normal resume, not a crash loop

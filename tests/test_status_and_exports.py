@@ -1,6 +1,7 @@
 """`status` without TensorFlow, and the tutorial's own loading code on save/."""
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -32,6 +33,23 @@ def test_status_reports_the_newest_checkpoint(tmp_path, small_data, one_epoch_sa
     human = run_cli("status", "--config", str(config))
     assert "epoch 1/5, batch 0" in human.stdout and "not running" in human.stdout
     assert f"loss {manifest['loss']:.4f}" in human.stdout
+
+
+def test_status_into_a_pipe_closed_early_exits_0_quietly(tmp_path, small_data):
+    """`status | head -1`: head exits after the first line and the rest meets a closed pipe.
+    A checkpoint naming a model with a megabyte-long name makes the lines after the first
+    longer than a pipe holds, so the error happens every time, not by chance."""
+    from daemon.store import CheckpointStore
+
+    config = write_config(tmp_path, small_data, epochs=5)
+    CheckpointStore(tmp_path / "save").write(
+        {"epoch": 1, "step": 0, "fingerprint": {"model": "m" * 1_000_000}}, b"state", {})
+    command = (f"set -o pipefail; {shlex.quote(sys.executable)} -m daemon status "
+               f"--config {shlex.quote(str(config))} | head -1")
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=REPO,
+                            timeout=60)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == "wardrobe: not running; epoch 1/5, batch 0\n"
 
 
 TUTORIAL = """
