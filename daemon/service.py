@@ -33,7 +33,7 @@ from daemon.decoding import Decoder
 from daemon.errors import EXIT_FATAL, EXIT_OK, ConfigError, WardrobeError
 from daemon.inbox import Inbox
 from daemon.sidecars import Sidecars
-from daemon.store import hold_lock, open_store
+from daemon.store import lock as lock_save, open_store
 from daemon.systemd import JournalFormatter, Notifier, stderr_is_journal
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class Service:
         log.info("wardrobe starting (pid %d): %s", os.getpid(), config.summary())
         self._install_signal_handlers()
         check_data(config)
-        lock = hold_lock(config.save)
+        lock = lock_save(config.save)
         generation = open_store(config)
         private_tmp(config.save)
         if self._stopping():
@@ -209,7 +209,7 @@ class Service:
         self.config = config_module.with_live_settings(old, new)
         if self.trainer is not None and self.trainer.epochs != self.config.train.epochs:
             self.trainer.set_target(self.config.train.epochs)
-        log.info("reloaded %s: %s", old.source or "the defaults",
+        log.info("reloaded config from %s: %s", old.source or "the defaults",
                  "changed " + ", ".join(live) if live else "nothing to change live")
         self.notifier.notify("READY=1")
 
