@@ -9,9 +9,11 @@ is imported here: the workers start from a clean interpreter (spawn).
 """
 
 import concurrent.futures
+import ctypes
 import logging
 import multiprocessing
 import os
+import signal
 import time
 
 from daemon import images
@@ -40,6 +42,18 @@ def decode_chunk(paths):
     return results
 
 
+def _die_with_parent(parent):
+    """In a worker: end with the daemon, even a daemon killed with SIGKILL (a worker blocked
+    on the task queue would otherwise wait for ever: it holds that queue's write end too)."""
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
+
+
 class Decoder:
     """A pool of decode workers. submit() returns a future of decode_chunk's list; after a
     worker crash the pool is replaced (the caller retries what was in flight)."""
@@ -53,16 +67,20 @@ class Decoder:
         # spawn: a clean interpreter without TensorFlow's threads, and no socket path that a
         # deep save/ folder could make too long (forkserver's)
         context = multiprocessing.get_context("spawn")
-        self._pool = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context)
+        self._pool = concurrent.futures.ProcessPoolExecutor(
+            self.workers, mp_context=context, initializer=_die_with_parent,
+            initargs=(os.getpid(),))
 
-    def stop(self):
+    def stop(self, wait=True):
+        """Cancel what has not started; with `wait`, let the workers finish their chunk and
+        leave (they are quick; it keeps multiprocessing's resource tracker quiet)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=wait, cancel_futures=True)
 
     def restart(self):
         log.warning("a decode worker died (a file that crashes the decoder, or memory); "
                     "starting new workers")
-        self.stop()
+        self.stop(wait=False)
         self.start()
 
     def chunk_size(self):

@@ -1,6 +1,8 @@
 """Durable file writes: a new file is complete and fsynced before its rename makes it visible."""
 
 import datetime
+import errno
+import fcntl
 import hashlib
 import itertools
 import os
@@ -85,6 +87,24 @@ def _write_all(fd, data):
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+def being_written(path):
+    """True if some process has `path` open for writing (the kernel refuses a read lease
+    then), False if none has; None where that cannot be told (a file of another owner
+    without CAP_LEASE, a file system without leases, such as a network share)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    except OSError as error:
+        return True if error.errno == errno.EAGAIN else None
+    finally:
+        os.close(fd)
 
 
 def utc_timestamp():

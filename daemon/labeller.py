@@ -6,7 +6,8 @@ STEP_SECONDS and then labels what it has, so sidecars stream out of a backlog of
 instead of appearing all at the end, and the service's loop keeps coming round.
 
 Only a verdict about a file's content is final (an error sidecar), and only once the file
-has stopped changing for QUIET_SECONDS; anything that can go away by itself -- a full disk,
+is no longer being written (no process has it open for writing, or, where the kernel cannot
+tell, it has not changed for QUIET_SECONDS); anything that can go away by itself -- a full disk,
 a permission, an I/O error, a read-only file system, a file still being written -- is
 retried with backoff, without a restart. A name too long to have a sidecar beside it is
 said once and counted.
@@ -18,6 +19,8 @@ import logging
 import os
 import time
 from concurrent.futures.process import BrokenProcessPool
+
+from daemon import fsutil
 
 log = logging.getLogger(__name__)
 
@@ -166,9 +169,8 @@ class Labeller:
                 batch.append((path, info, payload))
             elif kind == "unreadable":
                 self._later(path, payload)
-            elif time.time() - info.st_mtime < QUIET_SECONDS:
-                # Maybe a download that paused: an error only for a file that stopped changing.
-                self.inbox.recheck_later(path, QUIET_SECONDS - (time.time() - info.st_mtime))
+            elif self._still_written(path, info):
+                continue  # a download that paused, say: an error only once it is finished
             else:
                 written += self._write(path, info, {"error": payload})
         if batch:
@@ -176,6 +178,16 @@ class Labeller:
             for (path, info, _), result in zip(batch, labels):
                 written += self._write(path, info, result)
         return written
+
+    def _still_written(self, path, info):
+        """Is someone still writing `path`? Asks the kernel; where it cannot tell (a share),
+        a file changed in the last QUIET_SECONDS counts as still being written."""
+        writing = fsutil.being_written(path)
+        age = time.time() - info.st_mtime
+        if writing or (writing is None and age < QUIET_SECONDS):
+            self.inbox.recheck_later(path, 1.0 if writing else QUIET_SECONDS - age)
+            return True
+        return False
 
     def _unchanged(self, path, info):
         try:

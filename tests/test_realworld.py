@@ -188,7 +188,7 @@ def test_long_names(tmp_path, trained, daemons, crops):
     wait_until(lambda: labelled(fits) and labelled(fits)["source"] != first["source"], 30,
                message="a new label for the replaced image")
     daemon.wait_for_log(r"b{248}\.png' cannot have a sidecar: its name is 252 bytes")
-    wait_until(lambda: status(trained).get("inbox", {}).get("cannot_label") == 1, 30,
+    wait_until(lambda: (status(trained)["inbox"] or {}).get("cannot_label") == 1, 30,
                message="counted in status")
     (inbox / "other.png").write_bytes(png(crops[2]))
     wait_until(lambda: labelled(inbox / "other.png"), 30)
@@ -270,13 +270,12 @@ def test_sighup_reloads_the_config(tmp_path, trained, daemons):
     assert daemon.stop() == 0
 
 
-def test_temporary_files_stay_in_save(tmp_path, trained, daemons):
+def test_temporary_files_stay_in_save(tmp_path, small_data, daemons):
     tmp = tmp_path / "system-tmp"
     tmp.mkdir()
+    trained = write_config(tmp_path, small_data, epochs=1)
     daemon = daemons(trained, env={"TMPDIR": str(tmp)})
-    daemon.wait_for_log(r"training complete")
-    (tmp_path / "inbox" / "x.png").write_bytes(b"garbage")
-    wait_until(lambda: sidecar(tmp_path / "inbox" / "x.png"), 30)
+    daemon.wait_for_log(r"training complete")  # TensorFlow traced its functions
     assert daemon.kill() != 0  # killed: nothing of ours may clean up
     assert list(tmp.iterdir()) == []
     assert list((tmp_path / "save" / "tmp").glob("__autograph_generated_file*"))
@@ -304,7 +303,7 @@ def share(tmp_path):
 def test_a_network_share_is_polled(tmp_path, trained, daemons, crops, share):
     backing, mount = share
     daemon = daemons(with_settings(trained, watch={"poll_seconds": 0.5}))
-    daemon.wait_for_log(r"watching .*inbox by polling every 0.5 s: fuse\.bindfs file system")
+    daemon.wait_for_log(r"watching .*inbox by polling every 0.5 s: fuse(\.bindfs)? file system")
     daemon.wait_for_log(r"ready")
     (backing / "from-another-machine.png").write_bytes(png(crops[0]))
     wait_until(lambda: labelled(backing / "from-another-machine.png"), 30,
