@@ -32,6 +32,7 @@ EVENTS = [FileClosedEvent, FileCreatedEvent, FileDeletedEvent, FileMovedEvent,
 REMOTE = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse", "fuseblk", "ceph",
           "glusterfs", "afs", "lustre", "gpfs", "vboxsf", "virtiofs", "davfs", "ncpfs", "coda")
 MODES = ("auto", "inotify", "poll")
+RETRY_SECONDS = 2.0  # between tries to start an inotify observer that failed
 
 
 def filesystem_of(path):
@@ -91,6 +92,7 @@ class Watcher:
         self._next_poll = self._next_rescan = 0.0
         self._failure = None  # why the observer could not start, said once
         self._empty = False  # polling found the tree suddenly empty: waiting for it
+        self._retry_at = 0.0  # when to try again an observer that could not start
         self._overflow_hook = _OverflowHook(self)
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -142,6 +144,8 @@ class Watcher:
         if identity is None:
             return
         if self.mode == "inotify" and self.problem:
+            if now < self._retry_at:
+                return
             if not self._failure:
                 log.error("the inotify observer of %s stopped; starting a new one", self.root)
             self._attach("observer restarted")
@@ -175,10 +179,12 @@ class Watcher:
             except OSError as error:  # e.g. fs.inotify.max_user_watches reached
                 if self.configured == "inotify":
                     if str(error) != self._failure:
-                        log.error("cannot watch %s with inotify: %s", self.root, error)
+                        log.error("cannot watch %s with inotify: %s (trying again every %g s)",
+                                  self.root, error, RETRY_SECONDS)
                     self._failure = str(error)
-                else:
-                    mode, reason = "poll", f"inotify failed: {error}"
+                    self.mode, self._retry_at = mode, self.clock() + RETRY_SECONDS
+                    return
+                mode, reason = "poll", f"inotify failed: {error}"
         if (mode, reason) != (self.mode, self.why):
             log.info("watching %s by %s: %s", self.root,
                      "polling every %g s" % self.poll_seconds if mode == "poll" else mode, reason)
@@ -196,8 +202,12 @@ class Watcher:
         # source, not as a "created" event that a file still being written also makes.
         observer = InotifyObserver(generate_full_events=True)
         observer.name = "watch-observer"
-        observer.schedule(_Handler(self), self.root, recursive=True, event_filter=EVENTS)
-        observer.start()
+        try:
+            observer.schedule(_Handler(self), self.root, recursive=True, event_filter=EVENTS)
+            observer.start()
+        except BaseException:
+            observer.stop()  # its inotify reader thread runs already
+            raise
         self._observer = observer
 
     def _stop_observer(self):

@@ -2,8 +2,10 @@
 inbox, downloads in progress, long names, renames and deletions, network shares (a real
 FUSE mount). Each with a real daemon subprocess, real files and real signals."""
 
+import datetime
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -12,6 +14,7 @@ import time
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 import yaml
 
@@ -328,3 +331,69 @@ def test_the_safety_net_rescan_finds_what_inotify_missed(tmp_path, trained, daem
     (backing / "missed.png").write_bytes(png(crops[0]))  # no inotify event on the mount
     wait_until(lambda: labelled(backing / "missed.png"), 30, message="found by the rescan")
     assert daemon.stop() == 0
+
+
+def test_sigterm_during_a_long_final_evaluation_exits_at_once(tmp_path, daemons):
+    """The end-of-training evaluation of a large test set holds nothing unsaved: a stop
+    does not wait for it."""
+    sample = dataset.load("sample")
+    test_images = np.tile(sample.x_test, (40, 1, 1))  # 80,000: many seconds with the cnn
+    test_labels = np.tile(sample.y_test, 40)
+    data = tmp_path / "data"
+    dataset.write_idx_folder(data, (sample.x_train[:512], sample.y_train[:512]),
+                             (test_images, test_labels))
+    config = write_config(tmp_path, data, epochs=1)
+    with_settings(config, model="cnn")
+    daemon = daemons(config)
+    daemon.wait_for_log(r"epoch 1/1: loss", 180)  # the checkpoint is written; evaluating now
+    sent = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait() == 0
+    assert time.monotonic() - sent < 2.0, daemon.log
+    assert "training done" not in daemon.log  # it did not wait for the evaluation
+    assert status(config)["epoch"] == 1
+
+
+def phone_photo(crop, rng):
+    """A 12-megapixel JPEG that looks like a phone photo of a product: the crop, light on a
+    textured, noisy, unevenly lit background (what a dataset crop was cut from)."""
+    height, width = 3024, 4032
+    light = np.linspace(215, 245, width, dtype=np.float32)[None, :].repeat(height, 0)
+    background = light + rng.normal(0, 4, (height, width)).astype(np.float32)
+    item = cv2.resize(255 - crop, (2400, 2400), interpolation=cv2.INTER_CUBIC)
+    top, left = (height - 2400) // 2, (width - 2400) // 2
+    region = background[top:top + 2400, left:left + 2400]
+    background[top:top + 2400, left:left + 2400] = np.where(item < 200, item, region)
+    colour = cv2.cvtColor(np.clip(background, 0, 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
+    return cv2.imencode(".jpg", colour, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+
+
+def test_a_photo_library_streams_out_and_keeps_the_watchdog_fed(tmp_path, trained, daemons,
+                                                                crops):
+    """40 12-megapixel photos waiting at start, systemd's watchdog at 4 s: the first sidecar
+    comes within moments of the model being ready, and the pings never stop."""
+    from test_systemd import FakeNotifySocket, gaps
+
+    rng = np.random.default_rng(0)
+    inbox = tmp_path / "inbox"
+    for i in range(40):
+        (inbox / f"IMG_{i:04d}.jpg").write_bytes(phone_photo(crops[i], rng))
+        os.utime(inbox / f"IMG_{i:04d}.jpg", (1, 1))  # taken long ago
+    fake = FakeNotifySocket(str(tmp_path / "notify.sock"))
+    try:
+        daemon = daemons(trained, env={"NOTIFY_SOCKET": fake.address,
+                                       "WATCHDOG_USEC": "4000000"})
+        images = sorted(inbox.glob("*.jpg"))
+        wait_until(lambda: all(labelled(p) for p in images), 120, message="every photo")
+        ready = re.search(r"^(\S+ \S+) INFO daemon.service: ready", daemon.log, re.M).group(1)
+        ready = datetime.datetime.fromisoformat(ready.replace(",", ".")).astimezone()
+        times = sorted(datetime.datetime.fromisoformat(labelled(p)["classified_at"])
+                       for p in images)
+        # The first sidecar within moments, not after the whole backlog was decoded.
+        assert (times[0] - ready).total_seconds() < 3.0, (ready, times[0])
+        assert "not pinging" not in daemon.log
+        assert len(fake.lines("WATCHDOG=1")) >= 2
+        assert max(gaps(fake)) < 4.0  # never late for the watchdog
+        assert daemon.stop() == 0
+    finally:
+        fake.close()
