@@ -4,27 +4,61 @@ Fashion-MNIST was made from product photos on light backgrounds by trimming the 
 resizing the longest edge to 28, centring on a 28x28 canvas, negating (light object on
 dark) and converting to 8-bit gray (its README). We do the same, so a photo gets the label
 a dataset crop would. An image that already is a 28x28 light-on-dark crop is used as is.
+Images are taken as seen, not as stored: the EXIF Orientation tag of a phone photo applies.
 """
 
+import errno
+import math
 import os
 import stat
+import struct
+import zlib
 
-# Caps against decompression bombs, set before cv2 is imported (OpenCV reads them once).
+import cv2
+import numpy as np
+
+from daemon import MAX_IMAGE_PIXELS as MAX_PIXELS  # sets OpenCV's cap before cv2 loads
+from daemon.errors import WardrobeError
+
 MAX_FILE_BYTES = 64 * 1024 * 1024
-MAX_PIXELS = 40_000_000
-os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_PIXELS))
-
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-
 SIDE = 28
 BACKGROUND_TOLERANCE = 0.05 * 255  # the dataset's trimming threshold: 5% of full intensity
+# Images are trimmed and resized at 1/8, 1/4 or 1/2 of their size (a JPEG is decoded so:
+# libjpeg scales in the DCT, several times faster) unless their object would then be under 4x
+# the 28-pixel target: from there on, area resizing to 28 averages at least 4x4 pixels per
+# output pixel and a finer scale changes the result little.
+MIN_OBJECT_EDGE = 4 * SIDE
+# A larger trimmed object is first shrunk to this, so the float arithmetic stays small.
+WORK_EDGE = 8 * SIDE
+STRIP_PIXELS = 1 << 20  # colour, alpha and deep images become gray a strip of rows at a time
+
+# As stored (depth, alpha) but turned as the EXIF Orientation tag says: OpenCV applies the
+# tag (JPEG, PNG eXIf, WebP, TIFF) for every flag except IMREAD_UNCHANGED, and with these
+# three together it keeps the stored type.
+AS_SEEN = cv2.IMREAD_COLOR | cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH
+JPEG_GRAY = {1: cv2.IMREAD_GRAYSCALE, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
+             4: cv2.IMREAD_REDUCED_GRAYSCALE_4, 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
+# Kinds of file and failures that are verdicts; any other OSError can go away by itself.
+FINAL_ERRNOS = {errno.ELOOP: "symbolic link: not followed",
+                errno.EISDIR: "a directory, not an image file"}
 
 cv2.setNumThreads(1)  # many small images: threads cost more than they save
 
 
 class BadImage(Exception):
-    """The file cannot be labelled; the message says why (it goes in the error sidecar)."""
+    """The file cannot be labelled, whatever happens later; the message says why (it goes in
+    the error sidecar)."""
+
+
+class Unreadable(Exception):
+    """The file cannot be read now, for a reason that may go away by itself (permissions,
+    I/O errors, the file vanishing or changing while read): try again later."""
+
+
+def load(path):
+    """A file -> 28x28 uint8, ready for the model (after /255). Raises BadImage or
+    Unreadable. A plain function with picklable exceptions: runs in worker processes."""
+    return to_dataset_style(decode(read_file(path)))
 
 
 def read_file(path):
@@ -32,9 +66,7 @@ def read_file(path):
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as error:
-        if error.errno == 40:  # ELOOP: the name is a symlink
-            raise BadImage("symbolic link: not followed") from None
-        raise BadImage(f"cannot open: {error.strerror}") from None
+        raise _classified(error, "cannot open") from None
     try:
         info = os.fstat(fd)
         if stat.S_ISDIR(info.st_mode):
@@ -52,50 +84,51 @@ def read_file(path):
                 break
             chunks.append(chunk)
             remaining -= len(chunk)
+        after = os.fstat(fd)
+        if remaining or (after.st_size, after.st_mtime_ns) != (info.st_size, info.st_mtime_ns):
+            raise Unreadable("the file changed while being read")
         return b"".join(chunks)
     except OSError as error:
-        raise BadImage(f"cannot read: {error.strerror}") from None
+        raise _classified(error, "cannot read") from None
     finally:
         os.close(fd)
 
 
 def decode(data):
-    """Bytes -> 2-D uint8 gray image; alpha is composited over white (a product photo's
-    background), 16-bit and float images are scaled to 8 bits."""
-    buffer = np.frombuffer(data, dtype=np.uint8)
-    try:
-        image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
-    except cv2.error as error:
-        if "MAX_IMAGE" in str(error):
-            raise BadImage(f"image too large: over {MAX_PIXELS} pixels") from None
-        raise BadImage(f"cannot decode: {str(error).strip().splitlines()[-1][:200]}") from None
-    if image is None or image.size == 0:
-        raise BadImage("not a decodable image")
+    """Bytes -> 2-D uint8 gray image as seen, at the coarsest scale (1/8, 1/4, 1/2 or 1) that
+    leaves its trimmed object MIN_OBJECT_EDGE pixels long. Coarse is fast (a JPEG is
+    decoded reduced) and averages away the sensor noise that would defeat the trimming."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return _at_object_scale(lambda reduction: _imdecode(data, JPEG_GRAY[reduction]))
+    full = decode_full(data)
+    return _at_object_scale(lambda reduction: _shrunk(full, reduction))
+
+
+def decode_full(data):
+    """Bytes -> 2-D uint8 gray image as seen, full size; alpha is composited over white (a
+    product photo's background), 16-bit and float images are scaled to 8 bits."""
+    image = _imdecode(data, AS_SEEN)
     if image.ndim == 2 and image.dtype == np.uint8:
         return image  # already 8-bit gray: the common case, kept cheap
-    image = _to_unit_float(image)
-    if image.ndim == 3 and image.shape[2] == 4:
-        alpha = image[:, :, 3:4]
-        image = image[:, :, :3] * alpha + (1.0 - alpha)
-    elif image.ndim == 3 and image.shape[2] == 2:  # gray + alpha
-        alpha = image[:, :, 1]
-        image = image[:, :, 0] * alpha + (1.0 - alpha)
-    if image.ndim == 3:
-        image = cv2.cvtColor(image[:, :, :3].astype(np.float32), cv2.COLOR_BGR2GRAY)
-    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+    offset, scale = _unit_scale(image)
+    gray = np.empty(image.shape[:2], np.uint8)
+    rows = max(1, STRIP_PIXELS // image.shape[1])
+    for top in range(0, image.shape[0], rows):
+        gray[top: top + rows] = _gray_strip(image[top: top + rows], offset, scale)
+    return gray
 
 
 def to_dataset_style(gray):
     """A 2-D uint8 image -> 28x28 uint8, light object on a dark background."""
-    corners = sorted(int(v) for v in (gray[0, 0], gray[0, -1], gray[-1, 0], gray[-1, -1]))
-    background = (corners[1] + corners[2]) / 2  # their median
+    background = _background(gray)
     if gray.shape == (SIDE, SIDE) and background < 128:
         return gray  # already a dataset-style crop
-    # Trim the edges close to the background colour.
-    foreground = np.abs(gray.astype(np.float32) - background) > BACKGROUND_TOLERANCE
-    rows, cols = np.flatnonzero(foreground.any(axis=1)), np.flatnonzero(foreground.any(axis=0))
-    if rows.size and cols.size:
-        gray = gray[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]
+    gray = _trim(gray, background)
+    height, width = gray.shape
+    if max(height, width) > WORK_EDGE:
+        scale = WORK_EDGE / max(height, width)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
     # Light object on a dark background, the background at 0 and the object at full range
     # (dataset images almost all reach 255), whatever the photo's exposure.
     signal = (background - gray.astype(np.float32)) if background >= 128 else (
@@ -114,25 +147,107 @@ def to_dataset_style(gray):
     return canvas
 
 
-def load(path):
-    """A file -> 28x28 uint8, ready for the model (after /255). Raises BadImage."""
-    return to_dataset_style(decode(read_file(path)))
+def _classified(error, doing):
+    if error.errno in FINAL_ERRNOS:
+        return BadImage(FINAL_ERRNOS[error.errno])
+    return Unreadable(f"{doing}: {error.strerror or error}")
 
 
-def _to_unit_float(image):
-    if image.dtype == np.uint8:
-        return image.astype(np.float32) / 255.0
-    if image.dtype == np.uint16:
-        return image.astype(np.float32) / 65535.0
-    if image.dtype in (np.float32, np.float64):
-        image = np.nan_to_num(image.astype(np.float32))
-        top = float(image.max())
-        return image / top if top > 1.0 else np.clip(image, 0.0, 1.0)
-    info = np.iinfo(image.dtype) if np.issubdtype(image.dtype, np.integer) else None
-    if info is None:
-        raise BadImage(f"unsupported pixel type {image.dtype}")
-    return (image.astype(np.float64) - info.min) / (info.max - info.min)
+def _at_object_scale(image_at):
+    """`image_at(reduction)` at the coarsest reduction that leaves the object long enough."""
+    reduction, gray = 8, image_at(8)
+    edge = max(_trim(gray, _background(gray)).shape)
+    finer = reduction
+    while finer > 1 and edge * reduction < MIN_OBJECT_EDGE * finer:
+        finer //= 2
+    return gray if finer == reduction else image_at(finer)
 
 
-class Unreadable(Exception):
-    """Placeholder until the images work lands."""
+def _shrunk(gray, reduction):
+    """As the JPEG decoder's reduced sizes: each side divided and rounded up, area-averaged."""
+    if reduction == 1:
+        return gray
+    height, width = gray.shape
+    size = (-(-width // reduction), -(-height // reduction))
+    return cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
+
+
+def _imdecode(data, flags):
+    try:
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
+    except cv2.error as error:
+        if "MAX_IMAGE" in str(error):
+            raise BadImage(f"image too large: over {MAX_PIXELS} pixels") from None
+        if "Insufficient memory" in str(error) or "Failed to allocate" in str(error):
+            raise Unreadable("out of memory while decoding") from None
+        raise BadImage(f"cannot decode: {str(error).strip().splitlines()[-1][:200]}") from None
+    if image is None or image.size == 0:
+        raise BadImage("not a decodable image")
+    return image
+
+
+def _background(gray):
+    corners = sorted(int(v) for v in (gray[0, 0], gray[0, -1], gray[-1, 0], gray[-1, -1]))
+    return (corners[1] + corners[2]) / 2  # their median
+
+
+def _trim(gray, background):
+    """`gray` without its edges close to the background colour (a view). A 3x3 median first,
+    so that no lone noisy pixel of a photo's background counts as the object."""
+    low = max(0, math.ceil(background - BACKGROUND_TOLERANCE))
+    high = min(255, math.floor(background + BACKGROUND_TOLERANCE))
+    foreground = cv2.bitwise_not(cv2.inRange(cv2.medianBlur(gray, 3), low, high))
+    left, top, width, height = cv2.boundingRect(foreground)
+    return gray[top: top + height, left: left + width] if width and height else gray
+
+
+def _unit_scale(image):
+    """(offset, scale) that map the image's values onto 0..1."""
+    if np.issubdtype(image.dtype, np.integer):
+        info = np.iinfo(image.dtype)
+        return float(info.min), 1.0 / (float(info.max) - info.min)
+    if np.issubdtype(image.dtype, np.floating):
+        top = float(np.nanmax(image))
+        return 0.0, (1.0 / top if 1.0 < top < math.inf else 1.0)
+    raise BadImage(f"unsupported pixel type {image.dtype}")
+
+
+def _gray_strip(strip, offset, scale):
+    unit = np.clip(np.nan_to_num((strip.astype(np.float32) - offset) * scale), 0.0, 1.0)
+    if unit.ndim == 3 and unit.shape[2] == 4:
+        alpha = unit[:, :, 3:4]
+        unit = unit[:, :, :3] * alpha + (1.0 - alpha)
+    elif unit.ndim == 3 and unit.shape[2] == 2:  # gray + alpha
+        alpha = unit[:, :, 1]
+        unit = unit[:, :, 0] * alpha + (1.0 - alpha)
+    if unit.ndim == 3 and unit.shape[2] == 3:
+        unit = cv2.cvtColor(unit, cv2.COLOR_BGR2GRAY)
+    elif unit.ndim == 3:
+        unit = unit[:, :, 0]
+    return np.rint(unit * 255.0)
+
+
+def _png_header(width, height):
+    """A valid PNG signature and IHDR claiming width x height, with a tiny body."""
+    def chunk(kind, body):
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+
+
+def _check_pixel_cap():
+    """OpenCV reads its cap once, when loaded: if anything loaded it before `daemon` set the
+    cap, a 90 KB file could make it allocate gigabytes. Refuse to run rather than do that."""
+    side = math.isqrt(MAX_PIXELS) + 1
+    try:
+        cv2.imdecode(np.frombuffer(_png_header(side, side), np.uint8), cv2.IMREAD_GRAYSCALE)
+    except cv2.error as error:
+        if "MAX_IMAGE" in str(error):
+            return
+    raise WardrobeError(
+        f"OpenCV's pixel cap is not {MAX_PIXELS}: cv2 was loaded (e.g. by TensorFlow or Keras) "
+        f"before the daemon package set OPENCV_IO_MAX_IMAGE_PIXELS; import daemon first")
+
+
+_check_pixel_cap()
