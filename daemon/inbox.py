@@ -160,7 +160,9 @@ class Inbox:
                     log.warning("cannot scan %s: %s", current, error.strerror)
                 continue
             names = {entry.name for entry in entries}
-            for entry in entries:
+            for count, entry in enumerate(entries, 1):
+                if count % 256 == 0:
+                    yield None  # a huge folder, already labelled: let take() keep its budget
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(entry.path)
                 elif self.sidecars.is_our_temporary(entry.name):

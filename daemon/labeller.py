@@ -43,6 +43,7 @@ class Labeller:
         self.retry = {}  # path -> (when, delay): failed for a reason that can go away
         self.cannot = {}  # path -> why it can never have a sidecar (said once)
         self.counts = {"label": 0, "error": 0}
+        self._flying = set()  # paths in flight: one decode at a time per image
         self._suspects = set()  # paths in flight when a decode worker died
         self._folders = {}  # folder -> inside the inbox without symlinks (per step)
         self.summary = self._summary()  # read by the service's thread: replaced, never changed
@@ -79,6 +80,7 @@ class Labeller:
                                               return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:
                 chunk = self.in_flight.pop(future)
+                self._flying.difference_update(chunk)
                 try:
                     decoded = future.result()
                 except BrokenProcessPool:
@@ -107,9 +109,13 @@ class Labeller:
                         break  # alone, so a crash names it
             if chunk:
                 self.in_flight[self.decoder.submit(list(chunk))] = chunk
+                self._flying.update(chunk)
 
     def _ready(self, path):
-        """lstat of `path` if it needs a label and can have one, else None."""
+        """lstat of `path` if it needs a label and can have one, else None. One in flight
+        already is not sent again: if it changes meanwhile, _unchanged() sends it round."""
+        if path in self._flying:
+            return None
         info = self._stat_inside(path)
         if info is None:
             self.retry.pop(path, None)  # gone, or not ours to label
@@ -146,6 +152,7 @@ class Labeller:
         that kills a worker on its own gets an error sidecar."""
         chunks = [chunk, *self.in_flight.values()]
         self.in_flight.clear()
+        self._flying.clear()
         self.decoder.restart()
         for each in chunks:
             for path, info in each.items():

@@ -83,7 +83,7 @@ def test_links_and_fifos_made_while_running_get_sidecars(tmp_path, trained, daem
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="mounting a small tmpfs needs root")
-def test_a_full_disk_is_retried_until_space_returns(tmp_path, trained, daemons, crops):
+def test_a_full_disk_or_read_only_inbox_is_retried_until_writable(tmp_path, trained, daemons, crops):
     inbox = tmp_path / "inbox"
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(inbox)], check=True)
     try:
@@ -102,6 +102,14 @@ def test_a_full_disk_is_retried_until_space_returns(tmp_path, trained, daemons, 
         wait_until(lambda: all(labelled(inbox / f"{i}.png") for i in range(5)), 60,
                    message="sidecars once space returned")
         assert daemon.process.poll() is None
+        assert daemon.stop() == 0
+        # A read-only file system, made writable again later: the same.
+        (inbox / "ro.png").write_bytes(png(crops[5]))
+        subprocess.run(["mount", "-o", "remount,ro", str(inbox)], check=True)
+        daemon = daemons(trained)
+        daemon.wait_for_log(r"ro.png.*Read-only file system; will retry")
+        subprocess.run(["mount", "-o", "remount,rw", str(inbox)], check=True)
+        wait_until(lambda: labelled(inbox / "ro.png"), 60, message="a sidecar once writable")
         assert daemon.stop() == 0
     finally:
         subprocess.run(["umount", "-l", str(inbox)], check=False)
