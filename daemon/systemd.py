@@ -56,9 +56,10 @@ class Notifier:
             return False
 
     def reloading(self):
-        """Tell systemd a reload has begun; notify("READY=1") when it is done. The
-        CLOCK_MONOTONIC timestamp shows Type=notify-reload that this reload started after
-        its signal (sd_notify(3))."""
+        """Tell systemd a reload has begun; notify("READY=1") when it is done, failed or
+        not: without it the unit stays "reloading" for good (systemd 252 and 254 re-arm
+        the reload timeout forever). The CLOCK_MONOTONIC timestamp shows Type=notify-reload
+        that this reload started after its signal (sd_notify(3))."""
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         return self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}")
 
@@ -154,7 +155,7 @@ def unit_file(config, user=False, version=None):
         "RestartSec=2",
         "RestartPreventExitStatus=2",  # a config error must not crash-loop
         "KillSignal=SIGTERM",
-        # TensorFlow import, data loading, a dataset download; it also bounds a reload.
+        # TensorFlow import, data loading, a dataset download; also the reload timeout.
         "TimeoutStartSec=300",
         f"TimeoutStopSec={STOP_SECONDS}",  # a stop takes well under a second
         f"WatchdogSec={WATCHDOG_SECONDS}",

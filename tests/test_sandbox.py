@@ -5,6 +5,7 @@ READY, STATUS, restart after kill -9 with resume, a label, a clean stop, no rest
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -60,7 +61,9 @@ def sandbox(tmp_path):
     if started.returncode != 0:
         pytest.skip(f"systemd-sandbox cannot start here: {started.stderr.strip()[-300:]}")
     yield box
-    box("stop", check=False)
+    stopped = box("stop", check=False)
+    if stopped.returncode == 0 and "cgroup removed: yes" in stopped.stdout:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def install_unit(sandbox, folder, config):
