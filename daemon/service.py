@@ -147,7 +147,7 @@ class Service:
         while not self._errors:
             if self._stopping():
                 return
-            self._other_signals()
+            self._other_signals(ready)
             now = time.monotonic()
             if not ready and self.trainer is not None and self.trainer.restored.is_set():
                 ready = True
@@ -174,11 +174,11 @@ class Service:
             self.notifier.notify("STOPPING=1")
         return self._stop_signal is not None
 
-    def _other_signals(self):
+    def _other_signals(self, ready):
         while self._signals:
             signum = self._signals.pop(0)
             if signum == signal.SIGHUP:
-                self._reload()
+                self._reload(notify=ready)
             elif signum == signal.SIGUSR1:
                 log.info("SIGUSR1: %s", self._status_line())
             elif signum == signal.SIGUSR2:
@@ -189,16 +189,25 @@ class Service:
                 log.warning("%s received: ignored (SIGTERM stops the daemon, SIGHUP reloads "
                             "its config)", _name(signum))
 
-    def _reload(self):
-        """SIGHUP: read the config file again. What can change live changes live; what
-        needs a restart is named and keeps its old value; a broken file changes nothing."""
-        self.notifier.reloading()
+    def _reload(self, notify):
+        """SIGHUP: read the config file again; tell systemd (RELOADING=1 ... READY=1, always
+        both) once started -- before that, READY=1 would announce a daemon not ready yet."""
+        if notify:
+            self.notifier.reloading()
+        try:
+            self._apply_config_file()
+        finally:
+            if notify:
+                self.notifier.notify("READY=1")
+
+    def _apply_config_file(self):
+        """What can change live changes live; what needs a restart is named and keeps its
+        old value; a broken file changes nothing."""
         old = self.config
         try:
             new = config_module.load(old.source) if old.source else old
         except ConfigError as error:
             log.error("reload: %s; carrying on with the config in force", error)
-            self.notifier.notify("READY=1")
             return
         changed = old.differences(new)
         for key in changed:
@@ -211,7 +220,6 @@ class Service:
             self.trainer.set_target(self.config.train.epochs)
         log.info("reloaded config from %s: %s", old.source or "the defaults",
                  "changed " + ", ".join(live) if live else "nothing to change live")
-        self.notifier.notify("READY=1")
 
     def _status_line(self):
         summary = self.labeller.summary if self.labeller else {}

@@ -96,7 +96,7 @@ class Trainer:
         callbacks = [_StopOnEvent(self.stop_event), _Progress(self), checkpoint,
                      _EpochLog(checkpoint, self)]
         batches = EpochBatches(data, train.batch_size, train.seed)
-        trained = False
+        trained = announced = False
         while not self.stop_event.is_set():
             if self.epoch < self.epochs:
                 self.phase = "training"
@@ -112,14 +112,16 @@ class Trainer:
             self.phase = "evaluating"
             if trained:
                 self._report_test_accuracy(model, data)
-                trained = False
             if self.stop_event.is_set():
                 break
-            log.info("training complete (%d epochs); labelling inbox images until stopped",
-                     self.epoch)
+            if trained or not announced:
+                log.info("training complete (%d epochs); labelling inbox images until "
+                         "stopped", self.epoch)
+            trained, announced = False, True
             self.phase = "idle"
-            self.wake.wait()
-            self.wake.clear()
+            self.wake.clear()  # then look again: a new target set just before is not lost
+            if self.epoch >= self.epochs and not self.stop_event.is_set():
+                self.wake.wait()
             self.last_progress = time.monotonic()
         return model
 

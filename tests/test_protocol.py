@@ -28,7 +28,9 @@ def test_each_file_is_fsynced_before_its_rename_and_the_folder_after(tmp_path, s
             events.append(("fsync", re.search(r"<(.*)>", match.group(2)).group(1)))
         elif match:
             source, target = re.findall(r'"([^"]*)"', match.group(2))
-            if target.startswith(save + "/"):
+            # live.json is the running daemon's status for `status`, not a checkpoint:
+            # losing it in a power cut loses nothing
+            if target.startswith(save + "/") and not target.endswith("/live.json"):
                 events.append(("rename", source, target))
     renames = [i for i, event in enumerate(events) if event[0] == "rename"]
     commits = [i for i in renames if re.search(r"/ckpt-\d+\.json$", events[i][2])]

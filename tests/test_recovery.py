@@ -21,6 +21,9 @@ def save(tmp_path, one_epoch_save):
     shutil.copytree(one_epoch_save, tmp_path / "save")
     return tmp_path / "save"
 
+# What a running daemon keeps in save/ besides checkpoints: its lock, its status for
+# `wardrobe status`, its private temporary folder.
+RUNTIME = {".lock", "live.json", "tmp"}
 
 def start_and_stop(daemons, config):
     """Run the daemon until it has picked its resume point; returns (daemon, epoch, batch)."""
@@ -161,7 +164,8 @@ def test_nothing_loadable_is_quarantined_and_training_starts_afresh(tmp_path, sm
     numbers = generations(save)
     for number in numbers:
         (save / state_name(number)).write_bytes(b"garbage")
-    damaged = sorted(p.name for p in save.iterdir() if not p.name.startswith("."))
+    damaged = sorted(p.name for p in save.iterdir()
+                     if not p.name.startswith(".") and p.name not in RUNTIME)
     daemon, epoch, batch = start_and_stop(daemons, write_config(tmp_path, small_data))
     assert (epoch, batch) == (0, 0)
     assert re.search(r"ERROR daemon\.\w+: no loadable checkpoint", daemon.log)
@@ -176,14 +180,16 @@ def test_nothing_loadable_is_quarantined_and_training_starts_afresh(tmp_path, sm
 
 def test_checkpoint_of_another_architecture_exits_2_and_touches_nothing(tmp_path, small_data,
                                                                        save):
-    before = {p.name: fsutil.sha256_file(p) for p in save.iterdir() if p.name != ".lock"}
+    before = {p.name: fsutil.sha256_file(p) for p in save.iterdir() if p.is_file()
+              and p.name not in RUNTIME}
     config = write_config(tmp_path, small_data)
     config.write_text(config.read_text() + "model: cnn\n")
     result = subprocess.run([sys.executable, "-m", "daemon", "run", "--config", str(config)],
                             capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.returncode == 2, result.stderr
     assert "holds a checkpoint of model 'mlp' but the config asks for 'cnn'" in result.stderr
-    after = {p.name: fsutil.sha256_file(p) for p in save.iterdir() if p.name != ".lock"}
+    after = {p.name: fsutil.sha256_file(p) for p in save.iterdir() if p.is_file()
+             and p.name not in RUNTIME}
     assert after == before
     assert not corrupt_dirs(save)
 
