@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.errors import WardrobeError
+from daemon.errors import ConfigError, WardrobeError
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,16 @@ def write_idx_folder(folder, train, test):
             int(size).to_bytes(4, "big") for size in array.shape)
         with gzip.open(folder / f"{name}.gz", "wb", compresslevel=1) as file:
             file.write(header + array.tobytes())
+
+
+def check(data):
+    """A missing data.path is a config error, reported before TensorFlow is imported."""
+    if data.source == "path":
+        try:
+            for name in FILES.values():
+                find_file(data.path, name)
+        except WardrobeError as error:
+            raise ConfigError("data.path", str(error)) from None
 
 
 def find_file(folder, name):

@@ -30,7 +30,7 @@ import time
 from daemon import config as config_module
 from daemon import dataset, fsutil
 from daemon.decoding import Decoder
-from daemon.errors import EXIT_FATAL, EXIT_OK, ConfigError, WardrobeError
+from daemon.errors import EXIT_FATAL, EXIT_OK, ConfigError
 from daemon.inbox import Inbox
 from daemon.sidecars import Sidecars
 from daemon.store import lock as lock_save, open_store
@@ -59,16 +59,6 @@ def setup_logging(level=logging.INFO):
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler])
-
-
-def check_data(config):
-    """A missing data.path is a config error, reported before TensorFlow is imported."""
-    if config.data.source == "path":
-        try:
-            for name in dataset.FILES.values():
-                dataset.find_file(config.data.path, name)
-        except WardrobeError as error:
-            raise ConfigError("data.path", str(error)) from None
 
 
 def private_tmp(save):
@@ -102,7 +92,7 @@ class Service:
         config = self.config
         log.info("wardrobe starting (pid %d): %s", os.getpid(), config.summary())
         self._install_signal_handlers()
-        check_data(config)
+        dataset.check(config.data)
         lock = lock_save(config.save)
         generation = open_store(config)
         private_tmp(config.save)
