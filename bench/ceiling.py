@@ -8,6 +8,8 @@ import json
 import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from daemonproc import REPO
@@ -17,10 +19,6 @@ def _load(path):
     from daemon import images  # the tree's code (REPO is on sys.path)
 
     return images.load(path)
-
-
-def _nothing(_):
-    return None
 
 
 def _model(save):
@@ -33,23 +31,33 @@ def _model(save):
 
 
 def run(save, paths, out, labels, repeats=1, chunksize=64):
-    """Label `paths` into out/<name>.json with the model in `save`; a dict of figures, from
+    """Label `paths` into out/run-N/<name>.json with the model in `save`; a dict of figures, from
     the fastest of `repeats` runs. The pool's start and the model's load happen before the
-    clock starts."""
+    clock starts. A pool whose worker was killed (by something else on a shared machine)
+    is replaced once."""
+    try:
+        return _run(save, paths, out, labels, repeats, chunksize)
+    except BrokenProcessPool as error:
+        print(f"ceiling: {error}; once more with a new pool", flush=True)
+        return _run(save, paths, out / "again", labels, repeats, chunksize)
+
+
+def _run(save, paths, out, labels, repeats, chunksize):
     import numpy as np
 
-    out.mkdir(parents=True, exist_ok=True)
     model = _model(Path(save))
     model(np.zeros((1, 28, 28), np.float32), training=False)  # build and warm up
     paths = [str(path) for path in paths]
-    best = None
-    # spawn, not fork: this process has TensorFlow's threads running.
-    with multiprocessing.get_context("spawn").Pool(os.cpu_count(), _init) as pool:
-        pool.map(_nothing, range(os.cpu_count()))  # workers up and importing done
-        pool.map(_load, paths[:os.cpu_count()])
-        for _ in range(repeats):
+    workers, best = os.cpu_count(), None
+    # spawn, not fork: this process has TensorFlow's threads running. An executor, not a
+    # multiprocessing.Pool: a killed worker raises instead of hanging map() for ever.
+    with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init) as pool:
+        list(pool.map(_load, paths[:workers]))  # workers up, imports done
+        for repeat in range(repeats):
+            folder = out / f"run-{repeat}"  # new files each time, as the daemon writes
+            folder.mkdir(parents=True)
             started = time.perf_counter()
-            batch = np.stack(pool.map(_load, paths, chunksize=chunksize))
+            batch = np.stack(list(pool.map(_load, paths, chunksize=chunksize)))
             decoded = time.perf_counter()
             probabilities = model(batch.astype(np.float32) / 255.0, training=False).numpy()
             predicted = time.perf_counter()
@@ -57,7 +65,7 @@ def run(save, paths, out, labels, repeats=1, chunksize=64):
                 cls = int(row.argmax())
                 record = {"label": labels[cls], "class": cls,
                           "confidence": round(float(row[cls]), 4)}
-                (out / (os.path.basename(path) + ".json")).write_text(json.dumps(record) + "\n")
+                (folder / (os.path.basename(path) + ".json")).write_text(json.dumps(record) + "\n")
             finished = time.perf_counter()
             if best is None or finished - started < best[-1] - best[0]:
                 best = (started, decoded, predicted, finished)
@@ -66,7 +74,7 @@ def run(save, paths, out, labels, repeats=1, chunksize=64):
     return {"images": len(paths), "seconds": round(seconds, 3),
             "images_per_s": round(len(paths) / seconds, 1),
             "decode_s": round(decoded - started, 3), "predict_s": round(predicted - decoded, 3),
-            "write_s": round(finished - predicted, 3), "decode_processes": os.cpu_count(),
+            "write_s": round(finished - predicted, 3), "decode_processes": workers,
             "best_of": repeats}
 
 

@@ -6,6 +6,7 @@ MB each. Made once and cached (making 600 takes a minute or two).
 import multiprocessing
 import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -28,9 +29,9 @@ def cached(count, crops):
     backgrounds = [_background(np.random.default_rng([1, i])) for i in range(BACKGROUNDS)]
     jobs = [(partial / f"photo-{i:04d}.jpg", crops[i % len(crops)], i) for i in range(count)]
     # spawn, not fork: this process may have TensorFlow's threads running.
-    with multiprocessing.get_context("spawn").Pool(
-            os.cpu_count(), _share, (backgrounds,)) as pool:
-        pool.starmap(_make, jobs, chunksize=8)
+    with ProcessPoolExecutor(os.cpu_count(), multiprocessing.get_context("spawn"), _share,
+                             (backgrounds,)) as pool:
+        list(pool.map(_make, *zip(*jobs), chunksize=8))
     (partial / "complete").write_text(f"{count}\n")
     shutil.rmtree(folder, ignore_errors=True)
     os.rename(partial, folder)
