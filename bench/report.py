@@ -52,9 +52,11 @@ def code_version():
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True,
                               text=True).stdout.strip()
 
+    """The last commit that changed daemon/ (what is measured), and whether it has
+    uncommitted changes."""
     dirty = bool(git("status", "--porcelain", "--", "daemon"))
-    return git("rev-parse", "--short", "HEAD") + (" + uncommitted daemon/ changes" if dirty
-                                                  else "")
+    return git("log", "-1", "--format=%h", "--", "daemon") + (
+        " + uncommitted daemon/ changes" if dirty else "")
 
 
 def summary(results):
