@@ -3,7 +3,8 @@ the CPU of an idle daemon polling a big tree, start-up on a big inbox.
 
     .venv/bin/python bench/inbox_realworld.py [burst] [photos] [poll] [startup] [--idle 60]
 
-Each daemon is a real `python -m daemon run` subprocess of this tree, given a save/ copied
+All four take about 7 minutes on 2 cores (3 more the first time, to make the photos). Each
+daemon is a real `python -m daemon run` subprocess of this tree, given a save/ copied
 from a finished 1-epoch run, so it only labels. Throughput is compared with an in-process
 ceiling on the same files (bench/ceiling.py). Results are merged, per benchmark, into
 docs/bench-inbox-realworld.json. Photos are cached in /tmp/wardrobe-bench-photos.
@@ -262,7 +263,7 @@ def main():
                         help="photos the ceiling decodes (0: all)")
     parser.add_argument("--tree", type=int, default=10_000, help="images in the polled tree")
     parser.add_argument("--idle", type=float, default=60, help="seconds of idle CPU measured")
-    parser.add_argument("--startup", type=int, default=10_000 * 5, help="images at start-up")
+    parser.add_argument("--startup", type=int, default=50_000, help="images at start-up")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args()
