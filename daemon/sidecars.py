@@ -29,8 +29,10 @@ class Sidecars:
         self.extensions = frozenset("." + ext.lower() for ext in extensions)
 
     def is_image_name(self, path):
-        name = os.path.basename(path)
-        return (not name.startswith(".") and os.path.splitext(name)[1].lower() in self.extensions)
+        # Called for every file of every poll: string methods only, no os.path.
+        name = path[path.rfind("/") + 1:]
+        dot = name.rfind(".")
+        return dot > 0 and not name.startswith(".") and name[dot:].lower() in self.extensions
 
     def path_for(self, image):
         return image + self.suffix
