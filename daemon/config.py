@@ -56,7 +56,7 @@ class Classify:
 @dataclasses.dataclass(frozen=True)
 class Watch:
     mode: str = "auto"  # auto: poll on network/FUSE file systems, inotify elsewhere
-    poll_seconds: float = 2
+    poll_seconds: float = 5
     rescan_seconds: float = 3600  # full rescan as a safety net; 0 = off
 
 
@@ -156,7 +156,7 @@ def parse(raw, base):
         ),
         watch=Watch(
             mode=watch.choice("mode", "auto", WATCH_MODES),
-            poll_seconds=watch.number("poll_seconds", 2, above=0),
+            poll_seconds=watch.number("poll_seconds", 5, above=0),
             rescan_seconds=watch.number("rescan_seconds", 3600, at_least=0),
         ),
     )
