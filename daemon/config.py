@@ -120,7 +120,7 @@ def load(path=None):
     except UnicodeDecodeError:
         raise ConfigError("config", f"{path} is not UTF-8 text") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -172,6 +172,9 @@ def parse(raw, base):
 def _check_apart(config):
     """The daemon must never read its own output: inbox, save and data.path are disjoint
     trees. Compared after resolving `..` and symlinks, which can hide a nesting."""
+    for key, path in (("inbox", config.inbox), ("save", config.save)):
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise ConfigError(key, f"{path} exists and is not a folder")
     folders = [("save", config.save), ("inbox", config.inbox)]
     if config.data.path is not None:
         folders.insert(0, ("data.path", config.data.path))
@@ -190,6 +193,20 @@ def _resolve(base, value):
     if value is None:
         return None
     return (base / Path(value).expanduser()).absolute()
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, but a key given twice in one mapping is an error, not "the last wins"."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(str(key), f"given twice (line {key_node.start_mark.line + 1})")
+            if isinstance(key, str):
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 class _Section:

@@ -22,14 +22,20 @@ SETTLE_SECONDS = 1.0  # a file modified more recently may still be being written
 
 
 class Inbox:
-    def __init__(self, root, sidecars, watch, clock=time.monotonic):
-        self.root = os.path.realpath(root)
+    def __init__(self, path, sidecars, watch, clock=time.monotonic):
+        self.path = os.path.abspath(path)
         self.sidecars = sidecars
         self.clock = clock
-        self.watcher = Watcher(self.root, self._wanted, watch.mode, watch.poll_seconds,
+        self.watcher = Watcher(self.path, self._wanted, watch.mode, watch.poll_seconds,
                                watch.rescan_seconds, clock=clock)
         self._scans = []  # walks in progress: generators of image paths
         self._unsettled = {}  # path -> when to look again
+        self._unreadable = {}  # folder that could not be listed -> (when to try, delay)
+
+    @property
+    def root(self):
+        """The real folder watched now (the configured path may be a symlink)."""
+        return self.watcher.root
 
     def _wanted(self, name):
         return self.sidecars.is_image_name(name)
@@ -37,7 +43,7 @@ class Inbox:
     # ---- lifecycle (the service) -------------------------------------------------------------
 
     def start(self):
-        os.makedirs(self.root, exist_ok=True)
+        os.makedirs(self.path, exist_ok=True)
         self.watcher.start()
 
     def stop(self):
@@ -63,10 +69,13 @@ class Inbox:
     # ---- consuming (the labeller's thread) ----------------------------------------------------
 
     def take(self, limit, timeout, budget=0.2):
-        """Up to `limit` image paths to label, deduplicated. Waits up to `timeout` s for the
-        first change when there is nothing else to do; spends at most about `budget` s."""
+        """Up to `limit` image paths to label, as {path: written}: `written` when the file
+        was just closed after writing (label it even if size and mtime were kept, as
+        `exiftool -P` does). Waits up to `timeout` s for the first change when there is
+        nothing else to do; spends at most about `budget` s."""
         started = self.clock()
         self.watcher.tick()
+        self._retry_unreadable()
         paths = self._due_unsettled()
         wait = 0.0 if (paths or self._scans) else timeout
         while len(paths) < limit:
@@ -87,13 +96,16 @@ class Inbox:
                 self._scans.pop(0)
                 continue
             if path is not None:
-                paths[path] = None
-        return list(paths)
+                paths.setdefault(path, False)
+        return paths
 
     def _handle(self, kind, path, dest, paths):
-        if kind == "file":  # closed after writing, or moved in: complete
+        if kind == "written":  # closed after writing: new content
             if self.sidecars.is_image_name(path):
-                paths[path] = None
+                paths[path] = True
+        elif kind == "file":  # moved in: complete
+            if self.sidecars.is_image_name(path):
+                paths.setdefault(path, False)
         elif kind == "changed":  # seen by a poll: it may still be being written
             self._offer(path, paths)
         elif kind == "created":
@@ -104,15 +116,18 @@ class Inbox:
             except OSError:
                 return
             if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
-                paths[path] = None
+                paths.setdefault(path, False)
         elif kind == "gone":
             self.sidecars.drop_orphan(path)
             paths.pop(path, None)
+            image = self.sidecars.image_of(os.path.basename(path))
+            if image:  # a sidecar deleted while its image stays: label it again
+                self._offer(os.path.join(os.path.dirname(path), image), paths)
         elif kind == "moved":
             paths.pop(path, None)
             if self.sidecars.is_image_name(dest):
                 self.sidecars.follow(path, dest)
-                paths[dest] = None  # renamed: complete
+                paths.setdefault(dest, False)  # renamed: complete
             else:
                 self.sidecars.drop_orphan(path)
         elif kind == "scan":
@@ -120,7 +135,7 @@ class Inbox:
 
     def _offer(self, path, paths):
         if self.sidecars.is_image_name(path) and self._settled(path):
-            paths[path] = None
+            paths.setdefault(path, False)
 
     def _due_unsettled(self):
         now, due = self.clock(), {}
@@ -128,8 +143,26 @@ class Inbox:
             if when <= now:
                 del self._unsettled[path]
                 if self._settled(path):
-                    due[path] = None
+                    due[path] = False
         return due
+
+    def _retry_unreadable(self):
+        """A folder that could not be listed (a permission, an I/O error) is tried again with
+        backoff; once it can be, watch everything anew (inotify could not watch it either)."""
+        now = self.clock()
+        for folder, (when, delay) in list(self._unreadable.items()):
+            if when > now:
+                continue
+            try:
+                os.listdir(folder)
+            except FileNotFoundError:
+                del self._unreadable[folder]
+            except OSError:
+                self._unreadable[folder] = (now + min(delay * 2, 30.0), min(delay * 2, 30.0))
+            else:
+                del self._unreadable[folder]
+                log.info("%s can be read now", folder)
+                self.watcher.restart(f"{folder} can be read now")
 
     def recheck_later(self, path, seconds):
         """The labeller found `path` still changing: look at it again after `seconds`."""
@@ -155,9 +188,12 @@ class Inbox:
             try:
                 with os.scandir(current) as listing:
                     entries = list(listing)
+            except FileNotFoundError:
+                continue
             except OSError as error:
-                if os.path.exists(self.root):
-                    log.warning("cannot scan %s: %s", current, error.strerror)
+                if current not in self._unreadable:
+                    log.warning("cannot scan %s: %s; will retry", current, error.strerror)
+                    self._unreadable[current] = (self.clock() + 2.0, 2.0)
                 continue
             names = {entry.name for entry in entries}
             for count, entry in enumerate(entries, 1):

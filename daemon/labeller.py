@@ -31,14 +31,13 @@ MAX_BATCH = 2048
 
 
 class Labeller:
-    def __init__(self, root, sidecars, classifier, decoder, inbox, clock=time.monotonic):
-        self.root = os.path.realpath(root)
+    def __init__(self, sidecars, classifier, decoder, inbox, clock=time.monotonic):
         self.sidecars = sidecars
         self.classifier = classifier
         self.decoder = decoder
         self.inbox = inbox
         self.clock = clock
-        self.pending = {}  # path -> None: to decode (also those waiting for a first checkpoint)
+        self.pending = {}  # path -> written (label even if it looks up to date): to decode
         self.in_flight = {}  # future -> {path: stat before decoding}
         self.retry = {}  # path -> (when, delay): failed for a reason that can go away
         self.cannot = {}  # path -> why it can never have a sidecar (said once)
@@ -56,8 +55,9 @@ class Labeller:
                 "retrying": len(self.retry), "cannot_label": len(self.cannot)}
 
     def add(self, paths):
-        for path in paths:
-            self.pending[path] = None
+        """`paths`: {path: written}, as Inbox.take() gives them."""
+        for path, written in paths.items():
+            self.pending[path] = self.pending.get(path, False) or written
             self.retry.pop(path, None)
 
     def step(self):
@@ -101,8 +101,7 @@ class Labeller:
             chunk, size = {}, self.decoder.chunk_size()
             while self.pending and len(chunk) < size:
                 path = next(iter(self.pending))
-                del self.pending[path]
-                info = self._ready(path)
+                info = self._ready(path, self.pending.pop(path))
                 if info is not None:
                     chunk[path] = info
                     if path in self._suspects:
@@ -111,7 +110,7 @@ class Labeller:
                 self.in_flight[self.decoder.submit(list(chunk))] = chunk
                 self._flying.update(chunk)
 
-    def _ready(self, path):
+    def _ready(self, path, written):
         """lstat of `path` if it needs a label and can have one, else None. One in flight
         already is not sent again: if it changes meanwhile, _unchanged() sends it round."""
         if path in self._flying:
@@ -120,9 +119,9 @@ class Labeller:
         if info is None:
             self.retry.pop(path, None)  # gone, or not ours to label
             return None
-        if info is False or self.sidecars.is_up_to_date(path, info):
+        if info is False or (not written and self.sidecars.is_up_to_date(path, info)):
             return None
-        why = self.sidecars.name_too_long(path)
+        why = self.sidecars.name_too_long(path) or self.sidecars.occupied(path)
         if why:
             if path not in self.cannot:
                 log.warning("%r cannot have a sidecar: %s", path, why)
@@ -132,12 +131,12 @@ class Labeller:
 
     def _stat_inside(self, path):
         """lstat of `path` if it still exists inside the inbox, reached without symlinks."""
-        parent = os.path.dirname(path)
+        parent, root = os.path.dirname(path), self.inbox.root
         if parent not in self._folders:
             self._folders[parent] = os.path.realpath(parent) == parent and (
-                parent + os.sep).startswith(self.root + os.sep)
+                parent + os.sep).startswith(root + os.sep)
         if not self._folders[parent]:
-            log.warning("not labelling %r: it is not inside %s", path, self.root)
+            log.warning("not labelling %r: it is not inside %s", path, root)
             return None
         try:
             return os.stat(path, follow_symlinks=False)
@@ -161,7 +160,7 @@ class Labeller:
                     self._write(path, info, {"error": "the image decoder crashed on this file"})
                 else:
                     self._suspects.add(path)
-                    self.pending[path] = None
+                    self.pending[path] = True
 
     # ---- labelling ---------------------------------------------------------------------------
 
@@ -235,5 +234,5 @@ class Labeller:
         now = self.clock()
         for path, (when, delay) in list(self.retry.items()):
             if when <= now:
-                self.pending[path] = None
+                self.pending[path] = True
                 self.retry[path] = (float("inf"), delay)  # until it fails again

@@ -213,7 +213,9 @@ class Service:
 
     def _status_line(self):
         summary = self.labeller.summary if self.labeller else {}
-        parts = [f"{summary.get('labelled', 0) + summary.get('errors', 0):,} images labelled"]
+        parts = [f"{summary.get('labelled', 0):,} images labelled"]
+        if summary.get("errors"):
+            parts.append(f"{summary['errors']:,} errors")
         if summary.get("backlog"):
             parts.append(f"{summary['backlog']:,} waiting")
         trainer = self.trainer
@@ -292,7 +294,7 @@ class Service:
 
         config = self.config
         sidecars = self.inbox.sidecars
-        labeller = Labeller(config.inbox, sidecars, Classifier(config), decoder, self.inbox)
+        labeller = Labeller(sidecars, Classifier(config), decoder, self.inbox)
         self.labeller = labeller
         while not self.stop_event.is_set():
             self._labeller_beat = time.monotonic()

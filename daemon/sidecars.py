@@ -84,6 +84,21 @@ class Sidecars:
         return isinstance(record, dict) and "source" in record and (
             "label" in record or "error" in record)
 
+    def occupied(self, image):
+        """Why the sidecar of `image` must not be written, or None: a file is there that
+        the daemon did not write (a user's notes, a hand-corrected label), which is never
+        overwritten. An empty file (a power cut) and a symlink (replaced, never written
+        through) do not count."""
+        sidecar = self.path_for(image)
+        try:
+            info = os.lstat(sidecar)
+        except OSError:
+            return None
+        if stat.S_ISLNK(info.st_mode) or (stat.S_ISREG(info.st_mode) and (
+                info.st_size == 0 or self._is_ours(sidecar))):
+            return None
+        return f"{os.path.basename(sidecar)} exists and was not written by wardrobe: left as it is"
+
     def drop_orphan(self, image):
         """`image` was deleted or moved out: remove its sidecar, if it is ours and the image
         really is not there."""

@@ -23,6 +23,7 @@ from watchdog.events import (DirCreatedEvent, DirMovedEvent, FileClosedEvent,
                              FileCreatedEvent, FileDeletedEvent, FileMovedEvent,
                              FileSystemEventHandler)
 from watchdog.observers.inotify import InotifyObserver
+from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ REMOTE = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse", "fuseblk", "ceph
           "glusterfs", "afs", "lustre", "gpfs", "vboxsf", "virtiofs", "davfs", "ncpfs", "coda")
 MODES = ("auto", "inotify", "poll")
 RETRY_SECONDS = 2.0  # between tries to start an inotify observer that failed
+MOUNT_CHECK_SECONDS = 30.0  # how often `auto` looks for a share mounted inside the tree
 
 
 def filesystem_of(path):
@@ -54,14 +56,32 @@ def filesystem_of(path):
 
 
 def choose_mode(path, configured="auto"):
-    """("inotify" | "poll", why) for watching `path`."""
+    """("inotify" | "poll", why) for watching the tree at `path`: poll if it is on, or
+    holds, a file system where changes made elsewhere raise no inotify event here."""
     fstype, mount = filesystem_of(path)
     if configured != "auto":
         return configured, f"watch.mode is {configured} ({fstype} file system at {mount})"
-    if fstype.split(".")[0] in REMOTE:
-        return "poll", (f"{fstype} file system at {mount}: changes made elsewhere raise no "
-                        "inotify event")
+    for kind, where in [(fstype, mount), *_mounts_below(path)]:
+        if kind.split(".")[0] in REMOTE:
+            return "poll", (f"{kind} file system at {where}: changes made elsewhere raise no "
+                            "inotify event")
     return "inotify", f"{fstype} file system at {mount}"
+
+
+def _mounts_below(path):
+    """[(type, mount point)] of the file systems mounted inside the tree at `path`."""
+    prefix = os.path.realpath(path).rstrip("/") + "/"
+    found = []
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as file:
+            for line in file:
+                fields = line.split()
+                mount = _unescape(fields[4])
+                if mount.startswith(prefix):
+                    found.append((fields[fields.index("-") + 1], mount))
+    except (OSError, ValueError, IndexError):
+        pass
+    return found
 
 
 def _unescape(field):
@@ -71,16 +91,18 @@ def _unescape(field):
 
 class Watcher:
     """Watches `root` and queues changes as (kind, path, dest):
-    "file" (closed after write or moved in), "changed" (seen new or changed by a poll: may
+    "written" (closed after writing: new content, even if size and mtime were kept),
+    "file" (moved in), "changed" (seen new or changed by a poll: may
     still be being written), "created" (a
     name appeared that may never be closed after writing: a hard link, symlink or FIFO),
     "gone" (deleted or moved out), "moved" (path -> dest inside the tree), "scan" (walk
     this folder, with the reason as dest). Only names for which `wanted(name)` holds are
     reported as files; folders always are."""
 
-    def __init__(self, root, wanted, mode="auto", poll_seconds=2.0, rescan_seconds=3600.0,
+    def __init__(self, path, wanted, mode="auto", poll_seconds=5.0, rescan_seconds=3600.0,
                  clock=time.monotonic):
-        self.root = os.path.abspath(root)
+        self.path = os.path.abspath(path)  # as configured: may be a symlink, repointed later
+        self.root = os.path.realpath(self.path)
         self.wanted = wanted
         self.configured, self.poll_seconds, self.rescan_seconds = mode, poll_seconds, rescan_seconds
         self.clock = clock
@@ -93,6 +115,7 @@ class Watcher:
         self._failure = None  # why the observer could not start, said once
         self._empty = False  # polling found the tree suddenly empty: waiting for it
         self._retry_at = 0.0  # when to try again an observer that could not start
+        self._next_mount_check = 0.0
         self._overflow_hook = _OverflowHook(self)
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -131,18 +154,24 @@ class Watcher:
         """Check the root is still the folder we watch, restart a dead observer, and run
         the poll or the safety-net rescan when due."""
         now = self.clock()
-        identity = _identity(self.root)
+        identity = _identity(self.path)
         if identity != self._identity:
             if identity is None:
                 self._stop_observer()
                 self._identity = None
                 log.warning("%s is gone (renamed, deleted or unmounted); waiting for it to "
-                            "come back", self.root)
+                            "come back", self.path)
                 return
             self._attach("back" if self._identity is None else "replaced by another folder")
             return
         if identity is None:
             return
+        if self.configured == "auto" and now >= self._next_mount_check:
+            self._next_mount_check = now + MOUNT_CHECK_SECONDS
+            fell_back = (self.why or "").startswith("inotify failed")
+            if choose_mode(self.root)[0] != self.mode and not fell_back:
+                self._attach("has another file system now")  # e.g. a share mounted inside
+                return
         if self.mode == "inotify" and self.problem:
             if now < self._retry_at:
                 return
@@ -165,12 +194,17 @@ class Watcher:
 
     # ---- inotify or polling --------------------------------------------------------------------
 
+    def restart(self, why):
+        """Watch again from scratch (new watches for every folder), then rescan."""
+        self._attach(why)
+
     def _attach(self, why):
-        """(Re)start watching whatever folder is at root now, then scan it."""
+        """(Re)start watching whatever folder is at the configured path now, then scan it."""
         self._stop_observer()
-        self._identity = _identity(self.root)
+        self._identity = _identity(self.path)
         if self._identity is None:
             return
+        self.root = os.path.realpath(self.path)
         mode, reason = choose_mode(self.root, self.configured)
         if mode == "inotify":
             try:
@@ -272,7 +306,7 @@ class _Handler(FileSystemEventHandler):
 
     def on_closed(self, event):
         if self.watcher.wanted(os.path.basename(event.src_path)):
-            self.put(("file", event.src_path, None))
+            self.put(("written", event.src_path, None))
 
     def on_created(self, event):
         if event.is_directory:  # files may land in it before its watch exists
@@ -314,3 +348,42 @@ def _identity(path):
     except OSError:
         return None
     return (info.st_dev, info.st_ino) if stat.S_ISDIR(info.st_mode) else None
+
+
+def _index_move_cookies(grouper_class):
+    """watchdog 7.1's move grouper finds the IN_MOVED_FROM of each IN_MOVED_TO by scanning
+    its whole queue, twice, in Python: a burst of thousands of files moved in from outside
+    the tree (which have no IN_MOVED_FROM at all) turns quadratic and holds the GIL for
+    seconds. Knowing which cookies have an IN_MOVED_FROM pending lets it skip the scans
+    when there is nothing to find; everything else is left to watchdog."""
+    put_event, find = grouper_class.put_event, grouper_class.get_queued_moved_from_event
+    read_event = grouper_class.read_event
+
+    def pending(grouper):
+        return grouper.__dict__.setdefault("_wardrobe_from_cookies", set())
+
+    def indexed_put_event(self, event):
+        if event.ev.is_moved_from:
+            pending(self).add(event.ev.cookie)
+        elif event.ev.is_moved_to:
+            if event.ev.cookie not in pending(self):
+                self._queue.put(event, delay=False)  # what put_event does when it finds none
+                return
+            pending(self).discard(event.ev.cookie)
+        put_event(self, event)
+
+    def indexed_find(self, cookie):
+        return find(self, cookie) if cookie in pending(self) else None
+
+    def indexed_read_event(self):
+        event = read_event(self)
+        if isinstance(event, tuple) and hasattr(event, "ev") and event.ev.is_moved_from:
+            pending(self).discard(event.ev.cookie)  # left the tree: no IN_MOVED_TO will come
+        return event
+
+    grouper_class.put_event = indexed_put_event
+    grouper_class.get_queued_moved_from_event = indexed_find
+    grouper_class.read_event = indexed_read_event
+
+
+_index_move_cookies(InotifyMoveEventGrouper)

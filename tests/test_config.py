@@ -117,7 +117,7 @@ def test_watch_settings_and_extensions(tmp_path):
     assert loaded.classify.extensions == ("jp2", "jpg", "png")
     assert "watch.mode=poll watch.poll_seconds=0.25 watch.rescan_seconds=0" in loaded.summary()
     defaults = config_module.parse({}, tmp_path).watch
-    assert (defaults.mode, defaults.poll_seconds, defaults.rescan_seconds) == ("auto", 2, 3600)
+    assert (defaults.mode, defaults.poll_seconds, defaults.rescan_seconds) == ("auto", 5, 3600)
 
 
 def test_differences_names_the_changed_keys(tmp_path):
@@ -186,3 +186,18 @@ def test_shipped_config_is_the_defaults():
     assert shipped.train == defaults.train and shipped.classify == defaults.classify
     assert (shipped.model, shipped.data, shipped.inbox) == (defaults.model, defaults.data,
                                                            defaults.inbox)
+
+
+@pytest.mark.parametrize("text, key, message", [
+    ("inbox: a\ninbox: b\n", "inbox", "given twice (line 2)"),
+    ("train:\n  epochs: 3\n  epochs: 4\n", "epochs", "given twice (line 3)"),
+    ("inbox: afile\n", "inbox", "afile exists and is not a folder"),
+    ("save: afile\n", "save", "afile exists and is not a folder"),
+])
+def test_duplicate_keys_and_files_where_folders_go(tmp_path, text, key, message):
+    (tmp_path / "afile").write_text("a file, not a folder\n")
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        config_module.load(path)
+    assert raised.value.key == key and message in str(raised.value)

@@ -405,3 +405,111 @@ def test_a_photo_library_streams_out_and_keeps_the_watchdog_fed(tmp_path, traine
         assert daemon.stop() == 0
     finally:
         fake.close()
+
+
+def padded_pngs(first, second):
+    """Two different PNGs of the same byte length (decoders stop at IEND)."""
+    a, b = png(first), png(second)
+    size = max(len(a), len(b))
+    return a + b"\0" * (size - len(a)), b + b"\0" * (size - len(b))
+
+
+def test_an_image_rewritten_in_place_with_its_mtime_kept_is_labelled_again(tmp_path, trained,
+                                                                          daemons, crops):
+    """`exiftool -P` and friends rewrite a photo and put its mtime back: same size, mtime
+    and inode, new content. The close-after-write says so."""
+    before, after = padded_pngs(crops[0], crops[1])
+    image = tmp_path / "inbox" / "edited.png"
+    image.write_bytes(before)
+    daemon = daemons(trained)
+    first = wait_until(lambda: labelled(image), 30, message="first label")
+    kept = image.stat()
+    with open(image, "r+b") as file:  # in place: same inode
+        file.write(after)
+    os.utime(image, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    assert (image.stat().st_size, image.stat().st_mtime_ns) == (kept.st_size, kept.st_mtime_ns)
+    wait_until(lambda: labelled(image)["classified_at"] != first["classified_at"], 30,
+               message="labelled again")
+    assert daemon.stop() == 0
+
+
+def test_a_file_of_the_users_where_a_sidecar_goes_is_never_overwritten(tmp_path, trained,
+                                                                      daemons, crops):
+    inbox = tmp_path / "inbox"
+    mine = '{"label": "Shirt", "reviewed_by": "carol"}\n'
+    (inbox / "corrected.png.json").write_text(mine)
+    (inbox / "corrected.png").write_bytes(png(crops[0]))
+    (inbox / "other.png").write_bytes(png(crops[1]))
+    daemon = daemons(trained)
+    daemon.wait_for_log(r"corrected.png.json exists and was not written by wardrobe")
+    wait_until(lambda: labelled(inbox / "other.png"), 30)
+    wait_until(lambda: (status(trained)["inbox"] or {}).get("cannot_label") == 1, 30,
+               message="counted in status")
+    assert (inbox / "corrected.png.json").read_text() == mine
+    assert daemon.stop() == 0
+
+
+@pytest.mark.skipif(not IS_ROOT or not shutil.which("setpriv"),
+                    reason="needs root and setpriv to drop the capability to read anything")
+def test_a_folder_unreadable_at_start_is_labelled_once_readable(tmp_path, trained, daemons,
+                                                                crops):
+    locked = tmp_path / "inbox" / "locked"
+    locked.mkdir()
+    (locked / "inside.png").write_bytes(png(crops[0]))
+    locked.chmod(0o000)
+    try:
+        daemon = daemons(trained, wrapper=NO_DAC)
+        daemon.wait_for_log(r"cannot scan .*locked: Permission denied; will retry")
+        locked.chmod(0o755)
+        wait_until(lambda: labelled(locked / "inside.png"), 60, message="labelled once readable")
+        (locked / "later.png").write_bytes(png(crops[1]))  # and watched from then on
+        wait_until(lambda: labelled(locked / "later.png"), 30, message="a new file in it")
+        assert daemon.stop() == 0
+    finally:
+        locked.chmod(0o755)
+
+
+def test_an_inbox_symlink_pointed_elsewhere_is_followed(tmp_path, small_data, one_epoch_save,
+                                                       daemons, crops):
+    shutil.copytree(one_epoch_save, tmp_path / "save")
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    (tmp_path / "inbox").symlink_to(tmp_path / "one")
+    config = write_config(tmp_path, small_data, epochs=1)
+    daemon = daemons(config)
+    daemon.wait_for_log(r"ready")
+    (tmp_path / "one" / "a.png").write_bytes(png(crops[0]))
+    wait_until(lambda: labelled(tmp_path / "one" / "a.png"), 30)
+    (tmp_path / "next").symlink_to(tmp_path / "two")
+    os.rename(tmp_path / "next", tmp_path / "inbox")  # atomically repointed, as `ln -sfn`
+    (tmp_path / "two" / "b.png").write_bytes(png(crops[1]))
+    wait_until(lambda: labelled(tmp_path / "two" / "b.png"), 30, message="the new target")
+    assert daemon.stop() == 0
+
+
+def test_a_sidecar_deleted_while_running_is_written_again(tmp_path, trained, daemons, crops):
+    image = tmp_path / "inbox" / "a.png"
+    image.write_bytes(png(crops[0]))
+    daemon = daemons(trained)
+    wait_until(lambda: labelled(image), 30)
+    Path(f"{image}.json").unlink()
+    wait_until(lambda: labelled(image), 30, message="the sidecar back")
+    assert daemon.stop() == 0
+
+
+def test_a_share_mounted_inside_the_inbox_is_polled(tmp_path, trained, daemons, crops, share):
+    """The inbox is local, but a share is mounted in a subfolder of it: poll the tree."""
+    backing, mount = share  # mounted at inbox/: unmount and mount it at inbox/nas instead
+    subprocess.run(["fusermount", "-u", "-z", str(mount)], check=True)
+    (mount / "nas").mkdir()
+    subprocess.run([BINDFS, str(backing), str(mount / "nas")], check=True)
+    try:
+        daemon = daemons(with_settings(trained, watch={"poll_seconds": 0.5}))
+        daemon.wait_for_log(r"watching .*inbox by polling every 0.5 s: fuse\S* file system at "
+                            r".*inbox/nas")
+        daemon.wait_for_log(r"ready")
+        (backing / "remote.png").write_bytes(png(crops[0]))
+        wait_until(lambda: labelled(backing / "remote.png"), 30, message="seen on the share")
+        assert daemon.stop() == 0
+    finally:
+        subprocess.run(["fusermount", "-u", "-z", str(mount / "nas")], check=False)

@@ -80,7 +80,7 @@ def test_ready_status_watchdog_and_stopping(tmp_path, small_data, daemons, notif
     pings = [at for at, _ in notify_socket.lines("WATCHDOG=1")]
     assert max(b - a for a, b in zip(pings, pings[1:])) < 4.0
     (tmp_path / "inbox" / "x.png").write_bytes(b"not an image")
-    wait_until(lambda: any(re.match(r"STATUS=(training|serving).*, 1 images labelled", line)
+    wait_until(lambda: any(re.match(r"STATUS=(training|serving).*, 0 images labelled, 1 errors", line)
                            for _, line in notify_socket.messages), 30)
     daemon.signal(signal.SIGTERM)
     assert daemon.wait() == 0
