@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from daemon.errors import ConfigError, WardrobeError
+
 log = logging.getLogger(__name__)
 
 # journald reads "<N>" at the start of a line as its priority (sd-daemon(3)).
@@ -131,8 +133,12 @@ def unit_file(config, user=False, version=None):
         version = manager_version(user)
     interpreter = Path(sys.executable).absolute()
     config_path = Path(config.source).absolute() if config.source else None
-    config_arg = f" --config {_quote(config_path)}" if config_path else ""
-    writable = sorted({str(config.inbox), str(config.save)})
+    for key, path in [("inbox", config.inbox), ("save", config.save), ("config", config_path)]:
+        _check_path(key, path)
+    workdir = _working_directory(config_path.parent if config_path else Path.cwd())
+    config_arg = f" --config {_exec_arg(config_path)}" if config_path else ""
+    # systemd wants these normalized ("path is not normalized" for a "..").
+    writable = sorted({os.path.realpath(config.inbox), os.path.realpath(config.save)})
     used = [interpreter, Path(os.path.realpath(interpreter)), Path(sys.prefix),
             Path(sys.base_prefix), Path(__file__).resolve().parent, config.inbox, config.save]
     used += [p for p in (config_path, config.data.path) if p]
@@ -140,17 +146,20 @@ def unit_file(config, user=False, version=None):
                               for p in used for r in roots)
     lines = [
         "[Unit]",
-        f"Description=Wardrobe: trains an image classifier, labels images in {config.inbox}",
+        # Not at the end of the line, where systemd drops white space and reads a
+        # backslash as a line continuation.
+        f"Description=Wardrobe: labels images in {_specifiers(config.inbox)} with a classifier "
+        "it trains",
         "After=local-fs.target",
         "",
         "[Service]",
         *reload_lines(version),
         "NotifyAccess=main",
-        f"ExecStart={_quote(interpreter)} -m daemon run{config_arg}",
-        f"WorkingDirectory={_quote(config_path.parent if config_path else Path.cwd())}",
+        f"ExecStart={_executable(interpreter)} -m daemon run{config_arg}",
+        f"WorkingDirectory={_specifiers(workdir)}",
         "Environment=PYTHONUNBUFFERED=1",
         # keras.datasets caches downloads under $KERAS_HOME: keep it in the writable save/
-        f"Environment=KERAS_HOME={_quote(config.save / 'keras')}",
+        f"Environment={_env('KERAS_HOME', config.save / 'keras')}",
         "Restart=on-failure",
         "RestartSec=2",
         "RestartPreventExitStatus=2",  # a config error must not crash-loop
@@ -174,7 +183,7 @@ def unit_file(config, user=False, version=None):
         lines += [
             "NoNewPrivileges=yes",
             "ProtectSystem=strict",
-            f"ReadWritePaths={' '.join(_quote(p) for p in writable)}",
+            f"ReadWritePaths={' '.join(_list_item(p) for p in writable)}",
         ]
         if not under(["/tmp", "/var/tmp"]):
             lines.append("PrivateTmp=yes")
@@ -202,6 +211,73 @@ def unit_file(config, user=False, version=None):
     return "\n".join(lines)
 
 
-def _quote(path):
+# How each setting wants a path written, as systemd 252 parses it (systemd.syntax(7),
+# checked with systemd-analyze verify and real starts). Every one expands %-specifiers.
+UNSAFE = re.compile(r"[\s\"'\\$;\x00-\x1f\x7f]")  # what makes a word need quoting
+
+
+def _specifiers(value):
+    return str(value).replace("%", "%%")
+
+
+def _c_quoted(text):
+    """Double quotes with C escapes: ExecStart= and Environment= unescape \\, \", \n..."""
+    escapes = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+    return '"' + "".join(escapes.get(c, f"\\x{ord(c):02x}" if c < " " or c == "\x7f" else c)
+                         for c in text) + '"'
+
+
+def _exec_arg(value):
+    """An ExecStart= argument: quoted if needed, and $ doubled (systemd expands $VAR
+    and ${VAR} in arguments)."""
+    text = str(value)
+    return _specifiers(_c_quoted(text.replace("$", "$$")) if UNSAFE.search(text) else text)
+
+
+def _executable(path):
+    """ExecStart='s program: never $-expanded, and systemd refuses quotes, backslashes and
+    control characters in it whatever the quoting ("Executable name contains special
+    characters")."""
     text = str(path)
-    return f'"{text}"' if any(c in text for c in ' "\\') else text
+    if re.search(r"[\"'\\\x00-\x1f\x7f]", text):
+        raise WardrobeError(f"systemd cannot run an interpreter whose path has a quote, a "
+                            f"backslash or a control character in it: {text!r}")
+    return _specifiers(f'"{text}"' if UNSAFE.search(text) else text)
+
+
+def _working_directory(path):
+    """WorkingDirectory= takes the rest of the line as is: no quotes, no escapes; the
+    line's trailing white space is dropped and a trailing backslash continues the line."""
+    text = os.path.realpath(path)
+    if text != text.rstrip() or text.endswith("\\"):
+        raise ConfigError("config", f"systemd cannot use a working folder whose name ends "
+                          f"in white space or a backslash: {text!r}; rename the config's "
+                          "folder")
+    return text
+
+
+def _list_item(path):
+    """A ReadWritePaths= entry: double quotes and plain backslash escapes, no C escapes."""
+    text = str(path)
+    if not UNSAFE.search(text):
+        return _specifiers(text)
+    return _specifiers('"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"')
+
+
+def _env(name, value):
+    text = f"{name}={value}"
+    return _specifiers(_c_quoted(text) if UNSAFE.search(text) else text)
+
+
+def _check_path(key, path):
+    """Paths a unit file cannot hold at all: systemd reads a line break as the end of the
+    setting, and ignores a setting that is not UTF-8."""
+    if path is None:
+        return
+    text = str(path)
+    if "\n" in text or "\r" in text:
+        raise ConfigError(key, f"systemd cannot use a path with a line break in it: {text!r}")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise ConfigError(key, f"systemd cannot use a path that is not UTF-8: {text!r}") from None

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, wait_until, write_config
+from test_sandbox import sandbox  # noqa: F401  (the fixture)
 from daemon import config as config_module
 from daemon import systemd
+from daemon.errors import WardrobeError
 
 STRACE = shutil.which("strace")
 ANALYZE = shutil.which("systemd-analyze")
@@ -275,3 +277,92 @@ def test_the_shipped_unit_reloads_on_current_systemd_and_says_how_on_older():
     assert "Type=notify-reload" in lines
     for line in systemd.reload_lines(252):  # the two lines to use instead, commented
         assert f"#   {line}" in lines, line
+
+
+# Folder names systemd reads specially: white space, a specifier, a variable, quotes, a
+# backslash, a command separator, a tab.
+ODD_NAMES = ["x sp ace", "pct%n", "mix %n $HOME ${HOME} 'q\" back\\slash ;\tend"]
+
+
+@pytest.mark.parametrize("name", ODD_NAMES)
+def test_units_for_folders_with_special_characters(tmp_path, small_data, name):
+    folder = tmp_path / name
+    folder.mkdir()
+    config = write_config(folder, small_data)
+    text = unit_text(config)
+    lines = text.splitlines()
+    assert f"WorkingDirectory={str(folder).replace('%', '%%')}" in lines  # as is, unquoted
+    if name == "x sp ace":
+        assert f'ExecStart={sys.executable} -m daemon run --config "{config}"' in lines
+        assert f'ReadWritePaths="{folder}/inbox" "{folder}/save" /tmp /var/tmp' in lines
+        assert f'Environment="KERAS_HOME={folder}/save/keras"' in lines
+    if name == "pct%n":
+        assert f"ExecStart={sys.executable} -m daemon run --config {tmp_path}/pct%%n/config.yaml"\
+            in lines
+        assert not re.search(r"(?<!%)%n", text.replace("%%", ""))  # no bare specifier left
+    if ANALYZE:
+        for unit_name, unit in [("wardrobe.service", text),
+                                ("wardrobe-user.service", unit_text(config, "--user"))]:
+            (tmp_path / unit_name).write_text(unit)
+            result = subprocess.run([ANALYZE, "verify", str(tmp_path / unit_name)],
+                                    capture_output=True, text=True, timeout=60)
+            assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_units_with_odd_paths_parse_back_to_the_paths():
+    """The writers against systemd 252's rules, decoded here as systemd does."""
+    path = "/a b/%n/$HOME/\"q'/back\\slash/;\tend"
+    assert systemd._exec_arg(path) == (
+        '"/a b/%%n/$$HOME/\\"q\'/back\\\\slash/;\\tend"')  # C escapes, $$ and %%
+    assert systemd._list_item(path) == '"/a b/%%n/$HOME/\\"q\'/back\\\\slash/;\tend"'
+    assert systemd._env("K", path) == '"K=/a b/%%n/$HOME/\\"q\'/back\\\\slash/;\\tend"'
+    assert systemd._executable("/opt/my env/$x%i/python") == '"/opt/my env/$x%%i/python"'
+    assert systemd._exec_arg("/plain/path") == "/plain/path"
+
+
+@pytest.mark.parametrize("name, key, reason", [
+    ("line\nbreak", "inbox", "a line break"),
+    ("trailing ", "config", "ends in white space"),
+    ("trailing\\", "config", "ends in white space or a backslash"),
+])
+def test_unit_refuses_paths_systemd_cannot_express(tmp_path, small_data, name, key, reason):
+    folder = tmp_path / name
+    folder.mkdir()
+    config = write_config(folder, small_data)
+    result = subprocess.run([sys.executable, "-m", "daemon", "unit", "--config", str(config)],
+                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert f"wardrobe: {key}: systemd cannot use" in result.stderr and reason in result.stderr
+
+
+def test_unit_refuses_an_interpreter_systemd_cannot_run(tmp_path, small_data, monkeypatch):
+    config = config_module.load(write_config(tmp_path, small_data))
+    monkeypatch.setattr(sys, "executable", "/opt/it's/python")
+    with pytest.raises(WardrobeError, match="cannot run an interpreter"):
+        systemd.unit_file(config, version=252)
+
+
+def test_a_real_start_from_a_folder_with_odd_characters(small_data, sandbox):
+    """Under systemd 252 (the sandbox), outside /tmp so only ReadWritePaths= makes the
+    folders writable: the unit starts, runs in the folder, and labels an image."""
+    from test_sandbox import install_unit
+
+    top = Path("/var/lib") / f"wardrobe-test-{os.getpid()}-{time.monotonic_ns()}"
+    folder = top / "x sp %n $HOME ace"
+    try:
+        folder.mkdir(parents=True)
+        config = write_config(folder, small_data, epochs=1)
+        install_unit(sandbox, top, config)
+        sandbox("ctl", "start", "wardrobe")  # returns once the daemon sent READY=1
+        assert sandbox.show("ActiveState") == "active", sandbox.journal()
+        assert sandbox.show("WorkingDirectory") == str(folder)
+        pid = sandbox.show("MainPID")
+        cwd = sandbox("in", "readlink", f"/proc/{pid}/cwd").stdout  # its own PID namespace
+        assert cwd == f"{folder}\n"
+        (folder / "inbox" / "x.png").write_bytes(b"not an image")
+        wait_until(lambda: (folder / "inbox" / "x.png.json").exists(), 60,
+                   message=f"a sidecar\n{sandbox.journal()[-3000:]}")
+        sandbox("ctl", "stop", "wardrobe")
+        assert (sandbox.show("Result"), sandbox.show("ExecMainStatus")) == ("success", "0")
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
