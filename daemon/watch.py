@@ -144,6 +144,8 @@ class Watcher:
         is not a problem of ours: we wait for it."""
         if self._identity is None or self.mode != "inotify":
             return None
+        if _identity(self.path) != self._identity:
+            return None  # the folder went or was replaced: tick() attends to it, not a fault
         observer = self._observer
         alive = observer and observer.is_alive() and all(e.is_alive() for e in observer.emitters)
         return None if alive else (self._failure or "the inotify observer is not running")

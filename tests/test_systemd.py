@@ -128,18 +128,18 @@ def test_a_stalled_training_loop_stops_the_watchdog_pings(tmp_path, small_data, 
         fake.close()
 
 
-MAX_WATCHES = Path("/proc/sys/fs/inotify/max_user_watches")
+MAX_INSTANCES = Path("/proc/sys/fs/inotify/max_user_instances")
 
 
-@pytest.mark.skipif(not os.access(MAX_WATCHES, os.W_OK), reason="cannot change the inotify "
-                    "watch limit here (needs a writable /proc/sys)")
+@pytest.mark.skipif(not os.access(MAX_INSTANCES, os.W_OK), reason="cannot change the inotify "
+                    "instance limit here (needs a writable /proc/sys)")
 def test_an_inbox_that_cannot_be_watched_stops_the_watchdog_pings(tmp_path, trained, daemons):
-    """watch.mode: inotify, and inotify refuses a new watch: not healthy. A missing inbox
+    """watch.mode: inotify, and inotify refuses to watch: not healthy. A missing inbox
     is not a fault of ours: the daemon waits for it and stays healthy."""
     fake = FakeNotifySocket(str(tmp_path / "notify.sock"))
     config = trained.read_text() + "watch: {mode: inotify}\n"
     trained.write_text(config)
-    original = MAX_WATCHES.read_text()
+    original = MAX_INSTANCES.read_text()
     try:
         daemon = daemons(trained, env={"NOTIFY_SOCKET": fake.address,
                                        "WATCHDOG_USEC": "1000000"})
@@ -151,20 +151,20 @@ def test_an_inbox_that_cannot_be_watched_stops_the_watchdog_pings(tmp_path, trai
         count = len(fake.lines("WATCHDOG=1"))
         wait_until(lambda: len(fake.lines("WATCHDOG=1")) >= count + 3, 30,
                    message="pings go on while waiting")
-        MAX_WATCHES.write_text("1\n")  # no new watch can be added
+        MAX_INSTANCES.write_text("0\n")  # no new inotify instance can be made
         inbox.unlink()
-        (inbox / "sub").mkdir(parents=True)
+        inbox.mkdir()
         daemon.wait_for_log(r"cannot watch .*inbox with inotify")
         daemon.wait_for_log(r"not pinging the systemd watchdog: the inbox is not watched")
         wait_until(lambda: max(gaps(fake) or [0]) > 2.0, 30, message="a gap in the pings")
         count = len(fake.lines("WATCHDOG=1"))
-        MAX_WATCHES.write_text(original)  # the next try succeeds
+        MAX_INSTANCES.write_text(original)  # the next try succeeds
         wait_until(lambda: len(fake.lines("WATCHDOG=1")) >= count + 3, 30,
                    message="pings again")
         daemon.signal(signal.SIGTERM)
         assert daemon.wait() == 0
     finally:
-        MAX_WATCHES.write_text(original)
+        MAX_INSTANCES.write_text(original)
         fake.close()
 
 
