@@ -326,7 +326,8 @@ def test_a_network_share_is_polled(tmp_path, trained, daemons, crops, share):
     subprocess.run([BINDFS, str(backing), str(mount)], check=True)  # back
     wait_until(lambda: labelled(backing / "while-away.png"), 30, message="labelled once back")
     assert labelled(backing / "from-another-machine.png")
-    assert status(trained)["inbox"]["watch"]["mode"] == "poll"
+    wait_until(lambda: (status(trained)["inbox"] or {}).get("watch", {}).get("mode") == "poll",
+               30, message="status: polling")
     assert daemon.stop() == 0
 
 
