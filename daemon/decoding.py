@@ -1,11 +1,14 @@
-"""Decoding on every core: worker processes turn image files into 28x28 arrays.
+"""Decoding on every core: worker processes turn image files into 28x28 arrays, and write
+the sidecars the daemon has rendered.
 
 Processes, not threads: preprocessing many small images is Python work that one GIL would
 serialise, and a decoder that crashes or runs out of memory on a hostile file takes down a
 worker, not the daemon. Work goes out in chunks sized from the measured time per image
 (about CHUNK_SECONDS each), so a 12-megapixel photo is one task and a burst of thumbnails
-is a few hundred per task; results come back as soon as each chunk is done. No TensorFlow
-is imported here: the workers start from a clean interpreter (spawn).
+is a few hundred per task; results come back as soon as each chunk is done. Sidecars are
+written there too: thousands of small file creations are system calls that, in the daemon,
+would queue behind its inotify thread for the interpreter lock. No TensorFlow is imported
+here: the workers start from a clean interpreter (spawn).
 """
 
 import concurrent.futures
@@ -16,7 +19,7 @@ import os
 import signal
 import time
 
-from daemon import images
+from daemon import fsutil, images
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,18 @@ def _die_with_parent(parent):
         os._exit(1)
 
 
+def write_chunk(sidecars):
+    """In a worker: publish [(path, bytes)]; [(path, None or (errno, why))]."""
+    results = []
+    for path, data in sidecars:
+        try:
+            fsutil.publish(path, data)
+            results.append((path, None))
+        except OSError as error:
+            results.append((path, (error.errno, error.strerror or str(error))))
+    return results
+
+
 class Decoder:
     """A pool of decode workers. submit() returns a future of decode_chunk's list; after a
     worker crash the pool is replaced (the caller retries what was in flight)."""
@@ -88,6 +103,9 @@ class Decoder:
 
     def submit(self, paths):
         return self._pool.submit(decode_chunk, paths)
+
+    def submit_writes(self, sidecars):
+        return self._pool.submit(write_chunk, sidecars)
 
     def measured(self, results):
         """Update the time-per-image estimate from a finished chunk."""

@@ -28,6 +28,7 @@ STEP_SECONDS = 0.5
 QUIET_SECONDS = 5.0
 RETRY_FIRST, RETRY_MAX = 1.0, 30.0
 MAX_BATCH = 2048
+WRITE_CHUNK = 256  # sidecars a worker writes per task
 
 
 class Labeller:
@@ -39,10 +40,12 @@ class Labeller:
         self.clock = clock
         self.pending = {}  # path -> written (label even if it looks up to date): to decode
         self.in_flight = {}  # future -> {path: stat before decoding}
+        self.writing = {}  # future -> {path: (stat, result)}: sidecars being written
         self.retry = {}  # path -> (when, delay): failed for a reason that can go away
         self.cannot = {}  # path -> why it can never have a sidecar (said once)
         self.counts = {"label": 0, "error": 0}
-        self._flying = set()  # paths in flight: one decode at a time per image
+        self._flying = set()  # paths being decoded or written: one at a time per image
+        self._deferred = {}  # path -> written: came again while in flight; sent round after
         self._suspects = set()  # paths in flight when a decode worker died
         self._folders = {}  # folder -> inside the inbox without symlinks (per step)
         self.summary = self._summary()  # read by the service's thread: replaced, never changed
@@ -51,7 +54,8 @@ class Labeller:
         for path in [p for p in self.cannot if not os.path.lexists(p)]:
             del self.cannot[path]  # renamed or deleted since
         return {"labelled": self.counts["label"], "errors": self.counts["error"],
-                "backlog": len(self.pending) + sum(map(len, self.in_flight.values())),
+                "backlog": len(self.pending) + sum(map(len, self.in_flight.values()))
+                + sum(map(len, self.writing.values())),
                 "retrying": len(self.retry), "cannot_label": len(self.cannot)}
 
     def add(self, paths):
@@ -61,26 +65,32 @@ class Labeller:
             self.retry.pop(path, None)
 
     def step(self):
-        """Decode for up to STEP_SECONDS, label what came back; returns sidecars written."""
+        """Decode for up to STEP_SECONDS, label what came back, have the sidecars written;
+        returns how many were written."""
         deadline = self.clock() + STEP_SECONDS
         self._due_retries()
-        if not (self.pending or self.in_flight) or not self.classifier.refresh():
+        busy = self.pending or self.in_flight or self.writing
+        if not busy or not self.classifier.refresh():
             self.summary = self._summary()
             return 0  # nothing to do, or no checkpoint to label with yet
         self._folders = {}
-        results = []
+        results, written = [], 0
         while True:
             self._submit()
-            if not self.in_flight or len(results) >= MAX_BATCH:
+            if not (self.in_flight or self.writing) or len(results) >= MAX_BATCH:
                 break
             remaining = deadline - self.clock()
             if remaining <= 0:
                 break
-            done, _ = concurrent.futures.wait(self.in_flight, timeout=remaining,
+            done, _ = concurrent.futures.wait([*self.in_flight, *self.writing],
+                                              timeout=remaining,
                                               return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:
+                if future in self.writing:
+                    written += self._written(future)
+                    continue
                 chunk = self.in_flight.pop(future)
-                self._flying.difference_update(chunk)
+                self._landed(chunk)
                 try:
                     decoded = future.result()
                 except BrokenProcessPool:
@@ -89,7 +99,11 @@ class Labeller:
                 self.decoder.measured(decoded)
                 results += [(path, chunk[path], kind, payload)
                             for path, kind, payload, _ in decoded]
-        written = self._finish(results)
+            if results and (len(results) >= MAX_BATCH or not self.in_flight):
+                self._finish(results)
+                results = []
+        if results:
+            self._finish(results)
         self.summary = self._summary()
         return written
 
@@ -114,6 +128,7 @@ class Labeller:
         """lstat of `path` if it needs a label and can have one, else None. One in flight
         already is not sent again: if it changes meanwhile, _unchanged() sends it round."""
         if path in self._flying:
+            self._deferred[path] = self._deferred.get(path, False) or written
             return None
         info = self._stat_inside(path)
         if info is None:
@@ -150,7 +165,10 @@ class Labeller:
         """Every future in flight is broken: retry them all, a former suspect alone; a file
         that kills a worker on its own gets an error sidecar."""
         chunks = [chunk, *self.in_flight.values()]
+        for writes in self.writing.values():
+            self.pending.update((path, True) for path in writes)
         self.in_flight.clear()
+        self.writing.clear()
         self._flying.clear()
         self.decoder.restart()
         for each in chunks:
@@ -165,7 +183,8 @@ class Labeller:
     # ---- labelling ---------------------------------------------------------------------------
 
     def _finish(self, results):
-        written, batch = 0, []
+        """Predict what decoded, and have every sidecar due written by the workers."""
+        due, batch = [], []
         for path, info, kind, payload in results:
             self._suspects.discard(path)
             now = self._unchanged(path, info)
@@ -178,11 +197,36 @@ class Labeller:
             elif self._still_written(path, info):
                 continue  # a download that paused, say: an error only once it is finished
             else:
-                written += self._write(path, info, {"error": payload})
+                due.append((path, info, {"error": payload}))
         if batch:
             labels = self.classifier.results([image for _, _, image in batch])
-            for (path, info, _), result in zip(batch, labels):
-                written += self._write(path, info, result)
+            due += [(path, info, result) for (path, info, _), result in zip(batch, labels)]
+        now = fsutil.utc_timestamp()
+        for start in range(0, len(due), WRITE_CHUNK):
+            chunk = {path: (info, result) for path, info, result in due[start:start + WRITE_CHUNK]}
+            sidecars = [(self.sidecars.path_for(path), self.sidecars.render(info, result, now))
+                        for path, (info, result) in chunk.items()]
+            self.writing[self.decoder.submit_writes(sidecars)] = chunk
+            self._flying.update(chunk)
+
+    def _landed(self, chunk):
+        self._flying.difference_update(chunk)
+        for path in chunk:
+            if path in self._deferred:
+                self.pending[path] = self._deferred.pop(path)
+
+    def _written(self, future):
+        """A chunk of sidecars came back from the workers: count them, retry what failed."""
+        chunk = self.writing.pop(future)
+        self._landed(chunk)
+        try:
+            outcomes = future.result()
+        except BrokenProcessPool:
+            self.pending.update((path, True) for path in chunk)  # the next step restarts them
+            return 0
+        written = 0
+        for (path, (info, result)), (_, error) in zip(chunk.items(), outcomes):
+            written += self._outcome(path, result, error)
         return written
 
     def _still_written(self, path, info):
@@ -207,14 +251,22 @@ class Labeller:
         return now if same else None
 
     def _write(self, path, info, result):
+        """Write one sidecar here and now (the rare case: a file that crashed a worker)."""
         try:
             self.sidecars.write(path, info, result)
-        except OSError as error:
-            if error.errno == errno.ENAMETOOLONG:
-                self.cannot[path] = f"sidecar name too long: {error.strerror}"
-                log.warning("%r cannot have a sidecar: %s", path, error.strerror)
+            error = None
+        except OSError as failure:
+            error = (failure.errno, failure.strerror or str(failure))
+        return self._outcome(path, result, error)
+
+    def _outcome(self, path, result, error):
+        if error is not None:
+            number, why = error
+            if number == errno.ENAMETOOLONG:
+                self.cannot[path] = f"sidecar name too long: {why}"
+                log.warning("%r cannot have a sidecar: %s", path, why)
             else:
-                self._later(path, f"cannot write its sidecar: {error.strerror}")
+                self._later(path, f"cannot write its sidecar: {why}")
             return 0
         self.counts["label" if "label" in result else "error"] += 1
         if self.retry.pop(path, None):

@@ -128,13 +128,15 @@ class Sidecars:
     def write(self, image, info, result):
         """Write the sidecar for `image` (whose stat was `info`): `result` holds label,
         class, confidence, epoch, model -- or error. Replaces, never follows, a symlink."""
+        fsutil.publish(self.path_for(image), self.render(info, result))
+
+    def render(self, info, result, now=None):
+        """The bytes of a sidecar (fsutil.publish them at path_for(image))."""
         if self.kind == "txt":
             line = result["label"] if "label" in result else f"error: {result['error']}"
-            data = (line.replace("\n", " ") + "\n").encode()
-        else:
-            record = dict(result, classified_at=fsutil.utc_timestamp(), source=_source(info))
-            data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
-        fsutil.publish(self.path_for(image), data)
+            return (line.replace("\n", " ") + "\n").encode()
+        record = dict(result, classified_at=now or fsutil.utc_timestamp(), source=_source(info))
+        return (json.dumps(record, ensure_ascii=False) + "\n").encode()
 
     @staticmethod
     def is_our_temporary(name):
