@@ -127,7 +127,9 @@ def long_run(daemon, crops, staging, total, chunk=10_000):
             shutil.copy(path, target / path.name)
         while count_sidecars(target) < chunk:
             time.sleep(0.05)
-        shutil.rmtree(target)
+        # Out of the inbox first: the daemon removes the sidecars of deleted images itself,
+        # which would race with rmtree.
+        shutil.rmtree(target.rename(staging.parent / f"done-{round_}"))
         rss.append(round(daemon.rss_mb()))
     return rss
 

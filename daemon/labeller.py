@@ -1,5 +1,6 @@
 """Turns image paths into sidecars: stat, decode on every core (daemon.decoding), one batched
-predict, atomic sidecar writes. Runs in one thread, the service's.
+predict, sidecars rendered here and written atomically by the same worker processes. Runs
+in one thread, the service's.
 
 Work is bounded in time, not count: a step waits for decoded images for at most
 STEP_SECONDS and then labels what it has, so sidecars stream out of a backlog of photos

@@ -304,8 +304,16 @@ class Service:
                 labeller.classifier.labels = config.classify.labels
                 self.inbox.reconfigure(labeller.sidecars, config.watch)
             idle = not (labeller.pending or labeller.in_flight or self.inbox.scanning)
-            labeller.add(self.inbox.take(limit=4096, timeout=0.5 if idle else 0.0))
-            labeller.step()
+            try:
+                labeller.add(self.inbox.take(limit=4096, timeout=0.5 if idle else 0.0))
+                labeller.step()
+            except Exception:
+                if not self.stop_event.is_set():
+                    raise
+                # Stopping: the decode pool may be shut down under a step in progress.
+                # Nothing is lost (sidecars are atomic; the rest is done at the next start).
+                log.debug("labeller stopped mid-step", exc_info=True)
+                return
 
     # ---- signals -------------------------------------------------------------------------------
 
