@@ -129,7 +129,7 @@ def long_run(daemon, crops, staging, total, chunk=10_000):
             time.sleep(0.05)
         # Out of the inbox first: the daemon removes the sidecars of deleted images itself,
         # which would race with rmtree.
-        shutil.rmtree(target.rename(staging.parent / f"done-{round_}"))
+        shutil.rmtree(target.rename(staging.parent / f"done-{round_}"), ignore_errors=True)
         rss.append(round(daemon.rss_mb()))
     return rss
 
