@@ -117,6 +117,8 @@ class Service:
             if self.trainer.unsaved():
                 trainer_thread.join(TRAINER_STOP_SECONDS)
         labeller_thread.join(LABELLER_STOP_SECONDS)
+        if self.trainer is not None and self.trainer.unsaved():  # a batch ended meanwhile
+            trainer_thread.join(TRAINER_STOP_SECONDS)
         self.inbox.stop()
         decoder.stop()
         self.notifier.close()
