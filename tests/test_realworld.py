@@ -22,6 +22,7 @@ from conftest import TEST_IMAGES, status, wait_until, write_config
 from daemon import dataset
 
 BINDFS = shutil.which("bindfs")
+FUSERMOUNT = shutil.which("fusermount") or shutil.which("fusermount3") or "fusermount"
 IS_ROOT = os.geteuid() == 0
 
 
@@ -307,7 +308,7 @@ def share(tmp_path):
     mount.mkdir(exist_ok=True)
     subprocess.run([BINDFS, str(backing), str(mount)], check=True)
     yield backing, mount
-    subprocess.run(["fusermount", "-u", "-z", str(mount)], check=False)
+    subprocess.run([FUSERMOUNT, "-u", "-z", str(mount)], check=False)
     subprocess.run(["umount", "-l", str(mount)], check=False, stderr=subprocess.DEVNULL)
 
 
@@ -319,7 +320,7 @@ def test_a_network_share_is_polled(tmp_path, trained, daemons, crops, share):
     (backing / "from-another-machine.png").write_bytes(png(crops[0]))
     wait_until(lambda: labelled(backing / "from-another-machine.png"), 30,
                message="a file written behind the mount's back labelled")
-    subprocess.run(["fusermount", "-u", "-z", str(mount)], check=True)  # the share goes away
+    subprocess.run([FUSERMOUNT, "-u", "-z", str(mount)], check=True)  # the share goes away
     daemon.wait_for_log(r"suddenly empty|is gone|replaced by another folder")
     (backing / "while-away.png").write_bytes(png(crops[1]))
     assert labelled(backing / "from-another-machine.png")  # not taken as deleted
@@ -501,7 +502,7 @@ def test_a_sidecar_deleted_while_running_is_written_again(tmp_path, trained, dae
 def test_a_share_mounted_inside_the_inbox_is_polled(tmp_path, trained, daemons, crops, share):
     """The inbox is local, but a share is mounted in a subfolder of it: poll the tree."""
     backing, mount = share  # mounted at inbox/: unmount and mount it at inbox/nas instead
-    subprocess.run(["fusermount", "-u", "-z", str(mount)], check=True)
+    subprocess.run([FUSERMOUNT, "-u", "-z", str(mount)], check=True)
     (mount / "nas").mkdir()
     subprocess.run([BINDFS, str(backing), str(mount / "nas")], check=True)
     try:
@@ -513,4 +514,4 @@ def test_a_share_mounted_inside_the_inbox_is_polled(tmp_path, trained, daemons, 
         wait_until(lambda: labelled(backing / "remote.png"), 30, message="seen on the share")
         assert daemon.stop() == 0
     finally:
-        subprocess.run(["fusermount", "-u", "-z", str(mount / "nas")], check=False)
+        subprocess.run([FUSERMOUNT, "-u", "-z", str(mount / "nas")], check=False)
