@@ -87,8 +87,8 @@ class Config:
     def differences(self, other):
         """Sorted dotted names of the settings whose effective values differ from `other`'s
         (for a reload: what changed); where each came from (`source`) does not count."""
-        return sorted(name for name, value in _settings(self).items()
-                      if _settings(other)[name] != value)
+        mine, theirs = _settings(self), _settings(other)
+        return sorted(name for name, value in mine.items() if theirs[name] != value)
 
 
 def _settings(config):

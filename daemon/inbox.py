@@ -57,7 +57,6 @@ class Inbox:
         """New classify/watch settings (a reload): look at everything again."""
         self.sidecars = sidecars
         self.watcher.reconfigure(watch.mode, watch.poll_seconds, watch.rescan_seconds)
-        self.watcher.rescan("settings reloaded")
 
     def rescan(self, why):
         self.watcher.rescan(why)

@@ -78,7 +78,7 @@ class Labeller:
         results, written = [], 0
         while True:
             self._submit()
-            if not (self.in_flight or self.writing) or len(results) >= MAX_BATCH:
+            if not (self.in_flight or self.writing):
                 break
             remaining = deadline - self.clock()
             if remaining <= 0:
@@ -188,8 +188,7 @@ class Labeller:
         due, batch = [], []
         for path, info, kind, payload in results:
             self._suspects.discard(path)
-            now = self._unchanged(path, info)
-            if now is None:
+            if not self._unchanged(path, info):
                 continue  # changed or gone while we decoded: it comes round again
             if kind == "image":
                 batch.append((path, info, payload))
@@ -241,15 +240,16 @@ class Labeller:
         return False
 
     def _unchanged(self, path, info):
+        """Is `path` still what was decoded? If it changed, it is looked at again."""
         try:
             now = os.stat(path, follow_symlinks=False)
         except OSError:
-            return None
+            return False
         same = (now.st_ino, now.st_size, now.st_mtime_ns) == (
             info.st_ino, info.st_size, info.st_mtime_ns)
         if not same:
             self.inbox.recheck_later(path, 0.0)
-        return now if same else None
+        return same
 
     def _write(self, path, info, result):
         """Write one sidecar here and now (the rare case: a file that crashed a worker)."""

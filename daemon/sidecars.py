@@ -1,9 +1,9 @@
 """Sidecar files: `shoe.jpg` -> `shoe.jpg.json` (or `.txt`), written atomically.
 
 A sidecar records the size, mtime and inode of the image it labels, so an image replaced
-later (even by an older file) is seen as changed; a sidecar that is missing, empty or
-unparsable means: label again. No fsync per sidecar: after a power cut a lost or empty
-sidecar is simply relabelled at start-up, and batches stay fast.
+later (even by an older file) is seen as changed; a sidecar that is missing or empty means:
+label again. No fsync per sidecar: after a power cut a lost or empty sidecar is simply
+relabelled at start-up, and batches stay fast.
 
 A sidecar goes with its image: renamed along with it, removed when it is deleted -- but only
 a sidecar of ours (one we can parse as ours), never a file of the user's.
@@ -60,13 +60,8 @@ class Sidecars:
             return False
         if self.kind == "txt":
             return text.endswith(b"\n") and len(text) > 1 and sidecar_time >= info.st_mtime_ns
-        try:
-            record = json.loads(text)
-        except ValueError:
-            return False
-        if not isinstance(record, dict) or not ("label" in record or "error" in record):
-            return False
-        if str(record.get("error", "")).startswith(_TRANSIENT_ERRORS):
+        record = _record(text)
+        if record is None or str(record.get("error", "")).startswith(_TRANSIENT_ERRORS):
             return False
         return record.get("source") == _source(info)
 
@@ -77,12 +72,8 @@ class Sidecars:
             return False
         if self.kind == "txt":
             return text.endswith(b"\n") and text.count(b"\n") == 1
-        try:
-            record = json.loads(text)
-        except ValueError:
-            return False
-        return isinstance(record, dict) and "source" in record and (
-            "label" in record or "error" in record)
+        record = _record(text)
+        return record is not None and "source" in record
 
     def occupied(self, image):
         """Why the sidecar of `image` must not be written, or None: a file is there that
@@ -153,6 +144,17 @@ def _read_regular(path):
         return os.read(fd, 65536), info.st_mtime_ns
     finally:
         os.close(fd)
+
+
+def _record(text):
+    """A JSON sidecar's record (a label or an error), or None if `text` is not one."""
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(record, dict) and ("label" in record or "error" in record):
+        return record
+    return None
 
 
 def _source(info):

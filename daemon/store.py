@@ -194,7 +194,7 @@ class CheckpointStore:
 
     # ---- repair ----------------------------------------------------------------------------
 
-    def tidy(self, _newest=None):  # the argument: for service.open_store, which passes it
+    def tidy(self):
         """At start, with no writer running: remove what a write cut short left behind --
         temporaries, state files without a manifest, and the exports if no generation was
         ever committed (they were written before the first manifest). Returns the names."""
@@ -237,11 +237,6 @@ class CheckpointStore:
         return {int(match.group(1)) for match in map(_GENERATION.match, names)
                 if match and match.group(2) == "json"}
 
-    def has_files(self):
-        """Whether a generation was ever committed here (kept for service.open_store, which
-        quarantines when this is true and nothing loads; open_store below replaces it)."""
-        return bool(self.committed())
-
 
 def open_store(config):
     """Pick the generation to resume from; quarantine what is damaged. No TensorFlow.
@@ -269,7 +264,7 @@ def open_store(config):
             log.error("no loadable checkpoint in %s (%s); moved the files to %s and starting "
                       "afresh", config.save, "; ".join(f"{n}: {why}" for n, why in damaged),
                       target)
-    store.tidy(newest)
+    store.tidy()
     return newest
 
 

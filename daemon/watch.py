@@ -38,12 +38,11 @@ MOUNT_CHECK_SECONDS = 30.0  # how often `auto` looks for a share mounted inside 
 class Watcher:
     """Watches `root` and queues changes as (kind, path, dest):
     "written" (closed after writing: new content, even if size and mtime were kept),
-    "file" (moved in), "changed" (seen new or changed by a poll: may
-    still be being written), "created" (a
-    name appeared that may never be closed after writing: a hard link, symlink or FIFO),
-    "gone" (deleted or moved out), "moved" (path -> dest inside the tree), "scan" (walk
-    this folder, with the reason as dest). Only names for which `wanted(name)` holds are
-    reported as files; folders always are."""
+    "file" (moved in), "changed" (seen new or changed by a poll: may still be being
+    written), "created" (a name appeared that may never be closed after writing: a hard
+    link, symlink or FIFO), "gone" (deleted or moved out), "moved" (path -> dest inside the
+    tree), "scan" (walk this folder, with the reason as dest). Only names for which
+    `wanted(name)` holds are reported as files; folders always are."""
 
     def __init__(self, path, wanted, mode="auto", poll_seconds=5.0, rescan_seconds=3600.0,
                  clock=time.monotonic):
@@ -78,11 +77,14 @@ class Watcher:
         self.changes.put(("wake", None, None))
 
     def reconfigure(self, mode, poll_seconds, rescan_seconds):
+        """New settings (a reload): watch anew if the mode changed; rescan either way."""
         changed = mode != self.configured
         self.configured, self.poll_seconds, self.rescan_seconds = mode, poll_seconds, rescan_seconds
-        self._next_rescan = self.clock() + rescan_seconds if rescan_seconds else 0.0
         if changed:
-            self._attach("watch.mode changed")
+            self._attach("watch.mode changed")  # rescans, and restarts both timers
+        else:
+            self._next_rescan = self.clock() + rescan_seconds if rescan_seconds else 0.0
+            self.rescan("settings reloaded")
 
     @property
     def problem(self):
