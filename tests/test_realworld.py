@@ -395,6 +395,9 @@ def test_a_photo_library_streams_out_and_keeps_the_watchdog_fed(tmp_path, traine
                                        "WATCHDOG_USEC": "4000000"})
         images = sorted(inbox.glob("*.jpg"))
         wait_until(lambda: all(labelled(p) for p in images), 120, message="every photo")
+        # The main loop logs "ready" on its next tick (up to 1 s): a fast machine may have
+        # labelled all 40 by then.
+        daemon.wait_for_log(r"INFO daemon.service: ready")
         ready = re.search(r"^(\S+ \S+) INFO daemon.service: ready", daemon.log, re.M).group(1)
         ready = datetime.datetime.fromisoformat(ready.replace(",", ".")).astimezone()
         times = sorted(datetime.datetime.fromisoformat(labelled(p)["classified_at"])
