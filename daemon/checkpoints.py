@@ -35,6 +35,8 @@ class Checkpoint(keras.callbacks.Callback):
         self.store = CheckpointStore(folder)
         self.every_batches = every_batches
         self.fingerprint = dict(fingerprint or {})
+        self.extra = {}  # more for the manifest (the trainer's data version and classes)
+        self.validate = None  # optional: () -> {"val_loss": .., "val_accuracy": ..} at epoch ends
         self.history = []  # one dict per completed epoch
         self.unsaved = 0  # batches trained since the last generation was written
         self.last_write_ms = None
@@ -136,15 +138,17 @@ class Checkpoint(keras.callbacks.Callback):
         if not complete:
             return  # stopped mid-epoch; on_train_end saves the batch reached
         logs = logs or {}
+        scores = self.validate() if self.validate else {}
         self.history.append({
             "epoch": epoch + 1,
             "loss": _number(logs.get("loss")),
             "accuracy": _number(logs.get("accuracy")),
+            **{key: _number(value) for key, value in scores.items()},
             "seconds": round(time.monotonic() - self._epoch_started, 3),
         })
         self._step = 0
         self._epoch = epoch + 1
-        self.save(epoch + 1, 0)
+        self.save(epoch + 1, 0, scores=scores)
 
     def on_train_end(self, logs=None):
         if self._step:
@@ -152,15 +156,21 @@ class Checkpoint(keras.callbacks.Callback):
 
     # ---- writing ---------------------------------------------------------------------------
 
-    def save(self, epoch, step, export=True):
+    def save(self, epoch, step, export=True, scores=None):
         """Write a generation for `epoch` completed epochs and `step` batches, with
         model.json + model.h5 unless `export` is false (periodic mid-epoch checkpoints keep
-        their cost low). Never raises for I/O errors: the previous generation stays."""
+        their cost low). `scores`, the validation of these very weights, makes it a
+        contestant for the best checkpoint. Never raises for I/O errors: the previous
+        generation stays."""
         started = time.monotonic()
         last = self.history[-1] if self.history else {}
+        scores = scores or {}
         meta = {
+            **self.extra,
             "epoch": epoch, "step": step, "epochs": (self.params or {}).get("epochs"),
             "loss": last.get("loss"), "accuracy": last.get("accuracy"),
+            "validation_loss": _number(scores.get("val_loss")),
+            "validation_accuracy": _number(scores.get("val_accuracy")),
             "history": self.history, "fingerprint": self.fingerprint,
             "variables": _shapes(self.model.variables),
         }

@@ -1,7 +1,8 @@
-"""The model that labels: the newest complete checkpoint, as one compiled batch predict.
+"""The model that labels: the best checkpoint so far (or the newest), as one compiled
+batch predict.
 
 The classifier keeps its own copy of the model, loaded from a verified generation (never a
-half-written one) and reloaded when a newer one lands, at most once per generation and
+half-written one) and reloaded when the choice changes, at most once per generation and
 only when there is something to label. Images that come before the first checkpoint wait.
 """
 
@@ -12,46 +13,66 @@ import numpy as np
 import tensorflow as tf
 
 from daemon import images, models
+from daemon.config import NUM_CLASSES
 from daemon.store import CheckpointStore
 
 log = logging.getLogger(__name__)
 
 
 class Classifier:
-    """The newest checkpoint's model as one compiled function over batches of 28x28 images."""
+    """The labelling checkpoint's model as one compiled function over batches of 28x28
+    images: the best so far by validation accuracy (classify.checkpoint: best), or the
+    newest. Its width and class names come with the checkpoint (a folder source grows)."""
 
     def __init__(self, config):
-        self.labels = config.classify.labels
+        self.config = config
         self.store = CheckpointStore(config.save)
-        self.model = models.build(config.model)
+        self.model = None
         self.generation = None
-        self._predict = tf.function(  # scaled to [0, 1] as in training
-            lambda batch: self.model(tf.cast(batch, tf.float32) / 255.0, training=False),
-            input_signature=[tf.TensorSpec([None, images.SIDE, images.SIDE], tf.uint8)],
-            reduce_retracing=True)
+        self._seen = None  # the generation numbers in save/ when we last chose
+        self._prefer = config.classify.checkpoint
+
+    @property
+    def labels(self):
+        if self.config.data.source == "folder":
+            return self.generation["classes"]
+        return self.config.classify.labels  # a reload may rename them
 
     def refresh(self):
-        """Load the newest verified generation if it is newer than ours; True if we have one."""
+        """Load the labelling generation if it changed; True if we have one."""
         numbers = self.store.numbers()
-        if numbers and (self.generation is None or numbers[0] > self.generation.number):
-            newest, _ = self.store.scan()
-            if newest is not None and (self.generation is None
-                                       or newest.number > self.generation.number):
+        if numbers != self._seen or (self.generation is not None and
+                                     self._prefer != self.config.classify.checkpoint):
+            chosen = self.store.labelling(self.config.classify.checkpoint)
+            if chosen is not None and (self.generation is None
+                                       or chosen.id != self.generation.id):
                 try:
-                    self._load(newest)
-                except (OSError, ValueError, KeyError) as error:  # removed or replaced meanwhile
-                    log.warning("could not load checkpoint %d: %s", newest.number, error)
+                    self._load(chosen)
+                except (OSError, ValueError, KeyError) as error:  # removed meanwhile
+                    log.debug("could not load checkpoint %d: %s", chosen.number, error)
+                    return self.generation is not None
+            self._seen, self._prefer = numbers, self.config.classify.checkpoint
         return self.generation is not None
 
     def _load(self, generation):
+        width = len(generation.get("classes") or ()) or NUM_CLASSES
+        if self.model is None or int(self.model.outputs[0].shape[-1]) != width:
+            self.model = models.build(self.config.model, num_classes=width)
+            model = self.model
+            self._predict = tf.function(  # scaled to [0, 1] as in training
+                lambda batch: model(tf.cast(batch, tf.float32) / 255.0, training=False),
+                input_signature=[tf.TensorSpec([None, images.SIDE, images.SIDE], tf.uint8)],
+                reduce_retracing=True)
         with np.load(io.BytesIO(generation.read_state()), allow_pickle=False) as arrays:
             for index, variable in enumerate(self.model.variables):
                 variable.assign(arrays[f"model.{index}"])
         first, self.generation = self.generation is None, generation
         # Reloads follow every checkpoint while training: INFO for the first one only.
+        score = generation.get("validation_accuracy")
         log.log(logging.INFO if first else logging.DEBUG,
-                "labelling with checkpoint %d (epoch %d, batch %d)", generation.number,
-                generation["epoch"], generation["step"])
+                "labelling with checkpoint %d (epoch %d, batch %d%s)", generation.number,
+                generation["epoch"], generation["step"],
+                f", validation accuracy {score:.4f}" if score is not None else "")
 
     def results(self, batch):
         """A list of 28x28 uint8 images -> one sidecar record each (label, class, ...)."""

@@ -18,13 +18,14 @@ DEFAULT_LABELS = (
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 DEFAULT_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp")
-DATA_SOURCES = ("auto", "keras", "sample", "path")
+DATA_SOURCES = ("auto", "keras", "sample", "path", "folder")
 MODELS = ("mlp", "cnn")
 SIDECARS = ("json", "txt")
+LABELLING = ("best", "newest")  # which checkpoint labels the inbox
 # Never image extensions: the sidecar suffixes (sidecars of sidecars) and our temporaries.
 RESERVED_EXTENSIONS = SIDECARS + ("tmp",)
 WATCH_MODES = ("auto", "inotify", "poll")
-NUM_CLASSES = 10  # both model presets end in Dense(10)
+NUM_CLASSES = 10  # Fashion-MNIST; a folder source has as many as it has class folders
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Train:
     batch_size: int = 32
     seed: int = 0
     checkpoint_every: object = "epoch"  # "epoch" or a positive number of batches
+    epochs_per_update: int = 5  # a new data version trains at least this many epochs more
 
     @property
     def checkpoint_batches(self):
@@ -48,9 +50,10 @@ class Data:
 
 @dataclasses.dataclass(frozen=True)
 class Classify:
-    labels: tuple = DEFAULT_LABELS
+    labels: tuple = DEFAULT_LABELS  # Fashion-MNIST sources; a folder's classes are its own
     sidecar: str = "json"
     extensions: tuple = DEFAULT_EXTENSIONS
+    checkpoint: str = "best"  # "best" by validation accuracy, or "newest"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +81,9 @@ class Config:
             f"data.path={self.data.path} model={self.model} train.epochs={self.train.epochs} "
             f"train.batch_size={self.train.batch_size} train.seed={self.train.seed} "
             f"train.checkpoint_every={self.train.checkpoint_every} "
+            f"train.epochs_per_update={self.train.epochs_per_update} "
             f"classify.sidecar={self.classify.sidecar} "
+            f"classify.checkpoint={self.classify.checkpoint} "
             f"classify.extensions={','.join(self.classify.extensions)} "
             f"watch.mode={self.watch.mode} watch.poll_seconds={self.watch.poll_seconds} "
             f"watch.rescan_seconds={self.watch.rescan_seconds}"
@@ -148,11 +153,14 @@ def parse(raw, base):
             batch_size=train.integer("batch_size", 32, minimum=1, maximum=65536),
             seed=train.integer("seed", 0, minimum=0, maximum=2**31 - 1),
             checkpoint_every=train.checkpoint_every("checkpoint_every"),
+            epochs_per_update=train.integer("epochs_per_update", 5, minimum=1,
+                                            maximum=1_000_000),
         ),
         classify=Classify(
             labels=classify.labels("labels"),
             sidecar=classify.choice("sidecar", "json", SIDECARS),
             extensions=classify.extensions("extensions"),
+            checkpoint=classify.choice("checkpoint", "best", LABELLING),
         ),
         watch=Watch(
             mode=watch.choice("mode", "auto", WATCH_MODES),
@@ -165,6 +173,16 @@ def parse(raw, base):
     if config.data.source == "path" and config.data.path is None:
         raise ConfigError("data.path", "expected a folder holding the Fashion-MNIST IDX "
                           "files when data.source is 'path', got nothing")
+    if config.data.source == "folder":
+        if config.data.path is None:
+            raise ConfigError("data.path", "expected a folder of class folders "
+                              "(DIR/<class>/<images>) when data.source is 'folder', got nothing")
+        if not config.data.path.is_dir():
+            raise ConfigError("data.path", f"{config.data.path} is not a folder (expected "
+                              "one holding a folder per class)")
+        if "labels" in classify.raw:
+            raise ConfigError("classify.labels", "not with data.source 'folder': the class "
+                              "names are the folder names in data.path")
     _check_apart(config)
     return config
 
@@ -313,7 +331,8 @@ def _show(value):
 
 def with_live_settings(running, new):
     """`running` with what a reload can change in a running daemon taken from `new`:
-    train.epochs, classify.*, watch.*. Everything else keeps its running value."""
+    train.epochs, train.epochs_per_update, classify.*, watch.*. Everything else keeps its running value."""
     return dataclasses.replace(
-        running, train=dataclasses.replace(running.train, epochs=new.train.epochs),
+        running, train=dataclasses.replace(running.train, epochs=new.train.epochs,
+                                           epochs_per_update=new.train.epochs_per_update),
         classify=new.classify, watch=new.watch)

@@ -27,10 +27,13 @@ class Dataset:
         (self.x_train, self.y_train), (self.x_test, self.y_test) = train, test
         self.origin = origin
 
-    def digest(self):
-        """Identifies the training data in the checkpoint fingerprint."""
+    def digest(self, with_test=False):
+        """Identifies the data (a data version records it: made again only if it changes)."""
         digest = hashlib.sha256(self.x_train.tobytes())
         digest.update(self.y_train.tobytes())
+        if with_test:
+            digest.update(self.x_test.tobytes())
+            digest.update(self.y_test.tobytes())
         return digest.hexdigest()[:16]
 
     def __str__(self):

@@ -45,6 +45,25 @@ def decode_chunk(paths):
     return results
 
 
+def decode_training_chunk(paths):
+    """In a worker, for a data version: [(path, kind, payload)]; an image's payload is
+    (28x28, sha256, (size, mtime_ns, ino)) of the file as read."""
+    results = []
+    for path in paths:
+        try:
+            image, digest, info = images.load_for_training(path)
+            kind, payload = "image", (image, digest, (info.st_size, info.st_mtime_ns,
+                                                       info.st_ino))
+        except images.BadImage as error:
+            kind, payload = "bad", str(error)
+        except images.Unreadable as error:
+            kind, payload = "unreadable", str(error)
+        except MemoryError:
+            kind, payload = "unreadable", "out of memory while decoding"
+        results.append((path, kind, payload))
+    return results
+
+
 def _die_with_parent(parent):
     """In a worker: end with the daemon, even a daemon killed with SIGKILL (a worker blocked
     on the task queue would otherwise wait for ever: it holds that queue's write end too)."""
@@ -103,6 +122,16 @@ class Decoder:
 
     def submit(self, paths):
         return self._pool.submit(decode_chunk, paths)
+
+    def decode_all(self, paths, chunk=256):
+        """decode_training_chunk over many paths on every worker; results in order."""
+        futures = [self._pool.submit(decode_training_chunk, paths[i: i + chunk])
+                   for i in range(0, len(paths), chunk)]
+        try:
+            return [result for future in futures for result in future.result()]
+        finally:
+            for future in futures:
+                future.cancel()
 
     def submit_writes(self, sidecars):
         return self._pool.submit(write_chunk, sidecars)

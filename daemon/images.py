@@ -8,6 +8,7 @@ Images are taken as seen, not as stored: the EXIF Orientation tag of a phone pho
 """
 
 import errno
+import hashlib
 import math
 import os
 import stat
@@ -57,12 +58,21 @@ class Unreadable(Exception):
 
 def load(path):
     """A file -> 28x28 uint8, ready for the model (after /255). Raises BadImage or
-    Unreadable. A plain function with picklable exceptions: runs in worker processes."""
+    Unreadable. A plain function with picklable exceptions: runs in worker processes.
+    The one preprocessing of the daemon: inbox images and training images alike."""
     return to_dataset_style(decode(read_file(path)))
 
 
-def read_file(path):
-    """The bytes of a regular file, never following a symlink and never blocking on a FIFO."""
+def load_for_training(path):
+    """load(), plus what a data version records of the file: (28x28, sha256 of the bytes
+    read, os.stat_result of the file as read)."""
+    data, info = read_file(path, with_info=True)
+    return to_dataset_style(decode(data)), hashlib.sha256(data).hexdigest(), info
+
+
+def read_file(path, with_info=False):
+    """The bytes of a regular file, never following a symlink and never blocking on a FIFO;
+    with `with_info`, (bytes, its fstat)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as error:
@@ -87,7 +97,7 @@ def read_file(path):
         after = os.fstat(fd)
         if remaining or (after.st_size, after.st_mtime_ns) != (info.st_size, info.st_mtime_ns):
             raise Unreadable("the file changed while being read")
-        return b"".join(chunks)
+        return (b"".join(chunks), info) if with_info else b"".join(chunks)
     except OSError as error:
         raise _classified(error, "cannot read") from None
     finally:

@@ -3,6 +3,7 @@ process built before (Keras numbers unnamed layers from a global counter), and e
 initial value comes from `seed`, not from global state another thread may be using."""
 
 import keras
+import numpy as np
 from keras import initializers, layers
 
 
@@ -44,3 +45,30 @@ def build(name, seed=0, num_classes=10):
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
     return model
+
+
+def widen(model, name, num_classes, seed=0):
+    """`model` with `num_classes` outputs (at least as many as it has): every weight and the
+    optimizer's state carried over, the old classes keeping their units and indices; a new
+    unit starts from the wider model's seeded initial weights (bias 0), its optimizer
+    moments at 0. The result is a new compiled model."""
+    wider = build(name, seed=seed, num_classes=num_classes)
+    for each in (model, wider):
+        if not each.optimizer.built:
+            each.optimizer.build(each.trainable_variables)
+    pairs = [(model.variables, wider.variables, False),
+             (model.optimizer.variables, wider.optimizer.variables, True)]
+    for old_group, new_group, zeros in pairs:
+        if len(old_group) != len(new_group):
+            raise ValueError("cannot widen: the models differ in more than their output")
+        for old, new in zip(old_group, new_group):
+            value = old.numpy()
+            if tuple(old.shape) != tuple(new.shape):
+                grown = np.zeros(new.shape, value.dtype) if zeros else new.numpy()
+                if value.shape[:-1] != grown.shape[:-1] or value.shape[-1] > grown.shape[-1]:
+                    raise ValueError(f"cannot widen {old.path} from {value.shape} to "
+                                     f"{grown.shape}")
+                grown[..., : value.shape[-1]] = value
+                value = grown
+            new.assign(value)
+    return wider

@@ -33,7 +33,8 @@ from daemon.decoding import Decoder
 from daemon.errors import EXIT_FATAL, EXIT_OK, ConfigError
 from daemon.inbox import Inbox
 from daemon.sidecars import Sidecars
-from daemon.store import lock as lock_save, open_store
+from daemon.datasource import DataSource, follow
+from daemon.store import CheckpointStore, lock as lock_save, open_store
 from daemon.systemd import JournalFormatter, Notifier, stderr_is_journal
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGXCPU)
 OTHER_SIGNALS = (signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF, signal.SIGIO, signal.SIGPWR,
                  signal.SIGSTKFLT, *range(signal.SIGRTMIN, signal.SIGRTMAX + 1))
 # What a reload can change in a running daemon; anything else needs a restart.
-LIVE_KEYS = ("train.epochs", "classify.labels", "classify.sidecar", "classify.extensions",
-             "watch.mode", "watch.poll_seconds", "watch.rescan_seconds")
+LIVE_KEYS = ("train.epochs", "train.epochs_per_update", "classify.labels",
+             "classify.sidecar", "classify.extensions", "classify.checkpoint", "watch.mode",
+             "watch.poll_seconds", "watch.rescan_seconds")
 TRAINER_STOP_SECONDS = 25  # a batch and a checkpoint; systemd's TimeoutStopSec is 30
 LABELLER_STOP_SECONDS = 0.5  # sidecars are atomic: an unfinished batch is simply redone
 
@@ -82,7 +84,7 @@ class Service:
         self._wake_write.setblocking(False)
         self._errors = []  # exceptions that ended a worker thread
         self.notifier = Notifier()
-        self.trainer = self.labeller = self.inbox = None
+        self.trainer = self.labeller = self.inbox = self.data_source = None
         self._imported = threading.Event()  # TensorFlow is imported: the labeller may start
         self._labeller_beat = time.monotonic()
         self._last_problem = None
@@ -105,6 +107,9 @@ class Service:
         self.inbox = Inbox(config.inbox, sidecars, config.watch)
         self.inbox.start()
         log.info("watching %s for %s images", config.inbox, ", ".join(config.classify.extensions))
+        self.data_source = DataSource(config, Decoder() if config.data.source == "folder"
+                                      else None)
+        self._start("data", self._follow_data)
         trainer_thread = self._start("trainer", self._train, generation)
         labeller_thread = self._start("labeller", self._label, decoder)
         self._serve(trainer_thread, labeller_thread)
@@ -121,6 +126,8 @@ class Service:
             trainer_thread.join(TRAINER_STOP_SECONDS)
         self.inbox.stop()
         decoder.stop()
+        if self.data_source.decoder is not None:
+            self.data_source.decoder.stop(wait=False)
         self.notifier.close()
         if self._errors:
             raise self._errors[0]
@@ -208,8 +215,12 @@ class Service:
                             "wardrobe): carrying on with the old value", key)
         live = [key for key in changed if key in LIVE_KEYS]
         self.config = config_module.with_live_settings(old, new)
-        if self.trainer is not None and self.trainer.epochs != self.config.train.epochs:
-            self.trainer.set_target(self.config.train.epochs)
+        if self.data_source is not None:
+            self.data_source.config = self.config
+        if self.trainer is not None:
+            self.trainer.config = self.config
+            if self.trainer.configured != self.config.train.epochs:
+                self.trainer.set_target(self.config.train.epochs)
         log.info("reloaded config from %s: %s", old.source or "the defaults",
                  "changed " + ", ".join(live) if live else "nothing to change live")
 
@@ -223,6 +234,8 @@ class Service:
         trainer = self.trainer
         if trainer is None or trainer.phase == "loading":
             return "loading the model, " + ", ".join(parts)
+        if trainer.phase == "waiting":
+            return "waiting for training data, " + ", ".join(parts)
         if trainer.phase == "training":
             return (f"training epoch {trainer.epoch + 1}/{trainer.epochs} "
                     f"(batch {trainer.step}), " + ", ".join(parts))
@@ -236,6 +249,11 @@ class Service:
         live = dict(self.labeller.summary, pid=os.getpid(), status=self._status_line(),
                     watch={"mode": watcher.mode, "why": watcher.why},
                     training=bool(self.trainer and self.trainer.phase == "training"))
+        trainer = self.trainer
+        if trainer is not None and trainer.data is not None:
+            live.update(data_version=trainer.data.version.number, images=trainer.data.version
+                        .images, classes=list(trainer.data.classes), epochs=trainer.epochs,
+                        validation_accuracy=trainer.validation_accuracy)
         if live != self._live:
             self._live = live
             try:
@@ -273,6 +291,23 @@ class Service:
         thread.start()
         return thread
 
+    def _follow_data(self):
+        """The data thread: a new data version whenever the source changes."""
+        source = self.data_source
+        if source.decoder is not None:
+            source.decoder.start()
+
+        def keep():
+            trainer = self.trainer
+            in_use = {trainer.data.version.number} if trainer and trainer.data else set()
+            return in_use | CheckpointStore(self.config.save).data_versions()
+
+        def on_version(version):
+            if self.trainer is not None:
+                self.trainer.wake.set()
+
+        follow(source, self.config.watch, self.stop_event, keep, on_version)
+
     def _train(self, generation):
         # TensorFlow is imported here, off the main thread, and by one thread only (two
         # threads importing it at once deadlock)
@@ -303,7 +338,7 @@ class Service:
             if self.config is not config:  # reloaded
                 config = self.config
                 labeller.sidecars = Sidecars(config.classify.sidecar, config.classify.extensions)
-                labeller.classifier.labels = config.classify.labels
+                labeller.classifier.config = config
                 self.inbox.reconfigure(labeller.sidecars, config.watch)
             idle = not (labeller.pending or labeller.in_flight or self.inbox.scanning)
             try:

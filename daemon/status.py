@@ -4,6 +4,7 @@ import datetime
 import json
 
 from daemon.store import CheckpointStore, running_pid
+from daemon.versions import VersionStore
 
 
 def report(config):
@@ -18,21 +19,50 @@ def report(config):
                       accuracy=newest.get("accuracy"), checkpoint=newest.number,
                       checkpoint_time=newest["written_at"],
                       model=newest.get("fingerprint", {}).get("model", config.model))
-    result["inbox"] = _live(config.save, result["running_pid"])
+    result.update(_data(config, newest))
+    live = _live(config.save, result["running_pid"])
+    result["inbox"] = {key: live.get(key) for key in INBOX_KEYS} if live else None
+    if live:
+        result.update({key: live[key] for key in DATA_KEYS + ("training",) if key in live})
+    return result
+
+
+INBOX_KEYS = ("status", "labelled", "errors", "backlog", "retrying", "cannot_label", "watch")
+DATA_KEYS = ("classes", "images", "data_version", "validation_accuracy", "epochs")
+
+
+def _data(config, newest):
+    """classes, images, data_version, validation_accuracy, training and the target epoch,
+    as the newest checkpoint (or, before the first, the newest data version) has them."""
+    result = {"training": False, "validation_accuracy": None, "classes": None,
+              "images": None, "data_version": None}
+    if config.data.source != "folder":
+        result["classes"] = list(config.classify.labels)
+    if newest is not None and newest.get("data_version") is not None:
+        history = newest.get("history") or [{}]
+        result.update(data_version=newest["data_version"], images=newest.get("images"),
+                      validation_accuracy=history[-1].get("val_accuracy"),
+                      epochs=max(config.train.epochs, newest.get("data_target") or 0))
+        if config.data.source == "folder":
+            result["classes"] = newest.get("classes")
+    elif (version := VersionStore(config.save).newest()) is not None:
+        result.update(data_version=version.number, images=version.images)
+        if config.data.source == "folder":
+            result["classes"] = version.classes
     return result
 
 
 def _live(save, pid):
-    """What the running daemon says of its inbox (save/live.json), or None when it is down:
-    labelled, errors, backlog, retrying, cannot_label, watch (mode and why)."""
+    """What the running daemon says of itself (save/live.json), or None when it is down:
+    its inbox (labelled, errors, backlog, retrying, cannot_label, watch: mode and why) and
+    its data (training, data_version, images, classes, validation_accuracy, epochs)."""
     try:
         live = json.loads((save / "live.json").read_text())
     except (OSError, ValueError):
         return None
     if pid is None or live.get("pid") != pid:
         return None
-    return {key: live.get(key) for key in ("status", "labelled", "errors", "backlog",
-                                          "retrying", "cannot_label", "watch")}
+    return live
 
 
 def render(result, as_json):

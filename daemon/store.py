@@ -162,7 +162,7 @@ class CheckpointStore:
                         written_at=fsutil.utc_timestamp())
         body = json.dumps(manifest, indent=1, sort_keys=True).encode()
         fsutil.write_new(self.folder / manifest_name(number), body, sync_folder=True)
-        self._drop_older_than(numbers[0] if numbers else number)
+        self._prune(keep={number, numbers[0] if numbers else number})
         return Generation(self.folder, manifest)
 
     def adopt(self, generation):
@@ -185,12 +185,59 @@ class CheckpointStore:
             fsutil.write_new(self.folder / name, data, sync_folder=False)
             self._export_digests[name] = digest
 
-    def _drop_older_than(self, keep_from):
-        """Remove generations older than `keep_from` (the previous one stays)."""
+    def _prune(self, keep):
+        """Remove older generations but those in `keep` (the newest two) and the best."""
+        best = self.best()
+        keep = keep | ({best.number} if best is not None else set())
         for number in self.numbers():
-            if number < keep_from:
+            if number < max(keep) and number not in keep:
                 for name in (manifest_name(number), state_name(number)):
                     _unlink(self.folder / name)
+
+    # ---- the best so far -----------------------------------------------------------------
+
+    def best(self):
+        """The best verified generation by validation accuracy, or None. A contest within
+        one data version (same validation images, same classes): the newest version that
+        has a contestant holds it, the earliest of equals wins (kept until beaten). Only
+        epoch ends compete: their manifest holds the validation of those very weights."""
+        entrants = []
+        for number in self.numbers():
+            try:
+                manifest = json.loads((self.folder / manifest_name(number)).read_bytes())
+            except (OSError, ValueError):
+                continue
+            if isinstance(manifest, dict) and manifest.get("validation_accuracy") is not None:
+                entrants.append(manifest)
+        if entrants:
+            version = max(m.get("data_version") or 0 for m in entrants)
+            entrants = [m for m in entrants if (m.get("data_version") or 0) == version]
+            entrants.sort(key=lambda m: (-m["validation_accuracy"], m["generation"]))
+        for manifest in entrants:
+            try:
+                verified = self._verify(manifest["generation"])
+            except _Damaged:
+                continue
+            if verified is not None:
+                return Generation(self.folder, verified)
+        return None
+
+    def data_versions(self):
+        """The data versions named by the generations in the folder."""
+        named = set()
+        for number in self.numbers():
+            try:
+                manifest = json.loads((self.folder / manifest_name(number)).read_bytes())
+                named.add(int(manifest["data_version"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return named
+
+    def labelling(self, prefer):
+        """The generation that labels: the best (`prefer` "best"; the newest until there is
+        a best) or the newest."""
+        chosen = self.best() if prefer == "best" else None
+        return chosen if chosen is not None else self.scan()[0]
 
     # ---- repair ----------------------------------------------------------------------------
 

@@ -14,8 +14,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from daemon import dataset, models
+from daemon import models
 from daemon.checkpoints import Checkpoint
+from daemon.config import NUM_CLASSES
+from daemon.versions import Data, VersionStore
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +31,9 @@ class EpochBatches:
     """The training set, held once as tensors; of_epoch(e) yields its batches in the order
     of epoch_order(seed, e), scaled to [0, 1] as the tutorial does."""
 
-    def __init__(self, data, batch_size, seed):
-        self.images = tf.constant(data.x_train)
-        self.labels = tf.constant(data.y_train)
+    def __init__(self, images, labels, batch_size, seed):
+        self.images = tf.constant(images)
+        self.labels = tf.constant(labels)
         self.batch_size, self.seed = batch_size, seed
 
     def of_epoch(self, epoch):
@@ -47,23 +49,32 @@ class EpochBatches:
 
 
 class Trainer:
-    """Trains `config.model` up to `epochs` (raised by a reload: training goes on), then
-    waits for a new target or a stop. run() blocks; setting stop_event (and wake), from any
-    thread, ends it at the next batch boundary with a checkpoint.
+    """Trains `config.model` on the newest data version up to the target epoch, then waits
+    for a new target (a reload), a new data version, or a stop. run() blocks; setting
+    stop_event (and wake), from any thread, ends it at the next batch boundary with a
+    checkpoint.
+
+    A new data version is taken at an epoch boundary only: the model widens by the new
+    classes and the target becomes at least the current epoch + train.epochs_per_update.
+    A checkpoint inside an epoch resumes on the version that epoch started with.
 
     `phase` tells the service what a stop would lose: only in "training" with batches
-    trained since the last checkpoint (unsaved()) must it wait; "loading", "evaluating"
-    and "idle" have everything on disk already."""
+    trained since the last checkpoint (unsaved()) must it wait; "loading", "waiting" (for
+    data), "evaluating" and "idle" have everything on disk already."""
 
     def __init__(self, config, generation, stop_event):
         self.config = config
         self.generation = generation  # verified checkpoint to resume from, or None
         self.stop_event = stop_event
-        self.epochs = config.train.epochs  # the target
-        self.wake = threading.Event()  # a new target, or stop
+        self.configured = config.train.epochs  # train.epochs, live
+        self.data_target = 0  # raised by each new data version
+        self.epochs = self.configured  # the target: the larger of the two
+        self.wake = threading.Event()  # a new target, new data, or stop
         self.phase = "loading"
         self.epoch = self.step = 0
         self.checkpoint = None
+        self.data = None  # the data version in use (daemon.versions.Data)
+        self.validation_accuracy = None  # the last epoch's
         self.restored = threading.Event()  # the model is ready: set after restore
         self.last_progress = time.monotonic()  # for the watchdog: a batch, an epoch...
 
@@ -72,7 +83,8 @@ class Trainer:
             self.checkpoint.unsaved)
 
     def set_target(self, epochs):
-        self.epochs = epochs
+        self.configured = epochs
+        self.epochs = max(self.configured, self.data_target)
         self.wake.set()
 
     def run(self):
@@ -80,38 +92,58 @@ class Trainer:
         keras.config.disable_interactive_logging()  # Keras's messages go to logging, not print
         keras.utils.set_random_seed(train.seed)
         tf.config.experimental.enable_op_determinism()
-        data = dataset.load(self.config.data.source, self.config.data.path)
-        log.info("data: %s", data)
-        model = models.build(self.config.model, seed=train.seed)
+        self.versions = VersionStore(self.config.save)
+        generation = self.generation
+        version = self._resumed_version(generation)
+        if version is None:
+            self.phase = "waiting"
+            version = self._wait_for_data()
+            if version is None:
+                return None
+        self.phase = "loading"
+        self.data = Data(version)
+        log.info("%s", self.data)
+        width = len(generation.get("classes", [])) or NUM_CLASSES if generation else \
+            len(self.data.classes)
+        model = models.build(self.config.model, seed=train.seed, num_classes=width)
         checkpoint = Checkpoint(self.config.save, every_batches=train.checkpoint_batches,
-                                fingerprint=self.fingerprint(data))
+                                fingerprint=self.fingerprint())
         checkpoint.set_model(model)
-        self.epoch, self.step = checkpoint.restore(self.generation)
-        self.checkpoint = checkpoint
+        checkpoint.validate = self._validate
+        self.epoch, self.step = checkpoint.restore(generation)
+        if generation is not None:
+            self.data_target = generation.get("data_target", 0)
+            self.validation_accuracy = generation.get("validation_accuracy")
+        self.set_target(self.configured)
+        self.checkpoint, self.model = checkpoint, model
+        if len(self.data.classes) > width:
+            self._widen()
+        self._describe_data()
         self.last_progress = time.monotonic()
         self.restored.set()
         where = "resuming from" if checkpoint.restored else "no checkpoint in"
         log.info("%s %s: epoch %d/%d, batch %d", where, self.config.save, self.epoch,
                  self.epochs, self.step)
-        callbacks = [_StopOnEvent(self.stop_event), _Progress(self), checkpoint,
-                     _EpochLog(checkpoint, self)]
-        batches = EpochBatches(data, train.batch_size, train.seed)
         trained = announced = False
         while not self.stop_event.is_set():
+            if self.step == 0:
+                self._take_newest_data()
             if self.epoch < self.epochs:
                 self.phase = "training"
                 epoch = self.epoch
-                model.fit(batches.of_epoch(epoch), initial_epoch=epoch, epochs=epoch + 1,
-                          shuffle=False, verbose=0, callbacks=callbacks)
+                callbacks = [_StopOnEvent(self.stop_event), _Progress(self), self.checkpoint,
+                             _EpochLog(self.checkpoint, self)]
+                self.model.fit(self.batches.of_epoch(epoch), initial_epoch=epoch,
+                               epochs=epoch + 1, shuffle=False, verbose=0, callbacks=callbacks)
                 trained = True
                 if self.step:  # stopped inside this epoch
                     log.info("stopped at batch %d of epoch %d; checkpoint %.0f ms", self.step,
-                             epoch + 1, checkpoint.last_write_ms or 0)
-                    return model
+                             epoch + 1, self.checkpoint.last_write_ms or 0)
+                    return self.model
                 continue
             self.phase = "evaluating"
             if trained:
-                self._report_test_accuracy(model, data)
+                self._report_test_accuracy()
             if self.stop_event.is_set():
                 break
             if trained or not announced:
@@ -119,25 +151,120 @@ class Trainer:
                          "stopped", self.epoch)
             trained, announced = False, True
             self.phase = "idle"
-            self.wake.clear()  # then look again: a new target set just before is not lost
-            if self.epoch >= self.epochs and not self.stop_event.is_set():
+            self.wake.clear()  # then look again: a target or data set just before is not lost
+            if self.epoch >= self.epochs and not self.stop_event.is_set() and \
+                    not self._newer_version():
                 self.wake.wait()
             self.last_progress = time.monotonic()
-        return model
+        return self.model
 
-    def fingerprint(self, data):
-        """What a checkpoint must share with this run for the resume to be exact."""
+    def fingerprint(self):
+        """What a checkpoint must share with this run for the resume to be exact (the data
+        is named by version, with each checkpoint)."""
         train = self.config.train
-        return {"model": self.config.model, "batch_size": train.batch_size,
-                "seed": train.seed, "data": data.digest()}
+        return {"model": self.config.model, "batch_size": train.batch_size, "seed": train.seed}
 
-    def _report_test_accuracy(self, model, data):
+    # ---- data versions -------------------------------------------------------------------------
+
+    def _resumed_version(self, generation):
+        """The version a checkpoint trained on (an interrupted epoch resumes on it), if any."""
+        if generation is None or generation.get("data_version") is None:
+            return None
+        version = self.versions.get(generation["data_version"])
+        if version is None:
+            log.warning("data version %d, named by checkpoint %d, is missing from %s; "
+                        "using the newest (the result will differ from an uninterrupted run)",
+                        generation["data_version"], generation.number, self.versions.folder)
+        return version
+
+    def _wait_for_data(self):
+        """The newest data version, once there is one; None if stopped first."""
+        while not self.stop_event.is_set():
+            version = self.versions.newest()
+            if version is not None:
+                return version
+            self.last_progress = time.monotonic()
+            self.wake.wait(1.0)
+            self.wake.clear()
+        return None
+
+    def _newer_version(self):
+        numbers = self.versions.numbers()
+        return bool(numbers) and numbers[0] > self.data.version.number
+
+    def _take_newest_data(self):
+        """At an epoch boundary: move to the newest data version, if there is a newer one."""
+        if not self._newer_version():
+            return
+        version = self.versions.newest()
+        try:
+            data = Data(version)
+        except OSError as error:  # pruned or damaged meanwhile: the next boundary tries again
+            log.warning("cannot use data version %d yet: %s", version.number, error)
+            return
+        old = self.data.classes
+        self.data = data
+        self.data_target = max(self.data_target, self.epoch + self.config.train.epochs_per_update)
+        self.set_target(self.configured)
+        new = data.classes[len(old):]
+        log.info("%s; new classes: %s; training on to epoch %d", data,
+                 ", ".join(new) or "none", self.epochs)
+        if len(data.classes) > int(self.model.outputs[0].shape[-1]):
+            self._widen()
+        self._describe_data()
+
+    def _widen(self):
+        width = len(self.data.classes)
+        log.info("widening the output layer to %d classes (the old ones keep their units)",
+                 width)
+        self.model = models.widen(self.model, self.config.model, width,
+                                  seed=self.config.train.seed)
+        self.checkpoint.set_model(self.model)
+
+    def _describe_data(self):
+        """Point training at self.data; what checkpoints record of it."""
+        train = self.config.train
+        self.batches = EpochBatches(self.data.x_train, self.data.y_train, train.batch_size,
+                                    train.seed)
+        self.checkpoint.extra = {"data_version": self.data.version.number,
+                                 "classes": list(self.data.classes),
+                                 "images": self.data.version.images,
+                                 "data_target": self.data_target}
+
+    def _validate(self):
+        """Validation loss and accuracy of the model now (a checkpoint at an epoch end)."""
+        loss, accuracy = evaluate(self.model, self.data.x_val, self.data.y_val)
+        self.validation_accuracy = accuracy
+        self.last_progress = time.monotonic()
+        return {"val_loss": loss, "val_accuracy": accuracy}
+
+    def _report_test_accuracy(self):
+        data = self.data
+        if data.x_test is None:
+            return
         started = time.monotonic()
-        loss, accuracy = model.evaluate(data.x_test.astype("float32") / 255.0, data.y_test,
-                                        batch_size=256, verbose=0, callbacks=[_Progress(self)])
+        loss, accuracy = self.model.evaluate(
+            data.x_test.astype("float32") / 255.0, data.y_test, batch_size=256, verbose=0,
+            callbacks=[_Progress(self)])
         log.info("training done: %d epochs; test loss %.4f accuracy %.4f on %d images "
                  "(%.1f s)", self.epoch, loss, accuracy, len(data.x_test),
                  time.monotonic() - started)
+
+
+def evaluate(model, images, labels, batch_size=1024):
+    """(cross-entropy loss, accuracy) of `model` on uint8 images, or (None, None) for none;
+    plain inference, so it leaves no trace in the model's metrics or RNG state."""
+    if len(images) == 0:
+        return None, None
+    losses, hits = 0.0, 0
+    for start in range(0, len(images), batch_size):
+        batch = images[start: start + batch_size].astype(np.float32) / 255.0
+        truth = labels[start: start + batch_size].astype(np.int64)
+        probabilities = model(batch, training=False).numpy()
+        picked = np.clip(probabilities[np.arange(len(truth)), truth], 1e-7, 1.0)
+        losses += float(-np.log(picked.astype(np.float64)).sum())
+        hits += int((probabilities.argmax(axis=1) == truth).sum())
+    return round(losses / len(images), 6), round(hits / len(images), 6)
 
 
 class _StopOnEvent(keras.callbacks.Callback):
@@ -191,7 +318,11 @@ class _EpochLog(keras.callbacks.Callback):
         extra = ""
         if len(writes) > 1:
             extra = f" (+{len(writes) - 1} mid-epoch, mean {np.mean(writes[:-1]):.0f} ms)"
-        log.info("epoch %d/%d: loss %.4f accuracy %.4f (%.1f s); checkpoint %.0f ms%s",
-                 epoch + 1, self.trainer.epochs, last["loss"], last["accuracy"], last["seconds"],
-                 writes[-1] if writes else float("nan"), extra)
+        validation = ""
+        if last.get("val_accuracy") is not None:
+            validation = (f"; validation loss {last['val_loss']:.4f} accuracy "
+                          f"{last['val_accuracy']:.4f}")
+        log.info("epoch %d/%d: loss %.4f accuracy %.4f%s (%.1f s); checkpoint %.0f ms%s",
+                 epoch + 1, self.trainer.epochs, last["loss"], last["accuracy"], validation,
+                 last["seconds"], writes[-1] if writes else float("nan"), extra)
         writes.clear()

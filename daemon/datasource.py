@@ -1,0 +1,284 @@
+"""Keeps the newest data version true to the configured source.
+
+sync() compares the source with the newest version and, when they differ, commits a new
+one. For `data.source: folder`, DIR/<class>/**/<image>: files whose path, size, mtime and
+inode are unchanged keep their decoded pixels; only new or changed files are decoded (in
+worker processes, with the inbox's own preprocessing). Bad images are skipped with one
+WARNING each; images that cannot be read now (a permission, a file still being written) wait
+for a later sync, never written down as bad. A folder that is gone, or suddenly holds no
+image at all (a share unmounted), never makes an empty version. For the Fashion-MNIST
+sources the version is the IDX data, made once and again only if its content changes.
+Decodes in the decode workers; imports no TensorFlow.
+"""
+
+import logging
+import os
+import queue
+import stat
+import time
+
+import numpy as np
+
+from daemon import dataset
+from daemon.sidecars import Sidecars
+from daemon.watch import Watcher
+from daemon.versions import VersionStore, content_digest, is_validation
+
+log = logging.getLogger(__name__)
+
+SETTLE_SECONDS = 2.0  # a file modified more recently may still be being written
+MIN_CLASSES = 2  # a first version needs two classes with images: one is no classifier
+
+
+class Later(Exception):
+    """The source is not ready for a version now (files still being written, unreadable,
+    the folder gone); sync again after `seconds`."""
+
+    def __init__(self, why, seconds):
+        super().__init__(why)
+        self.seconds = seconds
+
+
+def list_folder(root, is_image_name):
+    """{relative path: (class name, size, mtime_ns, ino)} of the images under DIR/<class>/,
+    and the names of loose files and links skipped. Hidden names are ignored; symbolic
+    links are never followed (as in the inbox)."""
+    found, ignored = {}, []
+    try:
+        with os.scandir(root) as entries:
+            classes = sorted((entry for entry in entries if not entry.name.startswith(".")),
+                             key=lambda entry: entry.name)
+    except OSError as error:
+        raise Later(f"cannot list {root}: {error.strerror}", 30) from None
+    for entry in classes:
+        if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
+            if is_image_name(entry.name) or entry.is_symlink():
+                ignored.append(entry.name)
+            continue
+        stack = [entry.path]
+        while stack:
+            folder = stack.pop()
+            try:
+                with os.scandir(folder) as inner:
+                    items = list(inner)
+            except OSError as error:
+                raise Later(f"cannot list {folder}: {error.strerror}", 30) from None
+            for item in items:
+                if item.name.startswith("."):
+                    continue
+                if item.is_dir(follow_symlinks=False):
+                    stack.append(item.path)
+                elif is_image_name(item.name):
+                    if item.is_symlink():
+                        ignored.append(os.path.relpath(item.path, root))
+                        continue
+                    info = item.stat(follow_symlinks=False)
+                    if stat.S_ISREG(info.st_mode):
+                        found[os.path.relpath(item.path, root)] = (
+                            entry.name, info.st_size, info.st_mtime_ns, info.st_ino)
+    return found, ignored
+
+
+class DataSource:
+    """The configured source -> data versions in save/data/."""
+
+    def __init__(self, config, decoder, clock=time.time):
+        self.config = config
+        self.store = VersionStore(config.save)
+        self.decoder = decoder  # daemon.decoding.Decoder, for folder sources
+        self.clock = clock
+        self._warned = set()  # (path, size, mtime_ns) of bad images already reported
+        self._gone_classes = set()
+        self.retry_seconds = None  # set by sync() when images wait to be read again
+
+    @property
+    def watched(self):
+        return self.config.data.path if self.config.data.source == "folder" else None
+
+    def sync(self):
+        """A new committed Version if the source changed, else None. Raises Later; sets
+        retry_seconds when some images could not be read now (sync again then)."""
+        self.retry_seconds = None
+        if self.config.data.source == "folder":
+            return self._sync_folder()
+        return self._sync_idx()
+
+    # ---- Fashion-MNIST (IDX) ------------------------------------------------------------------
+
+    def _sync_idx(self):
+        data = dataset.load(self.config.data.source, self.config.data.path)
+        digest = data.digest(with_test=True)
+        newest = self.store.newest()
+        if newest is not None and newest.get("digest") == digest:
+            return None
+        val = [is_validation(content_digest(image)) for image in data.x_train]
+        return self.store.write(data.origin, self.config.classify.labels, data.x_train,
+                                data.y_train, val, digest=digest,
+                                extra_arrays={"x_test": data.x_test, "y_test": data.y_test})
+
+    # ---- a folder of class folders ------------------------------------------------------------
+
+    def _sync_folder(self):
+        root = str(self.config.data.path)
+        if not os.path.isdir(root):
+            raise Later(f"{root} is not there (moved, deleted or unmounted)", 30)
+        is_image = Sidecars(self.config.classify.sidecar,
+                            self.config.classify.extensions).is_image_name
+        found, ignored = list_folder(root, is_image)
+        for name in ignored:
+            if name not in self._warned:
+                self._warned.add(name)
+                log.warning("%s/%s: skipped (a symbolic link, or an image outside a class "
+                            "folder)", root, name)
+        newest = self.store.newest()
+        previous = newest.entries() if newest is not None and newest["origin"] == "folder" \
+            else {}
+        skipped = {item["path"]: item for item in (newest.get("skipped", []) if previous
+                                                   else [])}
+        now_ns = self.clock() * 1e9
+        reuse, decode = {}, []
+        for path, (cls, size, mtime, ino) in found.items():
+            old = previous.get(path) or skipped.get(path)
+            if old and (old["class"], old["size"], old["mtime_ns"], old["ino"]) == (
+                    cls, size, mtime, ino):
+                reuse[path] = old
+            elif abs(now_ns - mtime) < SETTLE_SECONDS * 1e9:
+                raise Later(f"{path} was modified moments ago", SETTLE_SECONDS)
+            else:
+                decode.append(path)
+        if not found:
+            if previous:
+                raise Later(f"{root} holds no image in a class folder now (a share that "
+                            "is gone?); keeping the data version in use", 60)
+            raise Later(f"waiting for class folders with images in {root}", 10)
+        if not decode and set(reuse) == set(previous) | (set(skipped) & set(found)):
+            return None  # nothing changed
+        decoded, later = self._decode(root, decode, found)
+        rows = [] if newest is None or not previous else newest.arrays()
+        return self._commit(root, newest, found, reuse, decoded, rows, later)
+
+    def _decode(self, root, paths, found):
+        """{path: (image, entry)} for the images decoded; [(path, why)] that failed for now."""
+        decoded, later = {}, []
+        started = time.monotonic()
+        results = self.decoder.decode_all([os.path.join(root, p) for p in paths]) if paths \
+            else []
+        for path, (full, kind, payload) in zip(paths, results):
+            cls = found[path][0]
+            if kind == "image":
+                image, digest, (size, mtime, ino) = payload
+                decoded[path] = (image, {"path": path, "class": cls, "size": size,
+                                         "mtime_ns": mtime, "ino": ino, "sha256": digest})
+            elif kind == "bad":
+                _, size, mtime, ino = found[path]
+                decoded[path] = (None, {"path": path, "class": cls, "size": size,
+                                        "mtime_ns": mtime, "ino": ino, "error": payload})
+                if (path, size, mtime) not in self._warned:
+                    self._warned.add((path, size, mtime))
+                    log.warning("%s: skipped, not a usable image: %s", full, payload)
+            else:
+                later.append((path, payload))
+        if paths:
+            log.info("decoded %d training images in %.1f s", len(paths),
+                     time.monotonic() - started)
+        return decoded, later
+
+    def _commit(self, root, newest, found, reuse, decoded, old_arrays, later):
+        classes = list(newest.classes) if newest is not None and newest["origin"] == "folder" \
+            else []
+        entries, images, skipped = [], [], []
+        for path in sorted(found):
+            if path in reuse:
+                entry = reuse[path]
+                if "error" in entry:
+                    skipped.append(entry)
+                    continue
+                images.append(old_arrays["x"][entry["row"]])
+            elif path in decoded and decoded[path][0] is not None:
+                images.append(decoded[path][0])
+                entry = decoded[path][1]
+            else:
+                if path in decoded:
+                    skipped.append(decoded[path][1])
+                continue
+            entries.append(dict(entry, row=len(entries)))
+        present = sorted({entry["class"] for entry in entries})
+        new = [name for name in present if name not in classes]
+        if not classes and len(present) < MIN_CLASSES:
+            raise Later(f"waiting for at least {MIN_CLASSES} class folders with images in "
+                        f"{root} (found: {', '.join(present) or 'none'})", 10)
+        classes += new
+        for name in sorted(set(classes) - set(present) - self._gone_classes):
+            log.warning("class %r has no images in %s any more: it keeps its output unit "
+                        "but gets no training data", name, root)
+        self._gone_classes = set(classes) - set(present)
+        index = {name: i for i, name in enumerate(classes)}
+        y = [index[entry["class"]] for entry in entries]
+        val = [is_validation(entry["sha256"]) for entry in entries]
+        version = self.store.write("folder", classes, np.array(images, np.uint8).reshape(
+            -1, 28, 28), y, val, entries=entries, skipped=skipped)
+        log.info("data version %d: %d images (%d validation) in %d classes%s%s",
+                 version.number, version.images, version["counts"]["validation"],
+                 len(classes), f"; new: {', '.join(new)}" if new and newest else "",
+                 f"; {len(skipped)} skipped" if skipped else "")
+        if later:
+            log.warning("%d training images could not be read now, trying again in 30 s "
+                        "(first: %s: %s)", len(later), *later[0])
+            self.retry_seconds = 30
+        return version
+
+
+QUIET_SECONDS = 2.0  # changes come in bursts (a folder copied in): sync once they pause
+MAX_DELAY_SECONDS = 30.0  # ... but never wait longer than this while they go on
+
+
+def follow(source, watch, stop_event, keep, on_version, clock=time.monotonic):
+    """Run in the data thread: sync at start, then whenever the watched folder changes (and
+    when a sync asked to be retried), until stop_event. `keep()` names the versions still
+    needed (kept checkpoints', the trainer's); `on_version(version)` is told of each new one."""
+    watcher = None
+    if source.watched is not None:
+        watcher = Watcher(str(source.watched), Sidecars("json", source.config.classify
+                                                        .extensions).is_image_name,
+                          watch.mode, watch.poll_seconds, watch.rescan_seconds, clock=clock)
+        watcher.start()
+    due, first_change, said = clock(), None, None
+    try:
+        while not stop_event.is_set():
+            now = clock()
+            if due is not None and now >= due:
+                due, first_change = None, None
+                try:
+                    version = source.sync()
+                except Later as why:
+                    due = now + why.seconds
+                    if str(why) != said:
+                        log.info("data: %s", why)
+                    said = str(why)
+                except OSError as error:  # save/ full or read-only: may go away
+                    due = now + 30
+                    log.warning("data: cannot write a data version (%s); trying again in "
+                                "30 s", error)
+                else:
+                    said = None
+                    if source.retry_seconds:
+                        due = now + source.retry_seconds
+                    if version is not None:
+                        source.store.prune(keep())
+                        on_version(version)
+            if watcher is None:
+                stop_event.wait(0.5 if due is None else max(0.0, min(0.5, due - clock())))
+                continue
+            watcher.tick()
+            try:
+                change = watcher.changes.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if change[0] == "wake":
+                continue
+            now = clock()
+            first_change = first_change or now
+            due = min(now + QUIET_SECONDS, first_change + MAX_DELAY_SECONDS)
+    finally:
+        if watcher is not None:
+            watcher.stop()

@@ -1,0 +1,189 @@
+"""Data versions: the immutable, numbered sets of training images, kept in save/data/.
+
+Version N is `version-N.npz` (the decoded 28x28 images `x`, their class `y`, which of them
+validate `val`, and for the Fashion-MNIST sources the test set) and `version-N.json`, the
+manifest: the classes in output order, one entry per source image (path, size, mtime, inode,
+sha256 of its bytes, class), what was skipped and why, and the sha256 of the npz. Written as
+a checkpoint is -- the arrays, fsync, then the manifest's rename commits it -- and never
+changed after. Every checkpoint names the version it trained on; a version stays while a
+kept checkpoint names it, so an interrupted epoch resumes on its own data even after the
+images were deleted.
+
+Validation is chosen by content: an image validates when the sha256 of its bytes falls in
+one tenth of the range, so it never moves between training and validation as data grows.
+Class indices only ever grow: a new class folder is appended, never sorted in.
+"""
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from daemon import fsutil
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+VALIDATION_SHARE = 10  # one image in ten validates
+_NAME = re.compile(r"^version-(\d{8})\.(json|npz)$")
+
+
+def is_validation(digest):
+    """`digest`: hex sha256 of an image's content."""
+    return int(digest[:8], 16) % VALIDATION_SHARE == 0
+
+
+def content_digest(image):
+    """For images that have no file of their own (rows of an IDX file): sha256 of the pixels."""
+    return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()
+
+
+class Version:
+    """One committed version: the manifest at hand, the arrays loaded on demand."""
+
+    def __init__(self, folder, manifest):
+        self.folder = Path(folder)
+        self.manifest = manifest
+        self.number = manifest["version"]
+        self.classes = list(manifest["classes"])
+
+    def __getitem__(self, key):
+        return self.manifest[key]
+
+    def get(self, key, default=None):
+        return self.manifest.get(key, default)
+
+    @property
+    def images(self):
+        """Training and validation images together."""
+        return self.manifest["counts"]["train"] + self.manifest["counts"]["validation"]
+
+    def entries(self):
+        """{relative path: entry} of a folder version (entries hold size, mtime_ns, ino,
+        sha256, class name, row in the arrays)."""
+        return {entry["path"]: entry for entry in self.manifest.get("entries", [])}
+
+    def arrays(self):
+        """The decoded images, checked against the manifest's digest."""
+        data = (self.folder / npz_name(self.number)).read_bytes()
+        if hashlib.sha256(data).hexdigest() != self.manifest["npz"]:
+            raise OSError(f"{npz_name(self.number)} does not match its checksum")
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            return {key: arrays[key] for key in arrays.files}
+
+
+class Data:
+    """What the trainer uses of a version: training and validation arrays (and the test set
+    where the source has one)."""
+
+    def __init__(self, version):
+        arrays = version.arrays()
+        val = arrays["val"].astype(bool)
+        self.version, self.classes = version, version.classes
+        self.x_train, self.y_train = arrays["x"][~val], arrays["y"][~val]
+        self.x_val, self.y_val = arrays["x"][val], arrays["y"][val]
+        self.x_test, self.y_test = arrays.get("x_test"), arrays.get("y_test")
+
+    def __str__(self):
+        test = f", {len(self.x_test)} test" if self.x_test is not None else ""
+        return (f"data version {self.version.number} ({self.version['origin']}): "
+                f"{len(self.x_train)} training and {len(self.x_val)} validation images{test}, "
+                f"{len(self.classes)} classes")
+
+
+def manifest_name(number):
+    return f"version-{number:08d}.json"
+
+
+def npz_name(number):
+    return f"version-{number:08d}.npz"
+
+
+class VersionStore:
+    def __init__(self, save):
+        self.folder = Path(save) / "data"
+
+    def numbers(self):
+        """Committed version numbers, newest first."""
+        try:
+            names = os.listdir(self.folder)
+        except FileNotFoundError:
+            return []
+        return sorted((int(m.group(1)) for m in map(_NAME.match, names)
+                       if m and m.group(2) == "json"), reverse=True)
+
+    def get(self, number):
+        """The committed version `number`, or None if it is missing or unreadable."""
+        try:
+            manifest = json.loads((self.folder / manifest_name(number)).read_bytes())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or \
+                manifest.get("version") != number:
+            return None
+        return Version(self.folder, manifest)
+
+    def newest(self):
+        for number in self.numbers():
+            version = self.get(number)
+            if version is not None:
+                return version
+        return None
+
+    def write(self, origin, classes, x, y, val, entries=(), skipped=(), extra_arrays=None,
+              digest=None):
+        """Commit a new version; returns it. `entries[i]` describes row i of x, y, val."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        numbers = self.numbers()
+        number = numbers[0] + 1 if numbers else 1
+        buffer = io.BytesIO()
+        np.savez(buffer, x=np.asarray(x, np.uint8).reshape(-1, 28, 28),
+                 y=np.asarray(y, np.int32), val=np.asarray(val, bool), **(extra_arrays or {}))
+        data = buffer.getvalue()
+        npz = self.folder / npz_name(number)
+        try:
+            fsutil.write_new(npz, data, sync_folder=True)
+        except BaseException:
+            _unlink(npz)
+            raise
+        val = np.asarray(val, bool)
+        counts = {"train": int((~val).sum()), "validation": int(val.sum()),
+                  "per_class": np.bincount(np.asarray(y, np.int64),
+                                           minlength=len(classes)).tolist()}
+        manifest = {"format": FORMAT, "version": number, "origin": origin,
+                    "classes": list(classes), "counts": counts, "npz": hashlib.sha256(data)
+                    .hexdigest(), "digest": digest, "entries": list(entries),
+                    "skipped": list(skipped), "written_at": fsutil.utc_timestamp()}
+        fsutil.write_new(self.folder / manifest_name(number),
+                         json.dumps(manifest, separators=(",", ":")).encode(), sync_folder=True)
+        return Version(self.folder, manifest)
+
+    def prune(self, keep):
+        """Remove the versions not in `keep` (those named by kept checkpoints, the one in
+        use) but the newest two, and whatever an unfinished write left. Called by the one
+        thread that writes versions."""
+        keep = set(keep) | set(self.numbers()[:2])
+        try:
+            names = os.listdir(self.folder)
+        except FileNotFoundError:
+            return
+        removed = False
+        for name in names:
+            match = _NAME.match(name)
+            if fsutil.is_temp_name(name) or (match and int(match.group(1)) not in keep):
+                _unlink(self.folder / name)
+                removed = True
+        if removed:
+            fsutil.fsync_folder(self.folder)
+
+
+def _unlink(path):
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
