@@ -1,4 +1,4 @@
-"""Command line: `python -m daemon run|status|classify|unit [--config PATH]`. No TensorFlow
+"""Command line: `python -m daemon run|status|classify|unit|relabel [--config PATH]`. No TensorFlow
 import here, so a bad config or argument exits 2 in well under a second."""
 
 import argparse
@@ -27,7 +27,11 @@ def parse_args(argv):
     classify.add_argument("files", nargs="+", metavar="FILE")
     unit = commands.add_parser("unit", help="print a systemd unit file for this installation")
     unit.add_argument("--user", action="store_true", help="a unit for `systemctl --user`")
-    for command in (run, status, classify, unit):
+    relabel = commands.add_parser("relabel", help="rewrite the sidecars of inbox images "
+                                  "labelled by another checkpoint than the one labelling now")
+    relabel.add_argument("--all", action="store_true", help="every sidecar, whichever model "
+                         "wrote it (error sidecars too)")
+    for command in (run, status, classify, unit, relabel):
         command.add_argument("--config", type=Path, help=config_help)
     return parser.parse_args(argv)
 
@@ -77,6 +81,10 @@ def dispatch(args):
                 folder.mkdir(parents=True, exist_ok=True)
             print(systemd.unit_file(config, user=args.user), end="")
             return 0
+        if args.command == "relabel":
+            from daemon import relabel
+
+            return relabel.run(config, args.all, sys.stdout, sys.stderr)
         if args.command == "classify":
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
             from daemon import classifier

@@ -22,6 +22,7 @@ import time
 from concurrent.futures.process import BrokenProcessPool
 
 from daemon import fsutil
+from daemon.relabel import stale
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ class Labeller:
         self._deferred = {}  # path -> written: came again while in flight; sent round after
         self._suspects = set()  # paths in flight when a decode worker died
         self._folders = {}  # folder -> inside the inbox without symlinks (per step)
+        self.relabelling = None  # `wardrobe relabel`: paths still to rewrite
+        self.relabelled = 0
         self.summary = self._summary()  # read by the service's thread: replaced, never changed
 
     def _summary(self):
@@ -58,6 +61,25 @@ class Labeller:
                 "backlog": len(self.pending) + sum(map(len, self.in_flight.values()))
                 + sum(map(len, self.writing.values())),
                 "retrying": len(self.retry), "cannot_label": len(self.cannot)}
+
+    def relabel(self, everything):
+        """Queue the images whose sidecar another model wrote (all with `everything`) to be
+        labelled again; returns how many. Only once classifier.refresh() holds."""
+        paths = stale(self.inbox.root, self.sidecars, self.classifier.generation.id,
+                      everything)
+        self.relabelling, self.relabelled = set(paths), 0
+        for path in paths:
+            self.pending[path] = True
+        return len(paths)
+
+    def relabel_finished(self):
+        """(rewritten, waiting for a retry) once every queued image was written or is
+        waiting for a retry; None before."""
+        busy = set(self.pending) | self._flying | set(self._deferred)
+        self.relabelling &= busy | set(self.retry)  # gone, or cannot: not waited for
+        if self.relabelling - set(self.retry):
+            return None
+        return self.relabelled, len(self.relabelling)
 
     def add(self, paths):
         """`paths`: {path: written}, as Inbox.take() gives them."""
@@ -270,6 +292,9 @@ class Labeller:
                 self._later(path, f"cannot write its sidecar: {why}")
             return 0
         self.counts["label" if "label" in result else "error"] += 1
+        if self.relabelling and path in self.relabelling:
+            self.relabelling.discard(path)
+            self.relabelled += 1
         if self.retry.pop(path, None):
             log.info("labelled %r after retrying", path)
         self.cannot.pop(path, None)

@@ -28,7 +28,7 @@ import threading
 import time
 
 from daemon import config as config_module
-from daemon import dataset, fsutil
+from daemon import dataset, fsutil, relabel
 from daemon.decoding import Decoder
 from daemon.errors import EXIT_FATAL, EXIT_OK, ConfigError
 from daemon.inbox import Inbox
@@ -89,6 +89,7 @@ class Service:
         self._labeller_beat = time.monotonic()
         self._last_problem = None
         self._live = None  # the last status written to save/live.json
+        self._relabel_request = None  # from `wardrobe relabel`, until answered
 
     def run(self):
         config = self.config
@@ -343,6 +344,7 @@ class Service:
             idle = not (labeller.pending or labeller.in_flight or self.inbox.scanning)
             try:
                 labeller.add(self.inbox.take(limit=4096, timeout=0.5 if idle else 0.0))
+                self._relabel(labeller)
                 labeller.step()
             except Exception:
                 if not self.stop_event.is_set():
@@ -351,6 +353,29 @@ class Service:
                 # Nothing is lost (sidecars are atomic; the rest is done at the next start).
                 log.debug("labeller stopped mid-step", exc_info=True)
                 return
+
+    def _relabel(self, labeller):
+        """`wardrobe relabel` while we run: take its request, answer once done."""
+        request = self._relabel_request
+        if request is None:
+            request = self._relabel_request = relabel.take_request(self.config.save)
+            if request is None:
+                return
+            if not labeller.classifier.refresh():
+                relabel.answer(self.config.save, request, error="no checkpoint to label "
+                               "with yet")
+                self._relabel_request = None
+                return
+            count = labeller.relabel(request.get("all", False))
+            log.info("relabelling %d inbox images with checkpoint %s (wardrobe relabel%s)",
+                     count, labeller.classifier.generation.id,
+                     " --all" if request.get("all") else "")
+        finished = labeller.relabel_finished()
+        if finished is not None:
+            relabel.answer(self.config.save, request, relabelled=finished[0],
+                           retrying=finished[1], model=labeller.classifier.generation.id)
+            log.info("relabelled %d inbox images", finished[0])
+            self._relabel_request = labeller.relabelling = None
 
     # ---- signals -------------------------------------------------------------------------------
 

@@ -75,6 +75,24 @@ class Sidecars:
         record = _record(text)
         return record is not None and "source" in record
 
+    def labelled_by(self, image, errors=False):
+        """Which model labelled `image`, from its sidecar: the model's id; "" for a txt
+        sidecar (it does not say); None for no sidecar of ours, or an error sidecar
+        (`errors`: "" for those too)."""
+        try:
+            text, _ = _read_regular(self.path_for(image))
+        except OSError:
+            return None
+        if self.kind == "txt":
+            ours = text.endswith(b"\n") and text.count(b"\n") == 1
+            return "" if ours and (errors or not text.startswith(b"error: ")) else None
+        record = _record(text)
+        if record is None or "source" not in record:
+            return None
+        if "label" not in record:
+            return "" if errors else None
+        return str(record.get("model", ""))
+
     def occupied(self, image):
         """Why the sidecar of `image` must not be written, or None: a file is there that
         the daemon did not write (a user's notes, a hand-corrected label), which is never
