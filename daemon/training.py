@@ -75,6 +75,7 @@ class Trainer:
         self.checkpoint = None
         self.data = None  # the data version in use (daemon.versions.Data)
         self.validation_accuracy = None  # the last epoch's
+        self.trained_once = False  # for one log line: the first batch of this run
         self.restored = threading.Event()  # the model is ready: set after restore
         self.last_progress = time.monotonic()  # for the watchdog: a batch, an epoch...
 
@@ -293,6 +294,10 @@ class _Progress(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self.trainer.step = batch + 1
         self.trainer.last_progress = time.monotonic()
+        if not self.trainer.trained_once:
+            self.trainer.trained_once = True
+            log.info("first batch trained (epoch %d, batch %d)", self.trainer.epoch + 1,
+                     batch + 1)
 
     def on_test_batch_end(self, batch, logs=None):
         self.trainer.last_progress = time.monotonic()
