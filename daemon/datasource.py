@@ -242,6 +242,7 @@ def follow(source, watch, stop_event, keep, on_version, clock=time.monotonic):
                                                         .extensions).is_image_name,
                           watch.mode, watch.poll_seconds, watch.rescan_seconds, clock=clock)
         watcher.start()
+    source.store.prune(keep())  # what a killed run's write left
     due, first_change, said = clock(), None, None
     try:
         while not stop_event.is_set():

@@ -81,7 +81,16 @@ def render(result, as_json):
     lines.append(f"last checkpoint: #{result['checkpoint']} at {written:%Y-%m-%d %H:%M:%S} UTC "
                  f"({_ago(age.total_seconds())})")
     if result["loss"] is not None:
-        lines.append(f"last epoch: loss {result['loss']:.4f} accuracy {result['accuracy']:.4f}")
+        validation = result.get("validation_accuracy")
+        lines.append(f"last epoch: loss {result['loss']:.4f} accuracy {result['accuracy']:.4f}"
+                     + (f", validation accuracy {validation:.4f}" if validation is not None
+                        else ""))
+    if result.get("data_version") is not None:
+        classes = result.get("classes") or []
+        lines.append(f"data version {result['data_version']}: {result['images']:,} images, "
+                     f"{len(classes)} classes ({', '.join(classes[:10])}"
+                     + (f" and {len(classes) - 10} more)" if len(classes) > 10 else ")")
+                     + ("; training" if result.get("training") else ""))
     if inbox := result.get("inbox"):
         lines.append(f"inbox: {inbox['labelled']:,} labelled, {inbox['errors']:,} errors, "
                      f"{inbox['backlog']:,} waiting, {inbox['retrying']:,} retrying; "
