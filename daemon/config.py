@@ -140,6 +140,9 @@ def parse(raw, base):
     train = section.section("train")
     classify = section.section("classify")
     watch = section.section("watch")
+    if data.raw.get("source") == "folder" and "labels" in classify.raw:
+        raise ConfigError("classify.labels", "not with data.source 'folder': the class names "
+                          "are the folder names in data.path")
     config = Config(
         inbox=_resolve(base, section.string("inbox", "inbox")),
         save=_resolve(base, section.string("save", "save")),
@@ -177,13 +180,10 @@ def parse(raw, base):
         if config.data.path is None:
             raise ConfigError("data.path", "expected a folder of class folders "
                               "(DIR/<class>/<images>) when data.source is 'folder', got nothing")
-        if not config.data.path.is_dir():
-            raise ConfigError("data.path", f"{config.data.path} is not a folder (expected "
-                              "one holding a folder per class)")
-        if "labels" in classify.raw:
-            raise ConfigError("classify.labels", "not with data.source 'folder': the class "
-                              "names are the folder names in data.path")
     _check_apart(config)
+    if config.data.source == "folder" and not config.data.path.is_dir():
+        raise ConfigError("data.path", f"{config.data.path} is not a folder (expected one "
+                          "holding a folder per class)")
     return config
 
 

@@ -297,6 +297,11 @@ class Service:
         source = self.data_source
         if source.decoder is not None:
             source.decoder.start()
+        if source.config.data.source in ("auto", "keras"):
+            # keras.datasets imports TensorFlow: not while the trainer's thread does
+            while not self._imported.wait(0.5):
+                if self.stop_event.is_set():
+                    return
 
         def keep():
             trainer = self.trainer

@@ -14,7 +14,13 @@ BAD = [
     ("save: ''\n", "save", "expected a path"),
     ("inbox: same\nsave: same\n", "save", "must differ from inbox"),
     ("data: 5\n", "data", "expected a mapping"),
-    ("data: {source: internet}\n", "data.source", "one of auto, keras, sample, path"),
+    ("data: {source: internet}\n", "data.source", "one of auto, keras, sample, path, folder"),
+    ("data: {source: folder}\n", "data.path", "a folder of class folders"),
+    ("data: {source: folder, path: nowhere}\n", "data.path", "is not a folder"),
+    ("data: {source: folder, path: .}\nclassify: {labels: [a, b]}\n", "classify.labels",
+     "the class names are the folder names"),
+    ("train: {epochs_per_update: 0}\n", "train.epochs_per_update", "from 1 to"),
+    ("classify: {checkpoint: worst}\n", "classify.checkpoint", "one of best, newest"),
     ("data: {source: path}\n", "data.path", "expected a folder"),
     ("data: {path: 3}\n", "data.path", "expected a path or null"),
     ("model: resnet\n", "model", "one of mlp, cnn"),
@@ -84,6 +90,10 @@ OVERLAPS = [  # (config, key named, words in the message)
     ("data: {source: path, path: save/data}\n", "data.path", "nested with save"),
     ("inbox: d/inbox\ndata: {path: d}\n", "data.path", "nested with inbox"),
     ("save: link/save\ndata: {path: real/../real}\n", "data.path", "nested with save"),
+    ("inbox: real/inbox\ndata: {source: folder, path: link}\n", "data.path",
+     "nested with inbox"),
+    ("data: {source: folder, path: link/pictures/save/..}\nsave: real/pictures\n",
+     "data.path", "must differ from save"),
 ]
 
 
