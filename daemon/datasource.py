@@ -90,6 +90,7 @@ class DataSource:
         self._warned = set()  # (path, size, mtime_ns) of bad images already reported
         self._gone_classes = set()
         self.retry_seconds = None  # set by sync() when images wait to be read again
+        self._said_later = None
 
     @property
     def watched(self):
@@ -151,11 +152,21 @@ class DataSource:
                 raise Later(f"{root} holds no image in a class folder now (a share that "
                             "is gone?); keeping the data version in use", 60)
             raise Later(f"waiting for class folders with images in {root}", 10)
-        if not decode and set(reuse) == set(previous) | (set(skipped) & set(found)):
-            return None  # nothing changed
+        unchanged = set(reuse) == set(previous) | (set(skipped) & set(found))
+        if not decode and unchanged:
+            return None
         decoded, later = self._decode(root, decode, found)
+        if later:
+            said = (len(later), later[0][0])
+            if said != self._said_later:  # not the same WARNING every 30 s
+                log.warning("%d training images could not be read now, trying again every "
+                            "30 s (first: %s: %s)", len(later), *later[0])
+            self._said_later = said
+            self.retry_seconds = 30
+        if not decoded and unchanged:
+            return None  # only files that could not be read: nothing new yet
         rows = [] if newest is None or not previous else newest.arrays()
-        return self._commit(root, newest, found, reuse, decoded, rows, later)
+        return self._commit(root, newest, found, reuse, decoded, rows)
 
     def _decode(self, root, paths, found):
         """{path: (image, entry)} for the images decoded; [(path, why)] that failed for now."""
@@ -183,7 +194,7 @@ class DataSource:
                      time.monotonic() - started)
         return decoded, later
 
-    def _commit(self, root, newest, found, reuse, decoded, old_arrays, later):
+    def _commit(self, root, newest, found, reuse, decoded, old_arrays):
         classes = list(newest.classes) if newest is not None and newest["origin"] == "folder" \
             else []
         entries, images, skipped = [], [], []
@@ -215,16 +226,15 @@ class DataSource:
         index = {name: i for i, name in enumerate(classes)}
         y = [index[entry["class"]] for entry in entries]
         val = [is_validation(entry["sha256"]) for entry in entries]
+        if all(val):  # tiny: every image fell in the validation tenth
+            raise Later(f"waiting for more images in {root}: all {len(val)} are held out "
+                        "for validation", 10)
         version = self.store.write("folder", classes, np.array(images, np.uint8).reshape(
             -1, 28, 28), y, val, entries=entries, skipped=skipped)
         log.info("data version %d: %d images (%d validation) in %d classes%s%s",
                  version.number, version.images, version["counts"]["validation"],
                  len(classes), f"; new: {', '.join(new)}" if new and newest else "",
                  f"; {len(skipped)} skipped" if skipped else "")
-        if later:
-            log.warning("%d training images could not be read now, trying again in 30 s "
-                        "(first: %s: %s)", len(later), *later[0])
-            self.retry_seconds = 30
         return version
 
 
