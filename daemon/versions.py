@@ -138,7 +138,9 @@ class VersionStore:
     def write(self, origin, classes, x, y, val, entries=(), skipped=(), extra_arrays=None,
               digest=None):
         """Commit a new version; returns it. `entries[i]` describes row i of x, y, val."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if not self.folder.is_dir():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fsutil.fsync_folder(self.folder.parent)  # the new folder's own entry
         numbers = self.numbers()
         number = numbers[0] + 1 if numbers else 1
         buffer = io.BytesIO()

@@ -34,7 +34,8 @@ def test_each_file_is_fsynced_before_its_rename_and_the_folder_after(tmp_path, s
                 events.append(("rename", source, target))
     renames = [i for i, event in enumerate(events) if event[0] == "rename"]
     commits = [i for i in renames if re.search(r"/ckpt-\d+\.json$", events[i][2])]
-    assert len(commits) >= 13, f"expected a generation every 5 batches, saw {len(commits)}"
+    # 58 batches (the 90% of 1,024 images that do not validate, 16 a batch): 11 inside, 1 end
+    assert len(commits) >= 12, f"expected a generation every 5 batches, saw {len(commits)}"
     for i in renames:
         _, source, target = events[i]
         assert ("fsync", source) in events[:i], f"{source} renamed without an fsync first"
@@ -42,4 +43,5 @@ def test_each_file_is_fsynced_before_its_rename_and_the_folder_after(tmp_path, s
         next_commit = next((c for c in commits if c > i), len(events))
         if i in commits:
             next_commit = next((r for r in renames if r > i), len(events))
-        assert ("fsync", save) in events[i + 1:next_commit], f"no folder fsync after {target}"
+        folder = target.rsplit("/", 1)[0]  # save/, or save/data/ for a data version
+        assert ("fsync", folder) in events[i + 1:next_commit], f"no folder fsync after {target}"
