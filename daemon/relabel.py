@@ -2,14 +2,15 @@
 the one labelling now (or, with --all, every sidecar of ours).
 
 While the daemon runs, it does the work itself -- the command leaves a request in
-save/relabel-request.json and waits for the answer -- so no sidecar is ever written by two
-processes. While it is down, the command holds save/.lock (a daemon starting meanwhile
+save/relabel-request-<id>.json and waits for save/relabel-answer-<id>.json -- so no sidecar is
+ever written by two processes; requests are taken one at a time. While it is down, the command holds save/.lock (a daemon starting meanwhile
 waits for nothing: it refuses to start, and systemd tries again) and labels in process, with
 the same classifier and the same atomic sidecar writes. txt sidecars do not say which model
 wrote them: all of them are rewritten.
 """
 
 import json
+import logging
 import os
 import time
 import uuid
@@ -19,8 +20,11 @@ from daemon.errors import AlreadyRunning
 from daemon.sidecars import Sidecars
 from daemon.store import lock, running_pid
 
-REQUEST = "relabel-request.json"
-ANSWER = "relabel-answer.json"
+log = logging.getLogger(__name__)
+
+REQUEST = "relabel-request-{}.json"
+ANSWER = "relabel-answer-{}.json"
+TAKEN_SECONDS = 60  # a running daemon takes a request within a second or two
 BATCH = 256
 
 
@@ -99,11 +103,15 @@ def _here(config, sidecars, everything, out, err):
 def _ask(config, pid, everything, out, err, timeout):
     """The daemon runs: leave it a request, wait for its answer."""
     request = {"id": uuid.uuid4().hex, "all": bool(everything)}
-    fsutil.write_new(config.save / REQUEST, json.dumps(request).encode(), durable=False)
-    deadline = None if timeout is None else time.monotonic() + timeout
+    asked = config.save / REQUEST.format(request["id"])
+    answered = config.save / ANSWER.format(request["id"])
+    fsutil.write_new(asked, json.dumps(request).encode(), durable=False)
+    started = time.monotonic()
+    deadline = None if timeout is None else started + timeout
     while deadline is None or time.monotonic() < deadline:
         try:
-            answer = json.loads((config.save / ANSWER).read_text())
+            answer = json.loads(answered.read_text())
+            answered.unlink()
         except (OSError, ValueError):
             answer = {}
         if answer.get("id") == request["id"]:
@@ -118,25 +126,83 @@ def _ask(config, pid, everything, out, err, timeout):
         if running_pid(config.save) != pid:
             print("wardrobe: the daemon stopped before it answered; run relabel again",
                   file=err)
+            _unlink(asked)
+            return 1
+        if asked.exists() and time.monotonic() - started > TAKEN_SECONDS:
+            print(f"wardrobe: the daemon (pid {pid}) has not taken the request in "
+                  f"{TAKEN_SECONDS} s; see its log", file=err)
+            _unlink(asked)
             return 1
         time.sleep(0.2)
     print("wardrobe: no answer from the daemon in time", file=err)
     return 1
 
 
-def take_request(save):
-    """In the daemon: a relabel request left by the command, or None (removed once read)."""
-    path = save / REQUEST
-    try:
-        text = path.read_text()
-        path.unlink()
-        request = json.loads(text)
-    except (OSError, ValueError):
+class Requests:
+    """In the daemon, in the labeller's thread: takes the command's request, has the
+    labeller do it, answers once done."""
+
+    def __init__(self, save):
+        self.save = save
+        self.request = None
+
+    def poll(self, labeller):
+        if self.request is None:
+            self.request = self._take()
+            if self.request is None:
+                return
+            if not labeller.classifier.refresh():
+                self._answer(error="no checkpoint to label with yet")
+                return
+            count = labeller.relabel(self.request.get("all", False))
+            log.info("relabelling %d inbox images with checkpoint %s (wardrobe relabel%s)",
+                     count, labeller.classifier.generation.id,
+                     " --all" if self.request.get("all") else "")
+        finished = labeller.relabel_finished()
+        if finished is not None:
+            self._answer(relabelled=finished[0], retrying=finished[1],
+                         model=labeller.classifier.generation.id)
+            log.info("relabelled %d inbox images", finished[0])
+            labeller.relabelling = None
+
+    def _take(self):
+        """The oldest request a command left, or None; removed once read."""
+        for path in sorted(self.save.glob(REQUEST.format("*")), key=_mtime):
+            try:
+                text = path.read_text()
+                path.unlink()
+                request = json.loads(text)
+            except (OSError, ValueError):
+                continue
+            if isinstance(request, dict) and isinstance(request.get("id"), str):
+                return request
         return None
-    return request if isinstance(request, dict) and "id" in request else None
+
+    def _answer(self, **result):
+        try:
+            fsutil.write_new(self.save / ANSWER.format(self.request["id"]), json.dumps(
+                dict(result, id=self.request["id"])).encode(), durable=False)
+        except OSError as error:  # save/ full: the command waits, and is told it timed out
+            log.error("cannot answer wardrobe relabel: %s", error)
+        self.request = None
 
 
-def answer(save, request, **result):
-    """In the daemon: tell the waiting command how it went."""
-    fsutil.write_new(save / ANSWER, json.dumps(dict(result, id=request["id"])).encode(),
-                     durable=False)
+def forget_requests(save):
+    """At start: requests and answers of an earlier run (their commands have given up)."""
+    for pattern in (REQUEST, ANSWER):
+        for path in save.glob(pattern.format("*")):
+            _unlink(path)
+
+
+def _mtime(path):
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+def _unlink(path):
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

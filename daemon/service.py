@@ -89,7 +89,6 @@ class Service:
         self._labeller_beat = time.monotonic()
         self._last_problem = None
         self._live = None  # the last status written to save/live.json
-        self._relabel_request = None  # from `wardrobe relabel`, until answered
 
     def run(self):
         config = self.config
@@ -99,6 +98,7 @@ class Service:
         lock = lock_save(config.save)
         generation = open_store(config)
         private_tmp(config.save)
+        relabel.forget_requests(config.save)
         if self._stopping():
             log.info("stopped before training started; bye")
             return EXIT_OK
@@ -339,6 +339,7 @@ class Service:
         sidecars = self.inbox.sidecars
         labeller = Labeller(sidecars, Classifier(config), decoder, self.inbox)
         self.labeller = labeller
+        relabelling = relabel.Requests(config.save)
         while not self.stop_event.is_set():
             self._labeller_beat = time.monotonic()
             if self.config is not config:  # reloaded
@@ -349,7 +350,7 @@ class Service:
             idle = not (labeller.pending or labeller.in_flight or self.inbox.scanning)
             try:
                 labeller.add(self.inbox.take(limit=4096, timeout=0.5 if idle else 0.0))
-                self._relabel(labeller)
+                relabelling.poll(labeller)
                 labeller.step()
             except Exception:
                 if not self.stop_event.is_set():
@@ -358,29 +359,6 @@ class Service:
                 # Nothing is lost (sidecars are atomic; the rest is done at the next start).
                 log.debug("labeller stopped mid-step", exc_info=True)
                 return
-
-    def _relabel(self, labeller):
-        """`wardrobe relabel` while we run: take its request, answer once done."""
-        request = self._relabel_request
-        if request is None:
-            request = self._relabel_request = relabel.take_request(self.config.save)
-            if request is None:
-                return
-            if not labeller.classifier.refresh():
-                relabel.answer(self.config.save, request, error="no checkpoint to label "
-                               "with yet")
-                self._relabel_request = None
-                return
-            count = labeller.relabel(request.get("all", False))
-            log.info("relabelling %d inbox images with checkpoint %s (wardrobe relabel%s)",
-                     count, labeller.classifier.generation.id,
-                     " --all" if request.get("all") else "")
-        finished = labeller.relabel_finished()
-        if finished is not None:
-            relabel.answer(self.config.save, request, relabelled=finished[0],
-                           retrying=finished[1], model=labeller.classifier.generation.id)
-            log.info("relabelled %d inbox images", finished[0])
-            self._relabel_request = labeller.relabelling = None
 
     # ---- signals -------------------------------------------------------------------------------
 
