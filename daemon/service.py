@@ -252,8 +252,10 @@ class Service:
                     training=bool(self.trainer and self.trainer.phase == "training"))
         trainer = self.trainer
         if trainer is not None and trainer.data is not None:
-            live.update(data_version=trainer.data.version.number, images=trainer.data.version
-                        .images, classes=list(trainer.data.classes), epochs=trainer.epochs,
+            version = trainer.data.version
+            live.update(data_version=version.number, images=version.images,
+                        skipped_images=len(version.get("skipped", [])),
+                        classes=list(trainer.data.classes), epochs=trainer.epochs,
                         validation_accuracy=trainer.validation_accuracy)
         if live != self._live:
             self._live = live

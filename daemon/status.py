@@ -28,25 +28,28 @@ def report(config):
 
 
 INBOX_KEYS = ("status", "labelled", "errors", "backlog", "retrying", "cannot_label", "watch")
-DATA_KEYS = ("classes", "images", "data_version", "validation_accuracy", "epochs")
+DATA_KEYS = ("classes", "images", "skipped_images", "data_version", "validation_accuracy",
+             "epochs")
 
 
 def _data(config, newest):
     """classes, images, data_version, validation_accuracy, training and the target epoch,
     as the newest checkpoint (or, before the first, the newest data version) has them."""
     result = {"training": False, "validation_accuracy": None, "classes": None,
-              "images": None, "data_version": None}
+              "images": None, "data_version": None, "skipped_images": None}
     if config.data.source != "folder":
         result["classes"] = list(config.classify.labels)
     if newest is not None and newest.get("data_version") is not None:
         history = newest.get("history") or [{}]
         result.update(data_version=newest["data_version"], images=newest.get("images"),
+                      skipped_images=newest.get("skipped_images"),
                       validation_accuracy=history[-1].get("val_accuracy"),
                       epochs=max(config.train.epochs, newest.get("data_target") or 0))
         if config.data.source == "folder":
             result["classes"] = newest.get("classes")
     elif (version := VersionStore(config.save).newest()) is not None:
-        result.update(data_version=version.number, images=version.images)
+        result.update(data_version=version.number, images=version.images,
+                      skipped_images=len(version.get("skipped", [])))
         if config.data.source == "folder":
             result["classes"] = version.classes
     return result
@@ -90,6 +93,8 @@ def render(result, as_json):
         lines.append(f"data version {result['data_version']}: {result['images']:,} images, "
                      f"{len(classes)} classes ({', '.join(classes[:10])}"
                      + (f" and {len(classes) - 10} more)" if len(classes) > 10 else ")")
+                     + (f"; {result['skipped_images']:,} skipped (see the log)"
+                        if result.get("skipped_images") else "")
                      + ("; training" if result.get("training") else ""))
     if inbox := result.get("inbox"):
         lines.append(f"inbox: {inbox['labelled']:,} labelled, {inbox['errors']:,} errors, "

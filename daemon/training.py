@@ -230,6 +230,7 @@ class Trainer:
         self.checkpoint.extra = {"data_version": self.data.version.number,
                                  "classes": list(self.data.classes),
                                  "images": self.data.version.images,
+                                 "skipped_images": len(self.data.version.get("skipped", [])),
                                  "data_target": self.data_target}
 
     def _validate(self):

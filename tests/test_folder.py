@@ -105,6 +105,7 @@ def test_a_folder_of_class_folders_trains_and_labels_with_its_names(tmp_path, da
         status(config)), 30, message="status: not training")
     assert report["classes"] == ["Bag", "Sneaker", "Trouser"]  # a first version: sorted
     assert report["images"] == 360 and report["data_version"] == 1
+    assert report["skipped_images"] == 1
     assert 0.5 < report["validation_accuracy"] <= 1.0
     images = drop(tmp_path / "inbox", sample, BAG) + drop(tmp_path / "inbox", sample, TROUSER)
     wait_until(lambda: all(sidecar(p) for p in images), 60, message="sidecars")
