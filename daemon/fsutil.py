@@ -134,3 +134,11 @@ def _remove_quietly(path):
         os.unlink(path)
     except OSError:
         pass
+
+
+def unlink_if_present(path):
+    """Remove `path`; one already gone is fine."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

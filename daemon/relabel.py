@@ -126,12 +126,12 @@ def _ask(config, pid, everything, out, err, timeout):
         if running_pid(config.save) != pid:
             print("wardrobe: the daemon stopped before it answered; run relabel again",
                   file=err)
-            _unlink(asked)
+            fsutil.unlink_if_present(asked)
             return 1
         if asked.exists() and time.monotonic() - started > TAKEN_SECONDS:
             print(f"wardrobe: the daemon (pid {pid}) has not taken the request in "
                   f"{TAKEN_SECONDS} s; see its log", file=err)
-            _unlink(asked)
+            fsutil.unlink_if_present(asked)
             return 1
         time.sleep(0.2)
     print("wardrobe: no answer from the daemon in time", file=err)
@@ -191,7 +191,7 @@ def forget_requests(save):
     """At start: requests and answers of an earlier run (their commands have given up)."""
     for pattern in (REQUEST, ANSWER):
         for path in save.glob(pattern.format("*")):
-            _unlink(path)
+            fsutil.unlink_if_present(path)
 
 
 def _mtime(path):
@@ -199,10 +199,3 @@ def _mtime(path):
         return path.stat().st_mtime_ns
     except OSError:
         return 0
-
-
-def _unlink(path):
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass

@@ -155,7 +155,7 @@ class CheckpointStore:
             fsutil.fsync_folder(self.folder)
         except BaseException:
             # No manifest, no generation: drop the orphan so numbering stays meaningful.
-            _unlink(self.folder / state_name(number))
+            fsutil.unlink_if_present(self.folder / state_name(number))
             raise
         manifest = dict(meta, format=FORMAT, generation=number, files=files,
                         exports=dict(self._export_digests),
@@ -192,7 +192,7 @@ class CheckpointStore:
         for number in self.numbers():
             if number < max(keep) and number not in keep:
                 for name in (manifest_name(number), state_name(number)):
-                    _unlink(self.folder / name)
+                    fsutil.unlink_if_present(self.folder / name)
 
     # ---- the best so far -----------------------------------------------------------------
 
@@ -255,7 +255,7 @@ class CheckpointStore:
             match = _GENERATION.match(name)
             orphan = match and match.group(2) == "npz" and int(match.group(1)) not in committed
             if fsutil.is_temp_name(name) or orphan or (name in EXPORTS and not committed):
-                _unlink(self.folder / name)
+                fsutil.unlink_if_present(self.folder / name)
                 removed.append(name)
         if removed:
             fsutil.fsync_folder(self.folder)
@@ -348,11 +348,3 @@ def running_pid(folder):
 
 class _Damaged(Exception):
     pass
-
-
-def _unlink(path):
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-

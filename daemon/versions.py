@@ -151,7 +151,7 @@ class VersionStore:
         try:
             fsutil.write_new(npz, data, sync_folder=True)
         except BaseException:
-            _unlink(npz)
+            fsutil.unlink_if_present(npz)
             raise
         val = np.asarray(val, bool)
         counts = {"train": int((~val).sum()), "validation": int(val.sum()),
@@ -178,14 +178,7 @@ class VersionStore:
         for name in names:
             match = _NAME.match(name)
             if fsutil.is_temp_name(name) or (match and int(match.group(1)) not in keep):
-                _unlink(self.folder / name)
+                fsutil.unlink_if_present(self.folder / name)
                 removed = True
         if removed:
             fsutil.fsync_folder(self.folder)
-
-
-def _unlink(path):
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
