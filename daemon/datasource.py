@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from daemon import dataset
+from daemon import dataset, fsutil
 from daemon.sidecars import Sidecars
 from daemon.watch import Watcher
 from daemon.versions import VersionStore, content_digest, is_validation
@@ -44,6 +44,7 @@ def list_folder(root, is_image_name):
     and the names of loose files and links skipped. Hidden names are ignored; symbolic
     links are never followed (as in the inbox)."""
     found, ignored = {}, []
+    skip = len(root.rstrip("/")) + 1  # relative paths by slicing: os.path.relpath is slow
     try:
         with os.scandir(root) as entries:
             classes = sorted((entry for entry in entries if not entry.name.startswith(".")),
@@ -70,12 +71,15 @@ def list_folder(root, is_image_name):
                     stack.append(item.path)
                 elif is_image_name(item.name):
                     if item.is_symlink():
-                        ignored.append(os.path.relpath(item.path, root))
+                        ignored.append(item.path[skip:])
                         continue
-                    info = item.stat(follow_symlinks=False)
+                    try:
+                        info = item.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # gone meanwhile
                     if stat.S_ISREG(info.st_mode):
-                        found[os.path.relpath(item.path, root)] = (
-                            entry.name, info.st_size, info.st_mtime_ns, info.st_ino)
+                        found[item.path[skip:]] = (entry.name, info.st_size,
+                                                   info.st_mtime_ns, info.st_ino)
     return found, ignored
 
 
@@ -90,6 +94,7 @@ class DataSource:
         self._warned = set()  # (path, size, mtime_ns) of bad images already reported
         self._gone_classes = set()
         self.retry_seconds = None  # set by sync() when images wait to be read again
+        self.pending = True  # changes seen (or the start-up look) not yet in a version
         self._said_later = None
 
     @property
@@ -143,8 +148,11 @@ class DataSource:
             if old and (old["class"], old["size"], old["mtime_ns"], old["ino"]) == (
                     cls, size, mtime, ino):
                 reuse[path] = old
-            elif abs(now_ns - mtime) < SETTLE_SECONDS * 1e9:
-                raise Later(f"{path} was modified moments ago", SETTLE_SECONDS)
+            elif abs(now_ns - mtime) < SETTLE_SECONDS * 1e9 and \
+                    fsutil.being_written(os.path.join(root, path)) is not False:
+                # still open for writing, or modified moments ago where the kernel cannot
+                # tell (a share): may be half written
+                raise Later(f"{path} is still being written", 0.5)
             else:
                 decode.append(path)
         if not found:
@@ -165,7 +173,7 @@ class DataSource:
             self.retry_seconds = 30
         if not decoded and unchanged:
             return None  # only files that could not be read: nothing new yet
-        rows = [] if newest is None or not previous else newest.arrays()
+        rows = newest.arrays() if newest is not None and previous else []
         return self._commit(root, newest, found, reuse, decoded, rows)
 
     def _decode(self, root, paths, found):
@@ -238,7 +246,7 @@ class DataSource:
         return version
 
 
-QUIET_SECONDS = 2.0  # changes come in bursts (a folder copied in): sync once they pause
+QUIET_SECONDS = 0.5  # changes come in bursts (a folder copied in): sync once they pause
 MAX_DELAY_SECONDS = 30.0  # ... but never wait longer than this while they go on
 
 
@@ -253,6 +261,7 @@ def follow(source, watch, stop_event, keep, on_version, clock=time.monotonic):
                           watch.mode, watch.poll_seconds, watch.rescan_seconds, clock=clock)
         watcher.start()
     source.store.prune(keep())  # what a killed run's write left
+    source.pending = True
     due, first_change, said = clock(), None, None
     try:
         while not stop_event.is_set():
@@ -263,15 +272,17 @@ def follow(source, watch, stop_event, keep, on_version, clock=time.monotonic):
                     version = source.sync()
                 except Later as why:
                     due = now + why.seconds
+                    source.pending = why.seconds <= 1  # a file about to be complete
                     if str(why) != said:
                         log.info("data: %s", why)
                     said = str(why)
                 except OSError as error:  # save/ full or read-only: may go away
                     due = now + 30
+                    source.pending = False
                     log.warning("data: cannot write a data version (%s); trying again in "
                                 "30 s", error)
                 else:
-                    said = None
+                    said, source.pending = None, False
                     if source.retry_seconds:
                         due = now + source.retry_seconds
                     if version is not None:
@@ -290,6 +301,7 @@ def follow(source, watch, stop_event, keep, on_version, clock=time.monotonic):
             now = clock()
             first_change = first_change or now
             due = min(now + QUIET_SECONDS, first_change + MAX_DELAY_SECONDS)
+            source.pending = True
     finally:
         if watcher is not None:
             watcher.stop()

@@ -324,6 +324,7 @@ class Service:
 
         self._imported.set()
         trainer = Trainer(self.config, generation, self.stop_event)
+        trainer.data_pending = lambda: self.data_source.pending
         self.trainer = trainer
         trainer.epochs = self.config.train.epochs  # a reload may have come meanwhile
         if not self.stop_event.is_set():

@@ -21,6 +21,8 @@ from daemon.versions import Data, VersionStore
 
 log = logging.getLogger(__name__)
 
+BOUNDARY_WAIT_SECONDS = 10.0  # at most, for a data version being made
+
 
 def epoch_order(seed, epoch, count):
     """The permutation of training examples for `epoch`: a function of seed and epoch only."""
@@ -76,6 +78,7 @@ class Trainer:
         self.data = None  # the data version in use (daemon.versions.Data)
         self.validation_accuracy = None  # the last epoch's
         self.trained_once = False  # for one log line: the first batch of this run
+        self.data_pending = lambda: False  # is a data version being made? (the service's)
         self.restored = threading.Event()  # the model is ready: set after restore
         self.last_progress = time.monotonic()  # for the watchdog: a batch, an epoch...
 
@@ -194,7 +197,13 @@ class Trainer:
         return bool(numbers) and numbers[0] > self.data.version.number
 
     def _take_newest_data(self):
-        """At an epoch boundary: move to the newest data version, if there is a newer one."""
+        """At an epoch boundary: move to the newest data version, if there is a newer one.
+        One being made (changes seen, not yet in a version) is worth a moment's wait: an
+        image that landed during an epoch is trained on in the next."""
+        deadline = time.monotonic() + BOUNDARY_WAIT_SECONDS
+        while self.data_pending() and time.monotonic() < deadline and \
+                not self.stop_event.wait(0.05):
+            self.last_progress = time.monotonic()
         if not self._newer_version():
             return
         version = self.versions.newest()

@@ -69,12 +69,17 @@ class Version:
         return {entry["path"]: entry for entry in self.manifest.get("entries", [])}
 
     def arrays(self):
-        """The decoded images, checked against the manifest's digest."""
+        """The decoded images, checked against the manifest's digest (the newest version's
+        are kept in memory by the process that wrote or read them: read-only)."""
+        key = (str(self.folder), self.number)
+        cached = _recent.get(key)  # (another thread may replace it meanwhile: get, once)
+        if cached is not None:
+            return cached
         data = (self.folder / npz_name(self.number)).read_bytes()
         if hashlib.sha256(data).hexdigest() != self.manifest["npz"]:
             raise OSError(f"{npz_name(self.number)} does not match its checksum")
         with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
-            return {key: arrays[key] for key in arrays.files}
+            return _remember(key, {name: arrays[name] for name in arrays.files})
 
 
 class Data:
@@ -94,6 +99,19 @@ class Data:
         return (f"data version {self.version.number} ({self.version['origin']}): "
                 f"{len(self.x_train)} training and {len(self.x_val)} validation images{test}, "
                 f"{len(self.classes)} classes")
+
+
+_recent = {}  # (folder, number) -> arrays of the version last written or read
+
+
+def _remember(key, arrays):
+    """Keep one version's arrays (the newest, as a rule) for the next reader: the trainer
+    takes the version the data thread just wrote without reading and hashing it again."""
+    for array in arrays.values():
+        array.setflags(write=False)
+    _recent.clear()  # one entry: a dict's single operations are atomic under the GIL
+    _recent[key] = arrays
+    return arrays
 
 
 def manifest_name(number):
@@ -143,9 +161,10 @@ class VersionStore:
             fsutil.fsync_folder(self.folder.parent)  # the new folder's own entry
         numbers = self.numbers()
         number = numbers[0] + 1 if numbers else 1
+        arrays = dict(x=np.asarray(x, np.uint8).reshape(-1, 28, 28), y=np.asarray(y, np.int32),
+                      val=np.asarray(val, bool), **(extra_arrays or {}))
         buffer = io.BytesIO()
-        np.savez(buffer, x=np.asarray(x, np.uint8).reshape(-1, 28, 28),
-                 y=np.asarray(y, np.int32), val=np.asarray(val, bool), **(extra_arrays or {}))
+        np.savez(buffer, **arrays)
         data = buffer.getvalue()
         npz = self.folder / npz_name(number)
         try:
@@ -163,6 +182,7 @@ class VersionStore:
                     "skipped": list(skipped), "written_at": fsutil.utc_timestamp()}
         fsutil.write_new(self.folder / manifest_name(number),
                          json.dumps(manifest, separators=(",", ":")).encode(), sync_folder=True)
+        _remember((str(self.folder), number), arrays)
         return Version(self.folder, manifest)
 
     def prune(self, keep):

@@ -66,8 +66,14 @@ def sidecar(path):
 
 
 def manifests(save):
-    store = CheckpointStore(save)
-    return [json.loads((save / f"ckpt-{n:08d}.json").read_text()) for n in store.numbers()]
+    """Newest first; a running daemon may remove old ones while we read."""
+    found = []
+    for number in CheckpointStore(save).numbers():
+        try:
+            found.append(json.loads((save / f"ckpt-{number:08d}.json").read_text()))
+        except FileNotFoundError:
+            continue
+    return found
 
 
 def tutorial_width(save):
