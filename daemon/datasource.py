@@ -96,6 +96,7 @@ class DataSource:
         self.retry_seconds = None  # set by sync() when images wait to be read again
         self.pending = True  # changes seen (or the start-up look) not yet in a version
         self._said_later = None
+        self._refreshed = (None, {})  # (version, entries): its files touched, not changed
 
     @property
     def watched(self):
@@ -137,14 +138,16 @@ class DataSource:
                 log.warning("%s/%s: skipped (a symbolic link, or an image outside a class "
                             "folder)", root, name)
         newest = self.store.newest()
-        previous = newest.entries() if newest is not None and newest["origin"] == "folder" \
-            else {}
-        skipped = {item["path"]: item for item in (newest.get("skipped", []) if previous
-                                                   else [])}
+        known = {}  # path -> entry (decoded or skipped) as the newest version has them
+        if newest is not None and newest["origin"] == "folder":
+            known = {item["path"]: item for item in newest.get("skipped", [])}
+            known.update(newest.entries())
+            if self._refreshed[0] == newest.number:
+                known = self._refreshed[1]
         now_ns = self.clock() * 1e9
         reuse, decode = {}, []
         for path, (cls, size, mtime, ino) in found.items():
-            old = previous.get(path) or skipped.get(path)
+            old = known.get(path)
             if old and (old["class"], old["size"], old["mtime_ns"], old["ino"]) == (
                     cls, size, mtime, ino):
                 reuse[path] = old
@@ -156,11 +159,12 @@ class DataSource:
             else:
                 decode.append(path)
         if not found:
-            if previous:
+            if known:
                 raise Later(f"{root} holds no image in a class folder now (a share that "
                             "is gone?); keeping the data version in use", 60)
             raise Later(f"waiting for class folders with images in {root}", 10)
-        unchanged = set(reuse) == set(previous) | (set(skipped) & set(found))
+        # (a bad file deleted is no change)
+        unchanged = set(reuse) == {p for p, e in known.items() if "error" not in e or p in found}
         if not decode and unchanged:
             return None
         decoded, later = self._decode(root, decode, found)
@@ -173,7 +177,7 @@ class DataSource:
             self.retry_seconds = 30
         if not decoded and unchanged:
             return None  # only files that could not be read: nothing new yet
-        rows = newest.arrays() if newest is not None and previous else []
+        rows = newest.arrays() if newest is not None and known else []
         return self._commit(root, newest, found, reuse, decoded, rows)
 
     def _decode(self, root, paths, found):
@@ -231,6 +235,10 @@ class DataSource:
             log.warning("class %r has no images in %s any more: it keeps its output unit "
                         "but gets no training data", name, root)
         self._gone_classes = set(classes) - set(present)
+        if newest is not None and not new and _content(entries) == _content(
+                newest.entries().values()):
+            self._remember_touched(newest, entries, skipped)
+            return None
         index = {name: i for i, name in enumerate(classes)}
         y = [index[entry["class"]] for entry in entries]
         val = [is_validation(entry["sha256"]) for entry in entries]
@@ -244,6 +252,25 @@ class DataSource:
                  len(classes), f"; new: {', '.join(new)}" if new and newest else "",
                  f"; {len(skipped)} skipped" if skipped else "")
         return version
+
+    def _remember_touched(self, newest, entries, skipped):
+        """The same images in the same classes as `newest` (files touched, renamed, copied
+        over with the same content): no new version, nothing to train; their new sizes,
+        mtimes and paths are kept here so they are not decoded again."""
+        rows = {}
+        for entry in newest.entries().values():
+            rows.setdefault((entry["class"], entry["sha256"]), []).append(entry["row"])
+        known = {entry["path"]: entry for entry in skipped}
+        for entry in entries:
+            known[entry["path"]] = dict(entry, row=rows[entry["class"], entry["sha256"]].pop())
+        self._refreshed = (newest.number, known)
+        log.info("data: files changed but no image or class did; data version %d stays",
+                 newest.number)
+
+
+def _content(entries):
+    """What a version trains on: its images' content and classes, whatever their paths."""
+    return sorted((entry["class"], entry["sha256"]) for entry in entries)
 
 
 QUIET_SECONDS = 0.5  # changes come in bursts (a folder copied in): sync once they pause

@@ -3,9 +3,9 @@ validation, the best checkpoint labelling, relabel. Real daemons, real folders o
 from the bundled sample."""
 
 import json
+import os
 import random
 import re
-import signal
 import subprocess
 import sys
 
@@ -143,10 +143,14 @@ def test_a_class_added_while_running_widens_the_head_and_trains_on(tmp_path, dae
     dresses = drop(tmp_path / "inbox", sample, DRESS)
     wait_until(lambda: all(sidecar(p) for p in dresses), 60, message="sidecars")
     assert [sidecar(p)["label"] for p in dresses].count("Dress") >= 2
-    # Nothing changes: it does not train again.
-    daemon.signal(signal.SIGUSR2)
-    daemon.wait_for_log(r"SIGUSR2")
-    assert daemon.log.count("first batch trained") == 1
+    # Files touched and renamed, but no image or class changed: it does not train again.
+    epochs = len(re.findall(r"epoch \d+/\d+: loss", daemon.log))
+    bags = sorted((three_classes / "Bag").glob("*.png"))
+    os.utime(bags[0])
+    bags[1].rename(bags[1].with_name("renamed.png"))
+    daemon.wait_for_log(r"files changed but no image or class did; data version 2 stays")
+    assert len(re.findall(r"epoch \d+/\d+: loss", daemon.log)) == epochs
+    assert "data version 3" not in daemon.log
     assert daemon.stop() == 0, daemon.log
     assert tutorial_width(tmp_path / "save") == 4
 
@@ -248,7 +252,7 @@ def test_an_unchanged_folder_resumes_bit_identical_after_kills(tmp_path, tmp_pat
     root = tmp_path_factory.mktemp("shared") / "dataset"
     for label in (TROUSER, SNEAKER, BAG):
         add_class(root, sample, label, 60)
-    train = {"batch_size": 4, "epochs": 2, "checkpoint_every": 7}
+    train = {"batch_size": 1, "epochs": 2, "checkpoint_every": 7}
     reference = tmp_path / "reference"
     reference.mkdir()
     done = daemons(folder_config(reference, root, **train))
@@ -267,9 +271,11 @@ def test_an_unchanged_folder_resumes_bit_identical_after_kills(tmp_path, tmp_pat
         except subprocess.TimeoutExpired:
             pass
         if "training complete" in daemon.log:
+            assert daemon.stop() == 0
             break
         daemon.kill()
         kills += 1
+    assert kills >= 2, "the runs ended before most kills: nothing was resumed"
     final = daemons(config)
     final.wait_for_log(r"training complete", 180)
     assert final.stop() == 0
