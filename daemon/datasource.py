@@ -40,10 +40,11 @@ class Later(Exception):
 
 
 def list_folder(root, is_image_name):
-    """{relative path: (class name, size, mtime_ns, ino)} of the images under DIR/<class>/,
-    and the names of loose files and links skipped. Hidden names are ignored; symbolic
-    links are never followed (as in the inbox)."""
-    found, ignored = {}, []
+    """({relative path: (class name, size, mtime_ns, ino)} of the images under
+    DIR/<class>/, [names skipped: loose files, links, not regular files], [relative paths of
+    folders that cannot be listed now]). Hidden names are ignored; symbolic links are never
+    followed (as in the inbox)."""
+    found, ignored, unlisted = {}, [], []
     skip = len(root.rstrip("/")) + 1  # relative paths by slicing: os.path.relpath is slow
     try:
         with os.scandir(root) as entries:
@@ -62,8 +63,11 @@ def list_folder(root, is_image_name):
             try:
                 with os.scandir(folder) as inner:
                     items = list(inner)
-            except OSError as error:
-                raise Later(f"cannot list {folder}: {error.strerror}", 30) from None
+            except FileNotFoundError:
+                continue  # gone meanwhile
+            except OSError as error:  # a permission, a share: may go away
+                unlisted.append((folder[skip:], error.strerror))
+                continue
             for item in items:
                 if item.name.startswith("."):
                     continue
@@ -80,7 +84,9 @@ def list_folder(root, is_image_name):
                     if stat.S_ISREG(info.st_mode):
                         found[item.path[skip:]] = (entry.name, info.st_size,
                                                    info.st_mtime_ns, info.st_ino)
-    return found, ignored
+                    else:
+                        ignored.append(item.path[skip:])
+    return found, ignored, unlisted
 
 
 class DataSource:
@@ -95,8 +101,10 @@ class DataSource:
         self._gone_classes = set()
         self.retry_seconds = None  # set by sync() when images wait to be read again
         self.pending = True  # changes seen (or the start-up look) not yet in a version
-        self._said_later = None
+        self._said_later = self._said_unlisted = self._said_twins = None
         self._refreshed = (None, {})  # (version, entries): its files touched, not changed
+        self._decoded = {}  # path -> (listing, (image, entry)): decoded, in no version yet
+        self.decoding = False  # the decode workers are busy (a stop need not wait for them)
 
     @property
     def watched(self):
@@ -131,12 +139,12 @@ class DataSource:
             raise Later(f"{root} is not there (moved, deleted or unmounted)", 30)
         is_image = Sidecars(self.config.classify.sidecar,
                             self.config.classify.extensions).is_image_name
-        found, ignored = list_folder(root, is_image)
+        found, ignored, unlisted = list_folder(root, is_image)
         for name in ignored:
             if name not in self._warned:
                 self._warned.add(name)
-                log.warning("%s/%s: skipped (a symbolic link, or an image outside a class "
-                            "folder)", root, name)
+                log.warning("%s/%s: skipped (a symbolic link, not a regular file, or an "
+                            "image outside a class folder)", root, name)
         newest = self.store.newest()
         known = {}  # path -> entry (decoded or skipped) as the newest version has them
         if newest is not None and newest["origin"] == "folder":
@@ -144,6 +152,21 @@ class DataSource:
             known.update(newest.entries())
             if self._refreshed[0] == newest.number:
                 known = self._refreshed[1]
+        if unlisted:
+            # What a folder held that cannot be listed now stays as it was: not deleted
+            self.retry_seconds = 30
+            said = tuple(folder for folder, _ in unlisted)
+            if said != self._said_unlisted:
+                log.warning("cannot list %s (%s); its images stay as they were, trying again "
+                            "every 30 s", ", ".join(f"{root}/{f}" for f in said),
+                            unlisted[0][1])
+            self._said_unlisted = said
+            for path, entry in known.items():
+                if any(path.startswith(folder + "/") for folder in said):
+                    found.setdefault(path, (entry["class"], entry["size"], entry["mtime_ns"],
+                                            entry["ino"]))
+        else:
+            self._said_unlisted = None
         now_ns = self.clock() * 1e9
         reuse, decode = {}, []
         for path, (cls, size, mtime, ino) in found.items():
@@ -181,19 +204,26 @@ class DataSource:
         return self._commit(root, newest, found, reuse, decoded, rows)
 
     def _decode(self, root, paths, found):
-        """{path: (image, entry)} for the images decoded; [(path, why)] that failed for now."""
-        decoded, later = {}, []
+        """{path: (image or None if bad, entry)} for the files decoded; [(path, why)] of
+        those that could not be read now. What was decoded stays at hand until a version
+        holds it (a version that could not be written is not decoded again)."""
+        later = []
+        todo = [path for path in paths if self._decoded.get(path, (None,))[0] != found[path]]
+        decoded = {path: self._decoded[path][1] for path in paths if path not in todo}
         started = time.monotonic()
-        results = self.decoder.decode_all([os.path.join(root, p) for p in paths]) if paths \
-            else []
-        for path, (full, kind, payload) in zip(paths, results):
-            cls = found[path][0]
+        self.decoding = True
+        try:
+            results = self.decoder.decode_all([os.path.join(root, p) for p in todo]) \
+                if todo else []
+        finally:
+            self.decoding = False
+        for path, (full, kind, payload) in zip(todo, results):
+            cls, size, mtime, ino = found[path]
             if kind == "image":
                 image, digest, (size, mtime, ino) = payload
                 decoded[path] = (image, {"path": path, "class": cls, "size": size,
                                          "mtime_ns": mtime, "ino": ino, "sha256": digest})
             elif kind == "bad":
-                _, size, mtime, ino = found[path]
                 decoded[path] = (None, {"path": path, "class": cls, "size": size,
                                         "mtime_ns": mtime, "ino": ino, "error": payload})
                 if (path, size, mtime) not in self._warned:
@@ -201,9 +231,13 @@ class DataSource:
                     log.warning("%s: skipped, not a usable image: %s", full, payload)
             else:
                 later.append((path, payload))
-        if paths:
-            log.info("decoded %d training images in %.1f s", len(paths),
-                     time.monotonic() - started)
+                continue
+            self._decoded[path] = (found[path], decoded[path])
+        if todo:
+            bad = sum(1 for path in todo if path in decoded and decoded[path][0] is None)
+            log.info("decoded %d training images in %.1f s%s%s", len(todo) - bad - len(later),
+                     time.monotonic() - started, f"; {bad} not usable" if bad else "",
+                     f"; {len(later)} cannot be read now" if later else "")
         return decoded, later
 
     def _commit(self, root, newest, found, reuse, decoded, old_arrays):
@@ -238,7 +272,9 @@ class DataSource:
         if newest is not None and not new and _content(entries) == _content(
                 newest.entries().values()):
             self._remember_touched(newest, entries, skipped)
+            self._decoded.clear()
             return None
+        self._warn_of_twins(entries)
         index = {name: i for i, name in enumerate(classes)}
         y = [index[entry["class"]] for entry in entries]
         val = [is_validation(entry["sha256"]) for entry in entries]
@@ -247,11 +283,23 @@ class DataSource:
                         "for validation", 10)
         version = self.store.write("folder", classes, np.array(images, np.uint8).reshape(
             -1, 28, 28), y, val, entries=entries, skipped=skipped)
+        self._decoded.clear()
         log.info("data version %d: %d images (%d validation) in %d classes%s%s",
                  version.number, version.images, version["counts"]["validation"],
                  len(classes), f"; new: {', '.join(new)}" if new and newest else "",
                  f"; {len(skipped)} skipped" if skipped else "")
         return version
+
+    def _warn_of_twins(self, entries):
+        """The same image in two classes teaches both labels: say so (once per example)."""
+        classes_of = {}
+        for entry in entries:
+            classes_of.setdefault(entry["sha256"], {})[entry["class"]] = entry["path"]
+        twins = [paths for paths in classes_of.values() if len(paths) > 1]
+        if twins and sorted(twins[0].values()) != self._said_twins:
+            self._said_twins = sorted(twins[0].values())
+            log.warning("%d images are in more than one class folder (e.g. %s): each copy "
+                        "teaches its own label", len(twins), " and ".join(self._said_twins))
 
     def _remember_touched(self, newest, entries, skipped):
         """The same images in the same classes as `newest` (files touched, renamed, copied
@@ -304,10 +352,16 @@ def follow(source, watch, stop_event, keep, on_version, clock=time.monotonic):
                         log.info("data: %s", why)
                     said = str(why)
                 except OSError as error:  # save/ full or read-only: may go away
+                    if stop_event.is_set():
+                        return
                     due = now + 30
                     source.pending = False
                     log.warning("data: cannot write a data version (%s); trying again in "
                                 "30 s", error)
+                except Exception:
+                    if stop_event.is_set():
+                        return  # the decode workers were stopped under a sync: nothing lost
+                    raise
                 else:
                     said, source.pending = None, False
                     if source.retry_seconds:

@@ -18,7 +18,7 @@ import uuid
 from daemon import fsutil
 from daemon.errors import AlreadyRunning
 from daemon.sidecars import Sidecars
-from daemon.store import lock, running_pid
+from daemon.store import CheckpointStore, lock, running_pid
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,10 @@ def stale(root, sidecars, model_id, everything):
 def run(config, everything, out, err, timeout=None):
     """The command; returns its exit code."""
     sidecars = Sidecars(config.classify.sidecar, config.classify.extensions)
+    if not CheckpointStore(config.save).numbers():  # before TensorFlow, before making save/
+        print(f"wardrobe: no checkpoint in {config.save} yet: nothing to relabel with",
+              file=err)
+        return 1
     pid = running_pid(config.save)
     if pid is None:
         try:
@@ -96,7 +100,7 @@ def _here(config, sidecars, everything, out, err):
                 print(f"{path}: cannot write its sidecar: {error.strerror}", file=err)
                 failed += 1
     print(f"relabelled {done} images with checkpoint {classifier.generation.id}"
-          + (f"; {failed} failed" if failed else ""), file=out)
+          + (f"; {failed} failed" if failed else "") + _txt_note(sidecars), file=out)
     return 1 if failed else 0
 
 
@@ -121,7 +125,8 @@ def _ask(config, pid, everything, out, err, timeout):
             retrying = answer.get("retrying", 0)
             print(f"relabelled {answer['relabelled']} images with checkpoint {answer['model']}"
                   + (f"; {retrying} could not be written now (the daemon retries them)"
-                     if retrying else ""), file=out)
+                     if retrying else "") + _txt_note(Sidecars(config.classify.sidecar, ())),
+                  file=out)
             return 0
         if running_pid(config.save) != pid:
             print("wardrobe: the daemon stopped before it answered; run relabel again",
@@ -185,6 +190,11 @@ class Requests:
         except OSError as error:  # save/ full: the command waits, and is told it timed out
             log.error("cannot answer wardrobe relabel: %s", error)
         self.request = None
+
+
+def _txt_note(sidecars):
+    return (" (txt sidecars do not say which checkpoint wrote them: all were rewritten)"
+            if sidecars.kind == "txt" else "")
 
 
 def forget_requests(save):

@@ -128,7 +128,8 @@ class Service:
         self.inbox.stop()
         decoder.stop()
         if self.data_source.decoder is not None:
-            self.data_source.decoder.stop(wait=False)
+            # idle workers leave at once; busy ones (a big data version) are not waited for
+            self.data_source.decoder.stop(wait=not self.data_source.decoding)
         self.notifier.close()
         if self._errors:
             raise self._errors[0]
@@ -149,10 +150,15 @@ class Service:
                 return
             self._other_signals(ready)
             now = time.monotonic()
-            if not ready and self.trainer is not None and self.trainer.restored.is_set():
+            trainer = self.trainer
+            if not ready and trainer is not None and (trainer.restored.is_set()
+                                                      or trainer.phase == "waiting"):
+                # Waiting for a first data version is a healthy state, not a slow start:
+                # systemd would kill a start that takes longer than TimeoutStartSec.
                 ready = True
                 self.notifier.notify("READY=1")
-                log.info("ready: model restored, inbox watched")
+                log.info("ready: %s, inbox watched", "model restored"
+                         if trainer.restored.is_set() else "waiting for training data")
             if ready and (current := self._status_line()) != status:
                 status = current
                 self.notifier.notify(f"STATUS={status}")

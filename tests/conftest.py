@@ -19,6 +19,9 @@ from daemon.store import CheckpointStore
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_IMAGES, TEST_IMAGES = 1024, 256
+# root reads anything: without these capabilities it obeys file permissions like anyone
+NO_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+          "--inh-caps=-dac_override,-dac_read_search"]
 
 
 def wait_until(predicate, timeout, interval=0.02, message="condition"):

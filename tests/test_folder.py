@@ -5,6 +5,7 @@ from the bundled sample."""
 import json
 import os
 import random
+import shutil
 import re
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, assert_loadable, newest_state, status, wait_until
+from conftest import NO_DAC, REPO, assert_loadable, newest_state, status, wait_until
 from daemon import dataset
 from daemon.config import DEFAULT_LABELS
 from daemon.store import CheckpointStore
@@ -318,3 +319,66 @@ def test_relabel_rewrites_what_another_checkpoint_labelled(tmp_path, daemons, sa
     assert relabel() == expected
     assert {sidecar(p)["model"] for p in images} == {newest.id}
     assert relabel() == 0
+
+
+def test_a_file_written_slowly_into_a_class_waits_for_its_end(tmp_path, daemons, sample,
+                                                              three_classes):
+    """A download that pauses is neither skipped as broken nor trained on half-written."""
+    config = folder_config(tmp_path, three_classes)
+    daemon = daemons(config)
+    daemon.wait_for_log(r"training complete", 180)
+    data = cv2.imencode(".png", sample.x_train[np.flatnonzero(sample.y_train == BAG)[500]])[1]
+    data = data.tobytes()
+    with open(three_classes / "Bag" / "slow.png", "wb") as file:
+        file.write(data[: len(data) // 2])
+        file.flush()
+        daemon.wait_for_log(r"Bag/slow.png is still being written", 30)
+        file.write(data[len(data) // 2:])
+    daemon.wait_for_log(r"data version 2: 361 images", 30)
+    assert "not a usable image" not in daemon.log
+    assert daemon.stop() == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root and setpriv to drop the capability to read anything")
+def test_a_class_folder_that_cannot_be_listed_keeps_its_images_and_blocks_nothing(
+        tmp_path, daemons, sample, three_classes):
+    config = folder_config(tmp_path, three_classes)
+    daemon = daemons(config, wrapper=NO_DAC)
+    daemon.wait_for_log(r"training complete", 180)
+    (three_classes / "Sneaker").chmod(0)
+    try:
+        add_class(three_classes, sample, DRESS, 30)
+        daemon.wait_for_log(r"data version 2: 390 images .* in 4 classes; new: Dress", 60)
+        assert re.search(r"WARNING .*cannot list .*/Sneaker \(Permission denied\); its images "
+                         r"stay", daemon.log)
+    finally:
+        (three_classes / "Sneaker").chmod(0o755)
+    add_class(three_classes, sample, SNEAKER, 5, start=200)
+    daemon.wait_for_log(r"data version 3: 395 images", 60)
+    assert daemon.stop() == 0
+
+
+def test_waiting_for_a_second_class_is_a_ready_daemon(tmp_path, daemons, sample):
+    """With one class there is nothing to train yet: the daemon is up and says so (systemd
+    would otherwise kill a start that never ends)."""
+    from test_systemd import FakeNotifySocket
+
+    root = tmp_path / "dataset"
+    add_class(root, sample, BAG, 20)
+    config = folder_config(tmp_path, root)
+    fake = FakeNotifySocket(str(tmp_path / "notify.sock"))
+    try:
+        daemon = daemons(config, env={"NOTIFY_SOCKET": fake.address, "WATCHDOG_USEC": "4000000"})
+        daemon.wait_for_log(r"ready: waiting for training data, inbox watched", 60)
+        wait_until(lambda: fake.lines("READY=1") and fake.lines("WATCHDOG=1"), 30,
+                   message="READY and a watchdog ping")
+        assert re.search(r"waiting for at least 2 class folders with images", daemon.log)
+        report = wait_until(lambda: status(config)["inbox"] and status(config), 30,
+                            message="live status")
+        assert report["training"] is False and report["data_version"] is None
+        add_class(root, sample, DRESS, 20)
+        daemon.wait_for_log(r"training complete", 120)
+        assert daemon.stop() == 0
+    finally:
+        fake.close()

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import TEST_IMAGES, status, wait_until, write_config
+from conftest import NO_DAC, TEST_IMAGES, status, wait_until, write_config
 from daemon import dataset
 
 BINDFS = shutil.which("bindfs")
@@ -116,9 +116,6 @@ def test_a_full_disk_or_read_only_inbox_is_retried_until_writable(tmp_path, trai
         subprocess.run(["umount", "-l", str(inbox)], check=False)
 
 
-# root reads anything: without these capabilities it obeys file permissions like anyone
-NO_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
-          "--inh-caps=-dac_override,-dac_read_search"]
 
 
 @pytest.mark.skipif(not IS_ROOT or not shutil.which("setpriv"),

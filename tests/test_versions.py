@@ -23,10 +23,12 @@ def test_list_folder_takes_class_folders_nested_files_and_nothing_else(tmp_path)
         (tmp_path / relative).write_bytes(b"x")
     os.symlink(tmp_path / "Bag/a.png", tmp_path / "Coat/link.png")
     os.symlink(tmp_path / "Bag", tmp_path / "Linked")
-    found, ignored = list_folder(str(tmp_path), is_image)
+    os.mkfifo(tmp_path / "Coat/pipe.png")
+    found, ignored, unlisted = list_folder(str(tmp_path), is_image)
     assert {path: entry[0] for path, entry in found.items()} == {
         "Bag/a.png": "Bag", "Bag/deep/er/b.JPG": "Bag", "Coat/c.png": "Coat"}
-    assert sorted(ignored) == ["Coat/link.png", "Linked", "loose.png"]
+    assert sorted(ignored) == ["Coat/link.png", "Coat/pipe.png", "Linked", "loose.png"]
+    assert unlisted == []
 
 
 def test_a_version_is_committed_by_its_manifest_and_checked_when_read(tmp_path):
