@@ -209,7 +209,7 @@ class DataSource:
         holds it (a version that could not be written is not decoded again)."""
         later = []
         todo = [path for path in paths if self._decoded.get(path, (None,))[0] != found[path]]
-        decoded = {path: self._decoded[path][1] for path in paths if path not in todo}
+        decoded = {path: self._decoded[path][1] for path in set(paths).difference(todo)}
         started = time.monotonic()
         self.decoding = True
         try:
