@@ -93,7 +93,7 @@ class DataSource:
     """The configured source -> data versions in save/data/."""
 
     def __init__(self, config, decoder, clock=time.time):
-        self.config = config
+        self.config = config  # replaced by a reload (see the setter)
         self.store = VersionStore(config.save)
         self.decoder = decoder  # daemon.decoding.Decoder, for folder sources
         self.clock = clock
@@ -105,6 +105,18 @@ class DataSource:
         self._refreshed = (None, {})  # (version, entries): its files touched, not changed
         self._decoded = {}  # path -> (listing, (image, entry)): decoded, in no version yet
         self.decoding = False  # the decode workers are busy (a stop need not wait for them)
+
+    @property
+    def config(self):
+        return self._config
+
+    @config.setter
+    def config(self, config):
+        """A reload may change classify.extensions: which names are images, now."""
+        self._config = config
+        self.is_image_name = Sidecars(config.classify.sidecar,
+                                      config.classify.extensions).is_image_name
+        self.resync = True  # look again with the new settings
 
     @property
     def watched(self):
@@ -137,9 +149,7 @@ class DataSource:
         root = str(self.config.data.path)
         if not os.path.isdir(root):
             raise Later(f"{root} is not there (moved, deleted or unmounted)", 30)
-        is_image = Sidecars(self.config.classify.sidecar,
-                            self.config.classify.extensions).is_image_name
-        found, ignored, unlisted = list_folder(root, is_image)
+        found, ignored, unlisted = list_folder(root, self.is_image_name)
         for name in ignored:
             if name not in self._warned:
                 self._warned.add(name)
@@ -331,16 +341,21 @@ def follow(source, watch, stop_event, keep, on_version, clock=time.monotonic):
     needed (kept checkpoints', the trainer's); `on_version(version)` is told of each new one."""
     watcher = None
     if source.watched is not None:
-        watcher = Watcher(str(source.watched), Sidecars("json", source.config.classify
-                                                        .extensions).is_image_name,
+        watcher = Watcher(str(source.watched), lambda name: source.is_image_name(name),
                           watch.mode, watch.poll_seconds, watch.rescan_seconds, clock=clock)
         watcher.start()
     source.store.prune(keep())  # what a killed run's write left
     source.pending = True
     due, first_change, said = clock(), None, None
+    source.resync = False
     try:
         while not stop_event.is_set():
             now = clock()
+            if source.resync:  # reloaded
+                source.resync, due = False, now
+                if watcher is not None and source.config.watch != watch:
+                    watch = source.config.watch
+                    watcher.reconfigure(watch.mode, watch.poll_seconds, watch.rescan_seconds)
             if due is not None and now >= due:
                 due, first_change = None, None
                 try:
