@@ -51,10 +51,12 @@ class Checkpoint(keras.callbacks.Callback):
 
     # ---- resume ----------------------------------------------------------------------------
 
-    def restore(self, generation=None):
+    def restore(self, generation=None, inside_epoch=True):
         """Load the newest verified generation (or `generation`) into the model, once.
 
-        Returns (epoch, step): completed epochs and batches done in the next one.
+        Returns (epoch, step): completed epochs and batches done in the next one. Without
+        `inside_epoch` an interrupted epoch starts again at its first batch (from the saved
+        weights): its position means nothing on other data.
         """
         if self._resume is not None:
             return self._resume
@@ -73,7 +75,8 @@ class Checkpoint(keras.callbacks.Callback):
         self._assign_state(metrics=False)
         self.history = list(generation.get("history", []))
         self.restored = generation
-        self._resume = self._pending = (generation["epoch"], self._step_for_batch_size(generation))
+        step = self._step_for_batch_size(generation) if inside_epoch else 0
+        self._resume = self._pending = (generation["epoch"], step)
         stale = self.store.adopt(generation)
         if stale:
             log.warning("%s did not match checkpoint %d; rewriting from it",
@@ -174,6 +177,9 @@ class Checkpoint(keras.callbacks.Callback):
             "history": self.history, "fingerprint": self.fingerprint,
             "variables": _shapes(self.model.variables),
         }
+        # The first generation writes the tutorial's pair even inside an epoch: from the
+        # first checkpoint on, save/ always holds a loadable model.json + model.h5.
+        export = export or not self.store.has_exports()
         try:
             generation = self.store.write(meta, self._state_bytes(),
                                           self._exports() if export else {})

@@ -34,7 +34,7 @@ class Classifier:
 
     @property
     def labels(self):
-        if self.config.data.source == "folder":
+        if self.config.data.source == "folder" and self.generation.get("classes"):
             return self.generation["classes"]
         return self.config.classify.labels  # a reload may rename them
 

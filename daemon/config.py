@@ -181,9 +181,14 @@ def parse(raw, base):
             raise ConfigError("data.path", "expected a folder of class folders "
                               "(DIR/<class>/<images>) when data.source is 'folder', got nothing")
     _check_apart(config)
-    if config.data.source == "folder" and not config.data.path.is_dir():
-        raise ConfigError("data.path", f"{config.data.path} is not a folder (expected one "
-                          "holding a folder per class)")
+    if config.data.source == "folder":
+        path = config.data.path
+        # Missing at a first start is a typo; once data versions exist, a share that is
+        # not mounted yet: the daemon waits for it.
+        if os.path.lexists(path) and not path.is_dir() or not os.path.lexists(path) and not (
+                config.save / "data").is_dir():
+            raise ConfigError("data.path", f"{path} is not a folder (expected one holding a "
+                              "folder per class)")
     return config
 
 

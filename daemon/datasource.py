@@ -34,9 +34,9 @@ class Later(Exception):
     """The source is not ready for a version now (files still being written, unreadable,
     the folder gone); sync again after `seconds`."""
 
-    def __init__(self, why, seconds):
+    def __init__(self, why, seconds, warn=False):
         super().__init__(why)
-        self.seconds = seconds
+        self.seconds, self.warn = seconds, warn
 
 
 def list_folder(root, is_image_name):
@@ -51,7 +51,7 @@ def list_folder(root, is_image_name):
             classes = sorted((entry for entry in entries if not entry.name.startswith(".")),
                              key=lambda entry: entry.name)
     except OSError as error:
-        raise Later(f"cannot list {root}: {error.strerror}", 30) from None
+        raise Later(f"cannot list {root}: {error.strerror}", 30, warn=True) from None
     for entry in classes:
         if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
             if is_image_name(entry.name) or entry.is_symlink():
@@ -102,8 +102,10 @@ class DataSource:
         self.retry_seconds = None  # set by sync() when images wait to be read again
         self.pending = True  # changes seen (or the start-up look) not yet in a version
         self._said_later = self._said_unlisted = self._said_twins = None
+        self._said_writing = set()
         self._refreshed = (None, {})  # (version, entries): its files touched, not changed
         self._decoded = {}  # path -> (listing, (image, entry)): decoded, in no version yet
+        self._damaged = set()  # versions whose arrays cannot be read: not built upon
         self.decoding = False  # the decode workers are busy (a stop need not wait for them)
 
     @property
@@ -117,6 +119,15 @@ class DataSource:
         self.is_image_name = Sidecars(config.classify.sidecar,
                                       config.classify.extensions).is_image_name
         self.resync = True  # look again with the new settings
+
+    def _retry_in(self, seconds):
+        self.retry_seconds = min(seconds, self.retry_seconds or seconds)
+
+    def damaged(self, number):
+        """Version `number` cannot be read (the trainer found it so): make a new one from
+        the source, decoding everything again. Any thread."""
+        self._damaged.add(number)
+        self.resync = True
 
     @property
     def watched(self):
@@ -136,7 +147,8 @@ class DataSource:
         data = dataset.load(self.config.data.source, self.config.data.path)
         digest = data.digest(with_test=True)
         newest = self.store.newest()
-        if newest is not None and newest.get("digest") == digest:
+        if newest is not None and newest.get("digest") == digest and \
+                newest.number not in self._damaged:
             return None
         val = [is_validation(content_digest(image)) for image in data.x_train]
         return self.store.write(data.origin, self.config.classify.labels, data.x_train,
@@ -148,7 +160,8 @@ class DataSource:
     def _sync_folder(self):
         root = str(self.config.data.path)
         if not os.path.isdir(root):
-            raise Later(f"{root} is not there (moved, deleted or unmounted)", 30)
+            raise Later(f"{root} is not there (moved, deleted or unmounted); the data version "
+                        "in use stays", 30, warn=True)
         found, ignored, unlisted = list_folder(root, self.is_image_name)
         for name in ignored:
             if name not in self._warned:
@@ -157,14 +170,15 @@ class DataSource:
                             "image outside a class folder)", root, name)
         newest = self.store.newest()
         known = {}  # path -> entry (decoded or skipped) as the newest version has them
-        if newest is not None and newest["origin"] == "folder":
+        if newest is not None and newest["origin"] == "folder" and \
+                newest.number not in self._damaged:
             known = {item["path"]: item for item in newest.get("skipped", [])}
             known.update(newest.entries())
             if self._refreshed[0] == newest.number:
                 known = self._refreshed[1]
         if unlisted:
             # What a folder held that cannot be listed now stays as it was: not deleted
-            self.retry_seconds = 30
+            self._retry_in(30)
             said = tuple(folder for folder, _ in unlisted)
             if said != self._said_unlisted:
                 log.warning("cannot list %s (%s); its images stay as they were, trying again "
@@ -186,15 +200,22 @@ class DataSource:
                 reuse[path] = old
             elif abs(now_ns - mtime) < SETTLE_SECONDS * 1e9 and \
                     fsutil.being_written(os.path.join(root, path)) is not False:
-                # still open for writing, or modified moments ago where the kernel cannot
-                # tell (a share): may be half written
-                raise Later(f"{path} is still being written", 0.5)
+                # Still open for writing, or modified moments ago where the kernel cannot
+                # tell (a share): it may be half written. It stays as it was (or out) for
+                # now; the rest of the changes go on without it.
+                if path not in self._said_writing:
+                    log.info("data: %s is still being written; it waits", path)
+                self._said_writing.add(path)
+                self._retry_in(1)
+                if old and old["class"] == cls:
+                    reuse[path] = old
             else:
                 decode.append(path)
+                self._said_writing.discard(path)
         if not found:
             if known:
                 raise Later(f"{root} holds no image in a class folder now (a share that "
-                            "is gone?); keeping the data version in use", 60)
+                            "is gone?); keeping the data version in use", 60, warn=True)
             raise Later(f"waiting for class folders with images in {root}", 10)
         # (a bad file deleted is no change)
         unchanged = set(reuse) == {p for p, e in known.items() if "error" not in e or p in found}
@@ -207,10 +228,16 @@ class DataSource:
                 log.warning("%d training images could not be read now, trying again every "
                             "30 s (first: %s: %s)", len(later), *later[0])
             self._said_later = said
-            self.retry_seconds = 30
+            self._retry_in(30)
         if not decoded and unchanged:
             return None  # only files that could not be read: nothing new yet
-        rows = newest.arrays() if newest is not None and known else []
+        try:
+            rows = newest.arrays() if newest is not None and known else []
+        except (OSError, ValueError) as error:
+            log.error("data version %d cannot be read (%s); making a new one from %s",
+                      newest.number, error, root)
+            self._damaged.add(newest.number)
+            raise Later("rebuilding the data version", 0) from None
         return self._commit(root, newest, found, reuse, decoded, rows)
 
     def _decode(self, root, paths, found):
@@ -279,8 +306,8 @@ class DataSource:
             log.warning("class %r has no images in %s any more: it keeps its output unit "
                         "but gets no training data", name, root)
         self._gone_classes = set(classes) - set(present)
-        if newest is not None and not new and _content(entries) == _content(
-                newest.entries().values()):
+        if newest is not None and newest.number not in self._damaged and not new and \
+                _content(entries) == _content(newest.entries().values()):
             self._remember_touched(newest, entries, skipped)
             self._decoded.clear()
             return None
@@ -364,7 +391,7 @@ def follow(source, watch, stop_event, keep, on_version, clock=time.monotonic):
                     due = now + why.seconds
                     source.pending = why.seconds <= 1  # a file about to be complete
                     if str(why) != said:
-                        log.info("data: %s", why)
+                        log.log(logging.WARNING if why.warn else logging.INFO, "data: %s", why)
                     said = str(why)
                 except OSError as error:  # save/ full or read-only: may go away
                     if stop_event.is_set():

@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import signal
 import time
+from concurrent.futures.process import BrokenProcessPool
 
 from daemon import fsutil, images
 
@@ -124,14 +125,31 @@ class Decoder:
         return self._pool.submit(decode_chunk, paths)
 
     def decode_all(self, paths, chunk=256):
-        """decode_training_chunk over many paths on every worker; results in order."""
-        futures = [self._pool.submit(decode_training_chunk, paths[i: i + chunk])
-                   for i in range(0, len(paths), chunk)]
-        try:
-            return [result for future in futures for result in future.result()]
-        finally:
-            for future in futures:
-                future.cancel()
+        """decode_training_chunk over many paths on every worker; results in order. A file
+        that kills a worker (a decoder crash, memory) is found by decoding what was in
+        flight again one task at a time, then alone: it comes back "bad"."""
+        parts = [paths[i: i + chunk] for i in range(0, len(paths), chunk)]
+        futures = [(part, self._pool.submit(decode_training_chunk, part)) for part in parts]
+        results, again = {}, []
+        for part, future in futures:
+            try:
+                results.update((result[0], result) for result in future.result())
+            except BrokenProcessPool:
+                again.append(part)
+        if again:
+            self.restart()
+        while again:
+            part = again.pop(0)
+            try:
+                done = self._pool.submit(decode_training_chunk, part).result()
+                results.update((result[0], result) for result in done)
+            except BrokenProcessPool:
+                self.restart()
+                if len(part) == 1:
+                    results[part[0]] = (part[0], "bad", "the image decoder crashed on this file")
+                else:
+                    again[:0] = [[path] for path in part]
+        return [results[path] for path in paths]
 
     def submit_writes(self, sidecars):
         return self._pool.submit(write_chunk, sidecars)

@@ -313,7 +313,8 @@ class Service:
 
         def keep():
             trainer = self.trainer
-            in_use = {trainer.data.version.number} if trainer and trainer.data else set()
+            in_use = {trainer.taking, trainer.data and trainer.data.version.number} if trainer \
+                else set()
             return in_use | CheckpointStore(self.config.save).data_versions()
 
         def on_version(version):
@@ -331,8 +332,10 @@ class Service:
         self._imported.set()
         trainer = Trainer(self.config, generation, self.stop_event)
         trainer.data_pending = lambda: self.data_source.pending
+        trainer.data_damaged = self.data_source.damaged
         self.trainer = trainer
-        trainer.epochs = self.config.train.epochs  # a reload may have come meanwhile
+        trainer.config = self.config  # a reload may have come meanwhile
+        trainer.configured = self.config.train.epochs
         if not self.stop_event.is_set():
             trainer.run()
 

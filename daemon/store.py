@@ -173,6 +173,10 @@ class CheckpointStore:
                                 generation.get("exports", {}).items() if name not in stale}
         return stale
 
+    def has_exports(self):
+        """Are model.json and model.h5 on disk, as this store wrote or adopted them?"""
+        return all(name in self._export_digests for name in EXPORTS)
+
     def write_exports(self, exports):
         """Rewrite the exports alone (repairing them from a restored generation)."""
         for name, data in exports.items():
@@ -201,18 +205,24 @@ class CheckpointStore:
         one data version (same validation images, same classes): the newest version that
         has a contestant holds it, the earliest of equals wins (kept until beaten). Only
         epoch ends compete: their manifest holds the validation of those very weights."""
-        entrants = []
+        ends = []  # epoch ends: validated (or with nothing to validate on)
         for number in self.numbers():
             try:
                 manifest = json.loads((self.folder / manifest_name(number)).read_bytes())
             except (OSError, ValueError):
                 continue
-            if isinstance(manifest, dict) and manifest.get("validation_accuracy") is not None:
-                entrants.append(manifest)
-        if entrants:
-            version = max(m.get("data_version") or 0 for m in entrants)
-            entrants = [m for m in entrants if (m.get("data_version") or 0) == version]
-            entrants.sort(key=lambda m: (-m["validation_accuracy"], m["generation"]))
+            if isinstance(manifest, dict) and (manifest.get("validation_accuracy") is not None
+                                               or manifest.get("validation_images") == 0
+                                               and manifest.get("step") == 0):
+                ends.append(manifest)
+        entrants = []
+        if ends:
+            version = max(m.get("data_version") or 0 for m in ends)
+            entrants = [m for m in ends if (m.get("data_version") or 0) == version]
+            # A version without validation images holds no contest: its newest labels.
+            entrants.sort(key=lambda m: (-(m.get("validation_accuracy") or 0),
+                                         m["generation"] * (1 if m.get("validation_images")
+                                                            else -1)))
         for manifest in entrants:
             try:
                 verified = self._verify(manifest["generation"])
@@ -301,6 +311,12 @@ def open_store(config):
             raise IncompatibleCheckpoint(
                 f"{config.save} holds a checkpoint of model {made_for!r} but the config asks "
                 f"for {config.model!r}; set `model: {made_for}` or point `save` elsewhere")
+        # Its output units mean its classes: Fashion-MNIST's ten, or a folder's own.
+        trained_on = newest.get("data_kind", "fashion-mnist")
+        if trained_on != data_kind(config):
+            raise IncompatibleCheckpoint(
+                f"{config.save} holds a model trained on {trained_on} data but data.source "
+                f"is {config.data.source!r}; point `save` elsewhere to start afresh")
     if damaged:
         target = store.quarantine([number for number, _ in damaged], with_exports=newest is None)
         if newest is not None:
@@ -313,6 +329,11 @@ def open_store(config):
                       target)
     store.tidy()
     return newest
+
+
+def data_kind(config):
+    """What a model's outputs mean: "folder" (its class folders) or "fashion-mnist"."""
+    return "folder" if config.data.source == "folder" else "fashion-mnist"
 
 
 def lock(folder):

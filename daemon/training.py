@@ -17,6 +17,7 @@ import tensorflow as tf
 from daemon import models
 from daemon.checkpoints import Checkpoint
 from daemon.config import NUM_CLASSES
+from daemon.store import data_kind
 from daemon.versions import Data, VersionStore
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,9 @@ class Trainer:
         self.validation_accuracy = None  # the last epoch's
         self.trained_once = False  # for one log line: the first batch of this run
         self.data_pending = lambda: False  # is a data version being made? (the service's)
+        self.data_damaged = lambda number: None  # tell the data source a version is unusable
+        self.unusable = set()  # data versions that could not be read
+        self.taking = None  # the data version being taken into use
         self.restored = threading.Event()  # the model is ready: set after restore
         self.last_progress = time.monotonic()  # for the watchdog: a batch, an epoch...
 
@@ -87,7 +91,11 @@ class Trainer:
             self.checkpoint.unsaved)
 
     def set_target(self, epochs):
+        """train.epochs changed (a reload, from the service's thread)."""
         self.configured = epochs
+        self._retarget()
+
+    def _retarget(self):
         self.epochs = max(self.configured, self.data_target)
         self.wake.set()
 
@@ -98,27 +106,30 @@ class Trainer:
         tf.config.experimental.enable_op_determinism()
         self.versions = VersionStore(self.config.save)
         generation = self.generation
-        version = self._resumed_version(generation)
-        if version is None:
+        resumed = self._resumed_version(generation)
+        data = self._load(resumed) if resumed is not None else None
+        inside_epoch = data is not None  # a position inside an epoch holds on its own data only
+        while data is None:
             self.phase = "waiting"
             version = self._wait_for_data()
             if version is None:
                 return None
+            data = self._load(version)
         self.phase = "loading"
-        self.data = Data(version)
+        self.data = data
         log.info("%s", self.data)
-        width = len(generation.get("classes", [])) or NUM_CLASSES if generation else \
+        width = (len(generation.get("classes", [])) or NUM_CLASSES) if generation else \
             len(self.data.classes)
         model = models.build(self.config.model, seed=train.seed, num_classes=width)
         checkpoint = Checkpoint(self.config.save, every_batches=train.checkpoint_batches,
                                 fingerprint=self.fingerprint())
         checkpoint.set_model(model)
         checkpoint.validate = self._validate
-        self.epoch, self.step = checkpoint.restore(generation)
+        self.epoch, self.step = checkpoint.restore(generation, inside_epoch=inside_epoch)
         if generation is not None:
             self.data_target = generation.get("data_target", 0)
             self.validation_accuracy = generation.get("validation_accuracy")
-        self.set_target(self.configured)
+        self._retarget()
         self.checkpoint, self.model = checkpoint, model
         if len(self.data.classes) > width:
             self._widen()
@@ -181,10 +192,31 @@ class Trainer:
                         generation["data_version"], generation.number, self.versions.folder)
         return version
 
+    def _load(self, version):
+        """The Data of `version`, or None if it cannot be read: said once, never tried again,
+        and the data source told to make a new version from the source."""
+        self.taking = version.number  # kept by the data thread from now on
+        try:
+            return Data(version)
+        except (OSError, ValueError, KeyError) as error:
+            if version.number not in self.unusable:
+                log.error("data version %d cannot be used (%s); a new one will be made from "
+                          "the source", version.number, error)
+            self.unusable.add(version.number)
+            self.data_damaged(version.number)
+            return None
+
+    def _newest(self):
+        """The newest data version not known to be unusable, or None."""
+        for number in self.versions.numbers():
+            if number not in self.unusable:
+                return self.versions.get(number)
+        return None
+
     def _wait_for_data(self):
-        """The newest data version, once there is one; None if stopped first."""
+        """The newest usable data version, once there is one; None if stopped first."""
         while not self.stop_event.is_set():
-            version = self.versions.newest()
+            version = self._newest()
             if version is not None:
                 return version
             self.last_progress = time.monotonic()
@@ -193,7 +225,7 @@ class Trainer:
         return None
 
     def _newer_version(self):
-        numbers = self.versions.numbers()
+        numbers = [n for n in self.versions.numbers() if n not in self.unusable]
         return bool(numbers) and numbers[0] > self.data.version.number
 
     def _take_newest_data(self):
@@ -206,16 +238,14 @@ class Trainer:
             self.last_progress = time.monotonic()
         if not self._newer_version():
             return
-        version = self.versions.newest()
-        try:
-            data = Data(version)
-        except OSError as error:  # pruned or damaged meanwhile: the next boundary tries again
-            log.warning("cannot use data version %d yet: %s", version.number, error)
+        version = self._newest()
+        data = self._load(version) if version is not None else None
+        if data is None:
             return
         old = self.data.classes
         self.data = data
         self.data_target = max(self.data_target, self.epoch + self.config.train.epochs_per_update)
-        self.set_target(self.configured)
+        self._retarget()
         new = data.classes[len(old):]
         log.info("%s; new classes: %s; training on to epoch %d", data,
                  ", ".join(new) or "none", self.epochs)
@@ -237,6 +267,8 @@ class Trainer:
         self.batches = EpochBatches(self.data.x_train, self.data.y_train, train.batch_size,
                                     train.seed)
         self.checkpoint.extra = {"data_version": self.data.version.number,
+                                 "data_kind": data_kind(self.config),
+                                 "validation_images": len(self.data.x_val),
                                  "classes": list(self.data.classes),
                                  "images": self.data.version.images,
                                  "skipped_images": len(self.data.version.get("skipped", [])),

@@ -382,3 +382,16 @@ def test_waiting_for_a_second_class_is_a_ready_daemon(tmp_path, daemons, sample)
         assert daemon.stop() == 0
     finally:
         fake.close()
+
+
+def test_a_model_of_fashion_mnist_is_not_retrained_on_a_folder(tmp_path, one_epoch_save,
+                                                              three_classes):
+    """Its ten outputs mean Fashion-MNIST's classes: a folder source needs a new save/."""
+    shutil.copytree(one_epoch_save, tmp_path / "save")
+    config = folder_config(tmp_path, three_classes)
+    done = subprocess.run([sys.executable, "-m", "daemon", "run", "--config", str(config)],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "holds a model trained on fashion-mnist data but data.source is 'folder'" in \
+        done.stderr
+    assert "tensorflow" not in done.stderr.lower()

@@ -72,9 +72,9 @@ def test_the_validation_split_is_by_content_about_a_tenth():
     assert is_validation(digests[7]) == is_validation(digests[7])
 
 
-def fake_generation(store, number, version, accuracy, step=0):
+def fake_generation(store, number, version, accuracy, step=0, validation_images=100):
     meta = {"epoch": number, "step": step, "data_version": version,
-            "validation_accuracy": accuracy}
+            "validation_accuracy": accuracy, "validation_images": validation_images}
     store.write(meta, f"state {number}".encode(), {})
 
 
@@ -126,3 +126,48 @@ def test_widen_keeps_every_old_weight_and_the_optimizer_state():
     wider.fit(x, np.arange(64) % 5, epochs=1, batch_size=16, verbose=0)
     assert isinstance(wider, keras.Model)
     assert json.loads(wider.to_json())["config"]["layers"][-1]["config"]["units"] == 5
+
+
+def test_a_version_without_validation_images_is_labelled_by_its_newest(tmp_path):
+    store = CheckpointStore(tmp_path)
+    fake_generation(store, 1, 1, 0.9)
+    fake_generation(store, 2, 2, None, step=3, validation_images=0)  # mid-epoch: no say
+    assert store.best().number == 1
+    fake_generation(store, 3, 2, None, validation_images=0)
+    fake_generation(store, 4, 2, None, validation_images=0)
+    assert store.best().number == 4
+
+
+
+def test_decode_all_survives_a_worker_killed_under_it(tmp_path):
+    """A worker that dies (the OOM killer, a decoder crash) loses nothing: what was in
+    flight is decoded again, and only a file that kills a worker on its own is "bad"."""
+    import signal
+    import threading
+
+    import cv2
+
+    from conftest import wait_until
+    from daemon.decoding import Decoder
+
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(24):  # large enough to take a while each
+        image = np.full((1500, 1500), 255, np.uint8)
+        image[300:1200, 400:1100] = rng.integers(0, 120, (900, 700), dtype=np.uint8)
+        paths.append(str(tmp_path / f"{i}.png"))
+        cv2.imwrite(paths[-1], image)
+    decoder = Decoder(workers=2)
+    decoder.start()
+    try:
+        out = {}
+        worker = threading.Thread(target=lambda: out.update(results=decoder.decode_all(
+            paths, chunk=4)))
+        worker.start()
+        pids = wait_until(lambda: list(decoder._pool._processes), 30, message="workers")
+        os.kill(pids[0], signal.SIGKILL)
+        worker.join(120)
+        assert [kind for _, kind, _ in out["results"]] == ["image"] * len(paths)
+        assert [path for path, _, _ in out["results"]] == paths
+    finally:
+        decoder.stop()
