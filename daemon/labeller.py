@@ -51,6 +51,7 @@ class Labeller:
         self._suspects = set()  # paths in flight when a decode worker died
         self._folders = {}  # folder -> inside the inbox without symlinks (per step)
         self.relabelling = None  # `wardrobe relabel`: paths still to rewrite
+        self._walk = None  # ... and the walk that finds them, while it goes on
         self.relabelled = 0
         self.summary = self._summary()  # read by the service's thread: replaced, never changed
 
@@ -63,18 +64,24 @@ class Labeller:
                 "retrying": len(self.retry), "cannot_label": len(self.cannot)}
 
     def relabel(self, everything):
-        """Queue the images whose sidecar another model wrote (all with `everything`) to be
-        labelled again; returns how many. Only once classifier.refresh() holds."""
-        paths = stale(self.inbox.root, self.sidecars, self.classifier.generation.id,
-                      everything)
-        self.relabelling, self.relabelled = set(paths), 0
-        for path in paths:
-            self.pending[path] = True
-        return len(paths)
+        """Label again the images whose sidecar another model wrote (all with `everything`):
+        found a slice at a time by relabel_finished(), so a huge inbox never holds up the
+        labeller. Only once classifier.refresh() holds."""
+        self._walk = stale(self.inbox.root, self.sidecars, self.classifier.generation.id,
+                           everything)
+        self.relabelling, self.relabelled = set(), 0
 
-    def relabel_finished(self):
-        """(rewritten, waiting for a retry) once every queued image was written or is
-        waiting for a retry; None before."""
+    def relabel_finished(self, seconds=0.2):
+        """Look for images to relabel for up to `seconds`; once all are found and each was
+        written or is waiting for a retry: (rewritten, waiting for a retry). None before."""
+        if self._walk is not None:
+            deadline = self.clock() + seconds
+            for path in self._walk:
+                self.relabelling.add(path)
+                self.pending[path] = True
+                if self.clock() > deadline:
+                    return None
+            self._walk = None
         busy = set(self.pending) | self._flying | set(self._deferred)
         self.relabelling &= busy | set(self.retry)  # gone, or cannot: not waited for
         if self.relabelling - set(self.retry):

@@ -29,9 +29,8 @@ BATCH = 256
 
 
 def stale(root, sidecars, model_id, everything):
-    """Inbox images whose sidecar of ours was written by another model than `model_id`
-    (all of ours with `everything`). Symbolic links are never followed."""
-    found = []
+    """Yields the inbox images whose sidecar of ours was written by another model than
+    `model_id` (all of ours with `everything`). Symbolic links are never followed."""
     for folder, folders, names in os.walk(root):
         folders[:] = [name for name in folders if not fsutil.is_temp_name(name)]
         for name in names:
@@ -39,8 +38,7 @@ def stale(root, sidecars, model_id, everything):
                 path = os.path.join(folder, name)
                 by = sidecars.labelled_by(path, errors=everything)
                 if by is not None and (everything or by != model_id):
-                    found.append(path)
-    return found
+                    yield path
 
 
 def run(config, everything, out, err, timeout=None):
@@ -75,7 +73,7 @@ def _here(config, sidecars, everything, out, err):
         print(f"wardrobe: no checkpoint in {config.save} yet: nothing to relabel with",
               file=err)
         return 1
-    paths = stale(str(config.inbox), sidecars, classifier.generation.id, everything)
+    paths = list(stale(str(config.inbox), sidecars, classifier.generation.id, everything))
     done = failed = 0
     for start in range(0, len(paths), BATCH):
         batch = []
@@ -159,9 +157,9 @@ class Requests:
             if not labeller.classifier.refresh():
                 self._answer(error="no checkpoint to label with yet")
                 return
-            count = labeller.relabel(self.request.get("all", False))
-            log.info("relabelling %d inbox images with checkpoint %s (wardrobe relabel%s)",
-                     count, labeller.classifier.generation.id,
+            labeller.relabel(self.request.get("all", False))
+            log.info("relabelling inbox images with checkpoint %s (wardrobe relabel%s)",
+                     labeller.classifier.generation.id,
                      " --all" if self.request.get("all") else "")
         finished = labeller.relabel_finished()
         if finished is not None:
