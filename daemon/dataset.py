@@ -1,8 +1,11 @@
-"""Fashion-MNIST from keras.datasets, an IDX folder, or the sample bundled in the package."""
+"""Fashion-MNIST from keras.datasets, an IDX folder, or the sample bundled in the package;
+the listing of a folder of class folders (the folder source)."""
 
 import gzip
 import hashlib
 import logging
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -119,3 +122,50 @@ def _read_idx(path):
     if len(body) != int(np.prod(shape)):
         raise WardrobeError(f"{path}: header says {shape}, body holds {len(body)} bytes")
     return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+
+
+def list_folder(root, is_image_name):
+    """({relative path: (class name, size, mtime_ns, ino)} of the images under
+    DIR/<class>/, [names skipped: loose files, links, not regular files], [(relative path,
+    why) of folders inside that cannot be listed now]). Hidden names are ignored; symbolic
+    links are never followed (as in the inbox). DIR that cannot be listed is an OSError."""
+    found, ignored, unlisted = {}, [], []
+    skip = len(root.rstrip("/")) + 1  # relative paths by slicing: os.path.relpath is slow
+    with os.scandir(root) as entries:  # an OSError here is the caller's
+        classes = sorted((entry for entry in entries if not entry.name.startswith(".")),
+                         key=lambda entry: entry.name)
+    for entry in classes:
+        if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
+            if is_image_name(entry.name) or entry.is_symlink():
+                ignored.append(entry.name)
+            continue
+        stack = [entry.path]
+        while stack:
+            folder = stack.pop()
+            try:
+                with os.scandir(folder) as inner:
+                    items = list(inner)
+            except FileNotFoundError:
+                continue  # gone meanwhile
+            except OSError as error:  # a permission, a share: may go away
+                unlisted.append((folder[skip:], error.strerror))
+                continue
+            for item in items:
+                if item.name.startswith("."):
+                    continue
+                if item.is_dir(follow_symlinks=False):
+                    stack.append(item.path)
+                elif is_image_name(item.name):
+                    if item.is_symlink():
+                        ignored.append(item.path[skip:])
+                        continue
+                    try:
+                        info = item.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # gone meanwhile
+                    if stat.S_ISREG(info.st_mode):
+                        found[item.path[skip:]] = (entry.name, info.st_size,
+                                                   info.st_mtime_ns, info.st_ino)
+                    else:
+                        ignored.append(item.path[skip:])
+    return found, ignored, unlisted

@@ -14,7 +14,6 @@ Decodes in the decode workers; imports no TensorFlow.
 import logging
 import os
 import queue
-import stat
 import time
 
 import numpy as np
@@ -37,56 +36,6 @@ class Later(Exception):
     def __init__(self, why, seconds, warn=False):
         super().__init__(why)
         self.seconds, self.warn = seconds, warn
-
-
-def list_folder(root, is_image_name):
-    """({relative path: (class name, size, mtime_ns, ino)} of the images under
-    DIR/<class>/, [names skipped: loose files, links, not regular files], [relative paths of
-    folders that cannot be listed now]). Hidden names are ignored; symbolic links are never
-    followed (as in the inbox)."""
-    found, ignored, unlisted = {}, [], []
-    skip = len(root.rstrip("/")) + 1  # relative paths by slicing: os.path.relpath is slow
-    try:
-        with os.scandir(root) as entries:
-            classes = sorted((entry for entry in entries if not entry.name.startswith(".")),
-                             key=lambda entry: entry.name)
-    except OSError as error:
-        raise Later(f"cannot list {root}: {error.strerror}", 30, warn=True) from None
-    for entry in classes:
-        if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
-            if is_image_name(entry.name) or entry.is_symlink():
-                ignored.append(entry.name)
-            continue
-        stack = [entry.path]
-        while stack:
-            folder = stack.pop()
-            try:
-                with os.scandir(folder) as inner:
-                    items = list(inner)
-            except FileNotFoundError:
-                continue  # gone meanwhile
-            except OSError as error:  # a permission, a share: may go away
-                unlisted.append((folder[skip:], error.strerror))
-                continue
-            for item in items:
-                if item.name.startswith("."):
-                    continue
-                if item.is_dir(follow_symlinks=False):
-                    stack.append(item.path)
-                elif is_image_name(item.name):
-                    if item.is_symlink():
-                        ignored.append(item.path[skip:])
-                        continue
-                    try:
-                        info = item.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue  # gone meanwhile
-                    if stat.S_ISREG(info.st_mode):
-                        found[item.path[skip:]] = (entry.name, info.st_size,
-                                                   info.st_mtime_ns, info.st_ino)
-                    else:
-                        ignored.append(item.path[skip:])
-    return found, ignored, unlisted
 
 
 class DataSource:
@@ -162,7 +111,10 @@ class DataSource:
         if not os.path.isdir(root):
             raise Later(f"{root} is not there (moved, deleted or unmounted); the data version "
                         "in use stays", 30, warn=True)
-        found, ignored, unlisted = list_folder(root, self.is_image_name)
+        try:
+            found, ignored, unlisted = dataset.list_folder(root, self.is_image_name)
+        except OSError as error:
+            raise Later(f"cannot list {root}: {error.strerror}", 30, warn=True) from None
         for name in ignored:
             if name not in self._warned:
                 self._warned.add(name)

@@ -40,6 +40,22 @@ def add_class(root, sample, label, count, start=0, name=None):
     return folder
 
 
+def arrive(root, sample, label, count, start=0):
+    """add_class(), as a user's copy lands while the daemon runs: the files written elsewhere,
+    then moved in at once (a copy written file by file may become two data versions)."""
+    staging = root.parent / f"staging-{label}-{start}"
+    folder = add_class(staging, sample, label, count, start)
+    target = root / folder.name
+    if not target.exists():
+        folder.rename(target)
+        return target
+    for path in sorted(folder.rglob("*.png")):
+        destination = target / path.relative_to(folder)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(destination)
+    return target
+
+
 def folder_config(tmp_path, root, **train):
     settings = {"epochs": 2, "batch_size": 16, "seed": 3, "epochs_per_update": 2}
     settings.update(train)
@@ -130,8 +146,8 @@ def test_a_class_added_while_running_widens_the_head_and_trains_on(tmp_path, dae
     config = folder_config(tmp_path, three_classes)
     daemon = daemons(config)
     daemon.wait_for_log(r"training complete", 180)
-    add_class(three_classes, sample, DRESS, 120)
-    add_class(three_classes, sample, BAG, 10, start=120)  # more of an old class
+    arrive(three_classes, sample, DRESS, 120)
+    arrive(three_classes, sample, BAG, 10, start=120)  # more of an old class
     daemon.wait_for_log(r"data version 2: 490 images .* in 4 classes; new: Dress", 60)
     daemon.wait_for_log(r"widening the output layer to 4 classes", 60)
     wait_until(lambda: daemon.log.count("training complete") == 2, 180, message="more training")
@@ -348,13 +364,13 @@ def test_a_class_folder_that_cannot_be_listed_keeps_its_images_and_blocks_nothin
     daemon.wait_for_log(r"training complete", 180)
     (three_classes / "Sneaker").chmod(0)
     try:
-        add_class(three_classes, sample, DRESS, 30)
+        arrive(three_classes, sample, DRESS, 30)
         daemon.wait_for_log(r"data version 2: 390 images .* in 4 classes; new: Dress", 60)
         assert re.search(r"WARNING .*cannot list .*/Sneaker \(Permission denied\); its images "
                          r"stay", daemon.log)
     finally:
         (three_classes / "Sneaker").chmod(0o755)
-    add_class(three_classes, sample, SNEAKER, 5, start=200)
+    arrive(three_classes, sample, SNEAKER, 5, start=200)
     daemon.wait_for_log(r"data version 3: 395 images", 60)
     assert daemon.stop() == 0
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from daemon import fsutil, versions
-from daemon.datasource import list_folder
+from daemon.dataset import list_folder
 from daemon.sidecars import Sidecars
 from daemon.store import CheckpointStore
 from daemon.versions import VersionStore, is_validation
