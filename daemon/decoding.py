@@ -108,9 +108,11 @@ class Decoder:
 
     def stop(self, wait=True):
         """Cancel what has not started; with `wait`, let the workers finish their chunk and
-        leave (they are quick; it keeps multiprocessing's resource tracker quiet)."""
+        leave (they are quick; it keeps multiprocessing's resource tracker quiet). A broken
+        pool is never waited for: its manager is gone, a join would hang."""
         if self._pool is not None:
-            self._pool.shutdown(wait=wait, cancel_futures=True)
+            broken = bool(getattr(self._pool, "_broken", False))
+            self._pool.shutdown(wait=wait and not broken, cancel_futures=True)
 
     def restart(self):
         log.warning("a decode worker died (a file that crashes the decoder, or memory); "
@@ -129,8 +131,12 @@ class Decoder:
         that kills a worker (a decoder crash, memory) is found by decoding what was in
         flight again one task at a time, then alone: it comes back "bad"."""
         parts = [paths[i: i + chunk] for i in range(0, len(paths), chunk)]
-        futures = [(part, self._pool.submit(decode_training_chunk, part)) for part in parts]
-        results, again = {}, []
+        futures, results, again = [], {}, []
+        for part in parts:
+            try:
+                futures.append((part, self._pool.submit(decode_training_chunk, part)))
+            except BrokenProcessPool:  # broke while we were handing out work
+                again.append(part)
         for part, future in futures:
             try:
                 results.update((result[0], result) for result in future.result())

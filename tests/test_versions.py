@@ -139,7 +139,7 @@ def test_a_version_without_validation_images_is_labelled_by_its_newest(tmp_path)
 
 
 
-def test_decode_all_survives_a_worker_killed_under_it(tmp_path):
+def test_decode_all_survives_a_worker_killed_under_it(tmp_path, caplog):
     """A worker that dies (the OOM killer, a decoder crash) loses nothing: what was in
     flight is decoded again, and only a file that kills a worker on its own is "bad"."""
     import signal
@@ -167,6 +167,7 @@ def test_decode_all_survives_a_worker_killed_under_it(tmp_path):
         pids = wait_until(lambda: list(decoder._pool._processes), 30, message="workers")
         os.kill(pids[0], signal.SIGKILL)
         worker.join(120)
+        assert not worker.is_alive() and "a decode worker died" in caplog.text
         assert [kind for _, kind, _ in out["results"]] == ["image"] * len(paths)
         assert [path for path, _, _ in out["results"]] == paths
     finally:
