@@ -20,8 +20,8 @@ import numpy as np
 
 from daemon import dataset, fsutil
 from daemon.sidecars import Sidecars
-from daemon.watch import Watcher
 from daemon.versions import VersionStore, content_digest, is_validation
+from daemon.watch import Watcher
 
 log = logging.getLogger(__name__)
 
