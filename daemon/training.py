@@ -126,6 +126,10 @@ class Trainer:
         checkpoint.set_model(model)
         checkpoint.validate = self._validate
         self.epoch, self.step = checkpoint.restore(generation, inside_epoch=inside_epoch)
+        if generation is not None and generation["step"] and not inside_epoch:
+            log.warning("checkpoint %d stopped inside epoch %d, on data not at hand (a data "
+                        "version missing, or made before data versions): that epoch starts "
+                        "again at its first batch", generation.number, generation["epoch"] + 1)
         if generation is not None:
             self.data_target = generation.get("data_target", 0)
             self.validation_accuracy = generation.get("validation_accuracy")
