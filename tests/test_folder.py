@@ -154,9 +154,10 @@ def test_a_class_added_while_running_widens_the_head_and_trains_on(tmp_path, dae
     newest = manifests(tmp_path / "save")[0]
     assert newest["classes"] == ["Bag", "Sneaker", "Trouser", "Dress"]  # appended, not sorted
     assert newest["epoch"] == 4 and newest["data_version"] == 2  # 2 + epochs_per_update
-    report = status(config)
-    assert (report["classes"], report["images"], report["data_version"], report["epochs"]) == (
-        ["Bag", "Sneaker", "Trouser", "Dress"], 490, 2, 4)
+    # (status reads live.json while the daemon runs: it follows within a second)
+    expected = (["Bag", "Sneaker", "Trouser", "Dress"], 490, 2, 4)
+    wait_until(lambda: (lambda r: (r["classes"], r["images"], r["data_version"], r["epochs"]))(
+        status(config)) == expected, 30, message=f"status {expected}")
     dresses = drop(tmp_path / "inbox", sample, DRESS)
     wait_until(lambda: all(sidecar(p) for p in dresses), 60, message="sidecars")
     assert [sidecar(p)["label"] for p in dresses].count("Dress") >= 2
