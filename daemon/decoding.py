@@ -34,14 +34,7 @@ def decode_chunk(paths):
     results = []
     for path in paths:
         started = time.perf_counter()
-        try:
-            kind, payload = "image", images.load(path)
-        except images.BadImage as error:
-            kind, payload = "bad", str(error)
-        except images.Unreadable as error:
-            kind, payload = "unreadable", str(error)
-        except MemoryError:
-            kind, payload = "unreadable", "out of memory while decoding"
+        kind, payload = _attempt(images.load, path)
         results.append((path, kind, payload, time.perf_counter() - started))
     return results
 
@@ -49,20 +42,25 @@ def decode_chunk(paths):
 def decode_training_chunk(paths):
     """In a worker, for a data version: [(path, kind, payload)]; an image's payload is
     (28x28, sha256, (size, mtime_ns, ino)) of the file as read."""
-    results = []
-    for path in paths:
-        try:
-            image, digest, info = images.load_for_training(path)
-            kind, payload = "image", (image, digest, (info.st_size, info.st_mtime_ns,
-                                                       info.st_ino))
-        except images.BadImage as error:
-            kind, payload = "bad", str(error)
-        except images.Unreadable as error:
-            kind, payload = "unreadable", str(error)
-        except MemoryError:
-            kind, payload = "unreadable", "out of memory while decoding"
-        results.append((path, kind, payload))
-    return results
+    return [(path, *_attempt(_for_training, path)) for path in paths]
+
+
+def _for_training(path):
+    image, digest, info = images.load_for_training(path)
+    return image, digest, (info.st_size, info.st_mtime_ns, info.st_ino)
+
+
+def _attempt(load, path):
+    """("image", load(path)), or ("bad", why) for a verdict on the content, or
+    ("unreadable", why) for what may go away."""
+    try:
+        return "image", load(path)
+    except images.BadImage as error:
+        return "bad", str(error)
+    except images.Unreadable as error:
+        return "unreadable", str(error)
+    except MemoryError:
+        return "unreadable", "out of memory while decoding"
 
 
 def _die_with_parent(parent):

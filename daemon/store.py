@@ -205,16 +205,9 @@ class CheckpointStore:
         one data version (same validation images, same classes): the newest version that
         has a contestant holds it, the earliest of equals wins (kept until beaten). Only
         epoch ends compete: their manifest holds the validation of those very weights."""
-        ends = []  # epoch ends: validated (or with nothing to validate on)
-        for number in self.numbers():
-            try:
-                manifest = json.loads((self.folder / manifest_name(number)).read_bytes())
-            except (OSError, ValueError):
-                continue
-            if isinstance(manifest, dict) and (manifest.get("validation_accuracy") is not None
-                                               or manifest.get("validation_images") == 0
-                                               and manifest.get("step") == 0):
-                ends.append(manifest)
+        # epoch ends: validated (or with nothing to validate on)
+        ends = [m for m in self._manifests() if m.get("validation_accuracy") is not None
+                or m.get("validation_images") == 0 and m.get("step") == 0]
         entrants = []
         if ends:
             version = max(m.get("data_version") or 0 for m in ends)
@@ -234,14 +227,19 @@ class CheckpointStore:
 
     def data_versions(self):
         """The data versions named by the generations in the folder."""
-        named = set()
+        return {m["data_version"] for m in self._manifests()
+                if isinstance(m.get("data_version"), int)}
+
+    def _manifests(self):
+        """The manifests in the folder that parse, newest first, unverified (cheap: for
+        choosing; a chosen generation is verified before use)."""
         for number in self.numbers():
             try:
                 manifest = json.loads((self.folder / manifest_name(number)).read_bytes())
-                named.add(int(manifest["data_version"]))
-            except (OSError, ValueError, KeyError, TypeError):
+            except (OSError, ValueError):
                 continue
-        return named
+            if isinstance(manifest, dict):
+                yield manifest
 
     def labelling(self, prefer):
         """The generation that labels: the best (`prefer` "best"; the newest until there is
