@@ -36,6 +36,16 @@ def wait_until(predicate, timeout, interval=0.02, message="condition"):
         time.sleep(interval)
 
 
+def sidecar(image):
+    """The JSON sidecar record of `image` (a path), or None while there is none."""
+    import json
+
+    try:
+        return json.loads(Path(f"{image}.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory):
     """The first 1,024 training and 256 test images of the bundled sample, as IDX files."""

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import NO_DAC, REPO, assert_loadable, newest_state, status, wait_until
+from conftest import NO_DAC, REPO, assert_loadable, newest_state, sidecar, status, wait_until
 from daemon import dataset
 from daemon.config import DEFAULT_LABELS
 from daemon.store import CheckpointStore
@@ -73,13 +73,6 @@ def drop(inbox, sample, label, count=3):
         paths.append(inbox / f"{DEFAULT_LABELS[label][:5]}-{index}.png")
         cv2.imwrite(str(paths[-1]), sample.x_test[index])
     return paths
-
-
-def sidecar(path):
-    try:
-        return json.loads(path.with_name(path.name + ".json").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def manifests(save):

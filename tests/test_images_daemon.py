@@ -5,7 +5,7 @@ import shutil
 import cv2
 import pytest
 
-from conftest import wait_until, write_config
+from conftest import sidecar, wait_until, write_config
 from daemon import dataset
 from test_images import STORED, bomb, phone_photo, with_orientation  # noqa: F401 - a fixture
 
@@ -21,15 +21,6 @@ def trained(tmp_path, small_data, one_epoch_save):
     """A config whose training is already complete, so the daemon only labels."""
     shutil.copytree(one_epoch_save, tmp_path / "save")
     return write_config(tmp_path, small_data, epochs=1)
-
-
-def sidecar(path):
-    import json
-
-    try:
-        return json.loads(path.with_name(path.name + ".json").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def peak_rss_kb(pid):

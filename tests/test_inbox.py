@@ -1,6 +1,5 @@
 """Every image dropped into inbox/ gets exactly one label: real observer, files, daemon."""
 
-import json
 import os
 import random
 import re
@@ -14,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import REPO, TEST_IMAGES, run_to_completion, wait_until, write_config
+from conftest import REPO, TEST_IMAGES, run_to_completion, sidecar, wait_until, write_config
 from daemon import dataset
 
 
@@ -37,13 +36,6 @@ def png(crop):
 
 def images_in(inbox):
     return sorted(p for p in Path(inbox).rglob("*") if p.suffix == ".png" and p.is_file())
-
-
-def sidecar(image):
-    try:
-        return json.loads(Path(f"{image}.json").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def all_labelled(inbox, count):

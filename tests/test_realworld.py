@@ -3,7 +3,6 @@ inbox, downloads in progress, long names, renames and deletions, network shares 
 FUSE mount). Each with a real daemon subprocess, real files and real signals."""
 
 import datetime
-import json
 import os
 import re
 import shutil
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import NO_DAC, TEST_IMAGES, status, wait_until, write_config
+from conftest import NO_DAC, TEST_IMAGES, sidecar, status, wait_until, write_config
 from daemon import dataset
 
 BINDFS = shutil.which("bindfs")
@@ -50,13 +49,6 @@ def with_settings(config, **sections):
 
 def png(crop):
     return cv2.imencode(".png", crop)[1].tobytes()
-
-
-def sidecar(image):
-    try:
-        return json.loads(Path(f"{image}.json").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def labelled(image):
