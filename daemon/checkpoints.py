@@ -11,6 +11,7 @@ steps_per_execution is 1. `save/model.json` + `save/model.h5` always load with t
 tutorial's `model_from_json(...)` then `load_weights("save/model.h5")`.
 """
 
+import datetime
 import io
 import logging
 import time
@@ -18,6 +19,7 @@ import time
 import keras
 import numpy as np
 
+from daemon import metrics
 from daemon.errors import IncompatibleCheckpoint
 from daemon.store import CheckpointStore
 
@@ -36,7 +38,10 @@ class Checkpoint(keras.callbacks.Callback):
         self.every_batches = every_batches
         self.fingerprint = dict(fingerprint or {})
         self.extra = {}  # more for the manifest (the trainer's data version and classes)
-        self.validate = None  # optional: () -> {"val_loss": .., "val_accuracy": ..} at epoch ends
+        # optional: (epoch) -> {"val_loss": .., "val_accuracy": ..} at the end of an epoch
+        self.validate = None
+        self.measure = None  # optional: () -> {name: number} more to record with an epoch
+        self.after_epoch = None  # optional: (history) -> None once an epoch's generation commits
         self.history = []  # one dict per completed epoch
         self.unsaved = 0  # batches trained since the last generation was written
         self.last_write_ms = None
@@ -75,6 +80,8 @@ class Checkpoint(keras.callbacks.Callback):
         self._assign_state(metrics=False)
         self.history = list(generation.get("history", []))
         self.restored = generation
+        metrics.LAST_CHECKPOINT.set(datetime.datetime.fromisoformat(
+            generation["written_at"]).timestamp())
         step = self._step_for_batch_size(generation) if inside_epoch else 0
         self._resume = self._pending = (generation["epoch"], step)
         stale = self.store.adopt(generation)
@@ -141,17 +148,23 @@ class Checkpoint(keras.callbacks.Callback):
         if not complete:
             return  # stopped mid-epoch; on_train_end saves the batch reached
         logs = logs or {}
-        scores = self.validate() if self.validate else {}
+        scores = self.validate(epoch + 1) if self.validate else {}
+        measured = self.measure() if self.measure else {}
         self.history.append({
             "epoch": epoch + 1,
             "loss": _number(logs.get("loss")),
             "accuracy": _number(logs.get("accuracy")),
-            **{key: _number(value) for key, value in scores.items()},
+            **{key: _number(value) for key, value in {**scores, **measured}.items()},
             "seconds": round(time.monotonic() - self._epoch_started, 3),
         })
         self._step = 0
         self._epoch = epoch + 1
-        self.save(epoch + 1, 0, scores=scores)
+        if self.save(epoch + 1, 0, scores=scores) is None:
+            return
+        # The cost of this very generation: in memory now, in the next one's manifest.
+        self.history[-1]["checkpoint_seconds"] = round(self.last_write_ms / 1000, 4)
+        if self.after_epoch:
+            self.after_epoch(self.history)
 
     def on_train_end(self, logs=None):
         if self._step:
@@ -186,9 +199,11 @@ class Checkpoint(keras.callbacks.Callback):
         except OSError as error:
             log.error("checkpoint at epoch %d batch %d failed: %s; the previous one stays",
                       epoch, step, error)
+            metrics.checkpoint_failed()
             return None
         self.unsaved = 0
         self.last_write_ms = (time.monotonic() - started) * 1000
+        metrics.checkpoint_written(self.last_write_ms / 1000)
         self.write_times_ms.append(self.last_write_ms)
         log.debug("checkpoint %d (epoch %d, batch %d) in %.1f ms",
                   generation.number, epoch, step, self.last_write_ms)

@@ -4,9 +4,11 @@ No TensorFlow here: a bad config must exit 2 in well under a second.
 """
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
+import socket
 from pathlib import Path
 
 import yaml
@@ -64,6 +66,11 @@ class Watch:
 
 
 @dataclasses.dataclass(frozen=True)
+class Metrics:
+    listen: tuple = None  # (host, port) to serve Prometheus metrics on; None: off
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     inbox: Path
     save: Path
@@ -72,6 +79,7 @@ class Config:
     train: Train = Train()
     classify: Classify = Classify()
     watch: Watch = Watch()
+    metrics: Metrics = Metrics()
     source: Path = None  # the file this came from, None for built-in defaults
 
     def summary(self):
@@ -86,7 +94,8 @@ class Config:
             f"classify.checkpoint={self.classify.checkpoint} "
             f"classify.extensions={','.join(self.classify.extensions)} "
             f"watch.mode={self.watch.mode} watch.poll_seconds={self.watch.poll_seconds} "
-            f"watch.rescan_seconds={self.watch.rescan_seconds}"
+            f"watch.rescan_seconds={self.watch.rescan_seconds} "
+            f"metrics.listen={show_listen(self.metrics.listen)}"
         )
 
     def differences(self, other):
@@ -140,6 +149,7 @@ def parse(raw, base):
     train = section.section("train")
     classify = section.section("classify")
     watch = section.section("watch")
+    metrics = section.section("metrics")
     if data.raw.get("source") == "folder" and "labels" in classify.raw:
         raise ConfigError("classify.labels", "not with data.source 'folder': the class names "
                           "are the folder names in data.path")
@@ -170,8 +180,9 @@ def parse(raw, base):
             poll_seconds=watch.number("poll_seconds", 5, above=0),
             rescan_seconds=watch.number("rescan_seconds", 3600, at_least=0),
         ),
+        metrics=Metrics(listen=metrics.listen("listen")),
     )
-    for each in (section, data, train, classify, watch):
+    for each in (section, data, train, classify, watch, metrics):
         each.reject_unknown()
     if config.data.source == "path" and config.data.path is None:
         raise ConfigError("data.path", "expected a folder holding the Fashion-MNIST IDX "
@@ -318,6 +329,30 @@ class _Section:
                        "are sidecars, tmp our temporary files)", value)
         return tuple(sorted(extensions))
 
+    def listen(self, key):
+        """"HOST:PORT" ("[::1]:9464" for an IPv6 address) -> (host, port); null: None."""
+        value = self._get(key, None)
+        if value is None:
+            return None
+        expected = 'an address to listen on as "HOST:PORT", such as "127.0.0.1:9464"'
+        match = _LISTEN.fullmatch(value) if isinstance(value, str) else None
+        if not match:
+            self._fail(key, expected, value)
+        host, port = match["host"].strip("[]"), int(match["port"])
+        if not 1 <= port <= 65535:
+            self._fail(key, f"{expected} with a port from 1 to 65535", value)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if match["host"].startswith("[") or not _HOSTNAME.fullmatch(host):
+                self._fail(key, expected, value)
+            try:  # a name: resolved once here, so a typo is a config error, not a crash
+                socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except (socket.gaierror, UnicodeError) as error:
+                raise ConfigError(self.prefix + key, f"cannot resolve host {host!r}: "
+                                  f"{getattr(error, 'strerror', None) or error}") from None
+        return host, port
+
     def reject_unknown(self):
         unknown = sorted(str(key) for key in self.raw if key not in self.known)
         if unknown:
@@ -327,6 +362,17 @@ class _Section:
 
 
 _EXTENSION = re.compile(r"\.?[A-Za-z0-9]+")
+_LISTEN = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\s\[\]]+):(?P<port>[0-9]{1,5})")
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?"
+                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*\.?")
+
+
+def show_listen(listen):
+    """(host, port) as written in config.yaml; "off" for None."""
+    if listen is None:
+        return "off"
+    host, port = listen
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _show(value):

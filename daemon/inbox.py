@@ -14,6 +14,7 @@ import queue
 import stat
 import time
 
+from daemon import metrics
 from daemon.watch import Watcher
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,8 @@ class Inbox:
         self.sidecars = sidecars
         self.watcher.reconfigure(watch.mode, watch.poll_seconds, watch.rescan_seconds)
 
-    def rescan(self, why):
-        self.watcher.rescan(why)
+    def rescan(self, why, reason):
+        self.watcher.rescan(why, reason)
 
     @property
     def scanning(self):
@@ -130,6 +131,7 @@ class Inbox:
             else:
                 self.sidecars.drop_orphan(path)
         elif kind == "scan":
+            metrics.rescanned(dest)
             self._scans.append(self._scan(path))
 
     def _offer(self, path, paths):

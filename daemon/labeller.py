@@ -21,7 +21,7 @@ import os
 import time
 from concurrent.futures.process import BrokenProcessPool
 
-from daemon import fsutil
+from daemon import fsutil, metrics
 from daemon.relabel import stale
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class Labeller:
         self.retry = {}  # path -> (when, delay): failed for a reason that can go away
         self.cannot = {}  # path -> why it can never have a sidecar (said once)
         self.counts = {"label": 0, "error": 0}
+        self.found = {}  # path -> clock() when first offered: the label latency starts there
         self._flying = set()  # paths being decoded or written: one at a time per image
         self._deferred = {}  # path -> written: came again while in flight; sent round after
         self._suspects = set()  # paths in flight when a decode worker died
@@ -58,10 +59,12 @@ class Labeller:
     def _summary(self):
         for path in [p for p in self.cannot if not os.path.lexists(p)]:
             del self.cannot[path]  # renamed or deleted since
+        backlog = len(self.pending) + sum(map(len, self.in_flight.values())) + sum(
+            map(len, self.writing.values()))
+        metrics.backlog(backlog)
         return {"labelled": self.counts["label"], "errors": self.counts["error"],
-                "backlog": len(self.pending) + sum(map(len, self.in_flight.values()))
-                + sum(map(len, self.writing.values())),
-                "retrying": len(self.retry), "cannot_label": len(self.cannot)}
+                "backlog": backlog, "retrying": len(self.retry),
+                "cannot_label": len(self.cannot)}
 
     def relabel(self, everything):
         """Label again the images whose sidecar another model wrote (all with `everything`):
@@ -90,9 +93,11 @@ class Labeller:
 
     def add(self, paths):
         """`paths`: {path: written}, as Inbox.take() gives them."""
+        now = self.clock()
         for path, written in paths.items():
             self.pending[path] = self.pending.get(path, False) or written
             self.retry.pop(path, None)
+            self.found.setdefault(path, now)
 
     def step(self):
         """Decode for up to STEP_SECONDS, label what came back, have the sidecars written;
@@ -163,14 +168,19 @@ class Labeller:
         info = self._stat_inside(path)
         if info is None:
             self.retry.pop(path, None)  # gone, or not ours to label
+            self.found.pop(path, None)
             return None
-        if info is False or (not written and self.sidecars.is_up_to_date(path, info)):
+        if info is False:
+            return None  # retried
+        if not written and self.sidecars.is_up_to_date(path, info):
+            self.found.pop(path, None)
             return None
         why = self.sidecars.name_too_long(path) or self.sidecars.occupied(path)
         if why:
             if path not in self.cannot:
                 log.warning("%r cannot have a sidecar: %s", path, why)
             self.cannot[path] = why
+            self.found.pop(path, None)
             return None
         return info
 
@@ -293,12 +303,15 @@ class Labeller:
         if error is not None:
             number, why = error
             if number == errno.ENAMETOOLONG:
+                self.found.pop(path, None)
                 self.cannot[path] = f"sidecar name too long: {why}"
                 log.warning("%r cannot have a sidecar: %s", path, why)
             else:
                 self._later(path, f"cannot write its sidecar: {why}")
             return 0
-        self.counts["label" if "label" in result else "error"] += 1
+        outcome = "label" if "label" in result else "error"
+        self.counts[outcome] += 1
+        metrics.labelled(outcome, self.found.pop(path, None), self.clock())
         if self.relabelling and path in self.relabelling:
             self.relabelling.discard(path)
             self.relabelled += 1

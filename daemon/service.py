@@ -28,7 +28,7 @@ import threading
 import time
 
 from daemon import config as config_module
-from daemon import dataset, fsutil, relabel
+from daemon import dataset, fsutil, metrics, relabel
 from daemon.decoding import Decoder
 from daemon.errors import EXIT_FATAL, EXIT_OK, ConfigError
 from daemon.inbox import Inbox
@@ -99,6 +99,8 @@ class Service:
         generation = open_store(config)
         private_tmp(config.save)
         relabel.forget_requests(config.save)
+        if config.metrics.listen:
+            metrics.serve(config.metrics.listen)  # a port taken ends the start here (exit 1)
         if self._stopping():
             log.info("stopped before training started; bye")
             return EXIT_OK
@@ -190,7 +192,7 @@ class Service:
             elif signum == signal.SIGUSR2:
                 log.info("SIGUSR2: rescanning the inbox")
                 if self.inbox is not None:
-                    self.inbox.rescan("SIGUSR2")
+                    self.inbox.rescan("SIGUSR2", "signal")
             else:
                 log.warning("%s received: ignored (SIGTERM stops the daemon, SIGHUP reloads "
                             "its config)", _name(signum))
@@ -333,6 +335,7 @@ class Service:
         trainer = Trainer(self.config, generation, self.stop_event)
         trainer.data_pending = lambda: self.data_source.pending
         trainer.data_damaged = self.data_source.damaged
+        trainer.labelled = lambda: sum(self.labeller.counts.values()) if self.labeller else 0
         self.trainer = trainer
         trainer.config = self.config  # a reload may have come meanwhile
         trainer.configured = self.config.train.epochs

@@ -14,8 +14,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from daemon import models
+from daemon import metrics, models
 from daemon.checkpoints import Checkpoint
+from daemon.curves import Curves, confusion
 from daemon.config import NUM_CLASSES
 from daemon.store import data_kind
 from daemon.versions import Data, VersionStore
@@ -73,7 +74,7 @@ class Trainer:
         self.data_target = 0  # raised by each new data version
         self.epochs = self.configured  # the target: the larger of the two
         self.wake = threading.Event()  # a new target, new data, or stop
-        self.phase = "loading"
+        self._phase = "loading"
         self.epoch = self.step = 0
         self.checkpoint = None
         self.data = None  # the data version in use (daemon.versions.Data)
@@ -81,10 +82,22 @@ class Trainer:
         self.trained_once = False  # for one log line: the first batch of this run
         self.data_pending = lambda: False  # is a data version being made? (the service's)
         self.data_damaged = lambda number: None  # tell the data source a version is unusable
+        self.labelled = lambda: 0  # images labelled so far by this process (the service's)
+        self._labelled_before = 0  # ... when the epoch began
+        self.curves = None  # TensorBoard (daemon.curves)
         self.unusable = set()  # data versions that could not be read
         self.taking = None  # the data version being taken into use
         self.restored = threading.Event()  # the model is ready: set after restore
         self.last_progress = time.monotonic()  # for the watchdog: a batch, an epoch...
+
+    @property
+    def phase(self):
+        return self._phase
+
+    @phase.setter
+    def phase(self, value):
+        self._phase = value
+        metrics.training(value == "training")
 
     def unsaved(self):
         return self.phase == "training" and self.checkpoint is not None and bool(
@@ -125,7 +138,13 @@ class Trainer:
                                 fingerprint=self.fingerprint())
         checkpoint.set_model(model)
         checkpoint.validate = self._validate
+        checkpoint.measure = self._measure
+        checkpoint.after_epoch = self._epoch_done
         self.epoch, self.step = checkpoint.restore(generation, inside_epoch=inside_epoch)
+        self.curves = Curves(self.config.save)
+        self.curves.reconcile(checkpoint.history, generation and generation.get("confusion"))
+        if checkpoint.history:
+            self._epoch_done(checkpoint.history)
         if generation is not None and generation["step"] and not inside_epoch:
             log.warning("checkpoint %d stopped inside epoch %d, on data not at hand (a data "
                         "version missing, or made before data versions): that epoch starts "
@@ -277,13 +296,30 @@ class Trainer:
                                  "images": self.data.version.images,
                                  "skipped_images": len(self.data.version.get("skipped", [])),
                                  "data_target": self.data_target}
+        metrics.data_images(self.data.version.images)
 
-    def _validate(self):
-        """Validation loss and accuracy of the model now (a checkpoint at an epoch end)."""
-        loss, accuracy = evaluate(self.model, self.data.x_val, self.data.y_val)
+    def _validate(self, epoch):
+        """Validation loss and accuracy of the model at the end of `epoch`; its confusion
+        matrix goes with the checkpoint, for TensorBoard."""
+        loss, accuracy, matrix = evaluate(self.model, self.data.x_val, self.data.y_val)
         self.validation_accuracy = accuracy
         self.last_progress = time.monotonic()
+        if matrix is not None:
+            self.checkpoint.extra["confusion"] = {"epoch": epoch,
+                                                  "matrix": matrix.tolist(),
+                                                  "classes": list(self.data.classes)}
         return {"val_loss": loss, "val_accuracy": accuracy}
+
+    def _measure(self):
+        """Recorded with each epoch, for TensorBoard: images labelled while it trained."""
+        return {"images_labelled": self.labelled() - self._labelled_before}
+
+    def _epoch_done(self, history):
+        """An epoch's checkpoint committed (or was restored): metrics and curves."""
+        last = history[-1]
+        metrics.epoch_ended(last["epoch"], last.get("loss"), last.get("accuracy"),
+                            last.get("val_accuracy"))
+        self.curves.draw(history, self.checkpoint.extra.get("confusion"))
 
     def _report_test_accuracy(self):
         data = self.data
@@ -299,19 +335,22 @@ class Trainer:
 
 
 def evaluate(model, images, labels, batch_size=1024):
-    """(cross-entropy loss, accuracy) of `model` on uint8 images, or (None, None) for none;
-    plain inference, so it leaves no trace in the model's metrics or RNG state."""
+    """(cross-entropy loss, accuracy, confusion matrix) of `model` on uint8 images, or
+    (None, None, None) for none; plain inference, so it leaves no trace in the model's
+    metrics or RNG state."""
     if len(images) == 0:
-        return None, None
-    losses, hits = 0.0, 0
+        return None, None, None
+    width = int(model.outputs[0].shape[-1])
+    losses, matrix = 0.0, np.zeros((width, width), dtype=np.int64)
     for start in range(0, len(images), batch_size):
         batch = images[start: start + batch_size].astype(np.float32) / 255.0
         truth = labels[start: start + batch_size].astype(np.int64)
         probabilities = model(batch, training=False).numpy()
         picked = np.clip(probabilities[np.arange(len(truth)), truth], 1e-7, 1.0)
         losses += float(-np.log(picked.astype(np.float64)).sum())
-        hits += int((probabilities.argmax(axis=1) == truth).sum())
-    return round(losses / len(images), 6), round(hits / len(images), 6)
+        matrix += confusion(truth, probabilities.argmax(axis=1), width)
+    hits = int(np.trace(matrix))
+    return round(losses / len(images), 6), round(hits / len(images), 6), matrix
 
 
 class _StopOnEvent(keras.callbacks.Callback):
@@ -336,10 +375,13 @@ class _Progress(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self.trainer.epoch = epoch
         self.trainer.last_progress = time.monotonic()
+        self.trainer._labelled_before = self.trainer.labelled()
 
     def on_train_batch_end(self, batch, logs=None):
         self.trainer.step = batch + 1
         self.trainer.last_progress = time.monotonic()
+        logs = logs or {}
+        metrics.batch_trained(batch + 1, logs.get("loss"), logs.get("accuracy"))
         if not self.trainer.trained_once:
             self.trainer.trained_once = True
             log.info("first batch trained (epoch %d, batch %d)", self.trainer.epoch + 1,

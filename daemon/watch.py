@@ -84,7 +84,7 @@ class Watcher:
             self._attach("watch.mode changed")  # rescans, and restarts both timers
         else:
             self._next_rescan = self.clock() + rescan_seconds if rescan_seconds else 0.0
-            self.rescan("settings reloaded")
+            self.rescan("settings reloaded", "reload")
 
     @property
     def problem(self):
@@ -133,14 +133,16 @@ class Watcher:
             self._poll()
         if self.rescan_seconds and now >= self._next_rescan:
             self._next_rescan = now + self.rescan_seconds
-            self.rescan("periodic safety net")
+            self.rescan("periodic safety net", "periodic")
 
-    def rescan(self, why):
-        if why not in ("start-up", "periodic safety net"):
+    def rescan(self, why, reason):
+        """Walk the whole tree again; `reason` is one word for the metrics (startup,
+        periodic, reload, reattach, overflow, signal), `why` the words for the log."""
+        if reason not in ("startup", "periodic"):
             log.warning("rescanning %s (%s)", self.root, why)
         else:
             log.debug("rescanning %s (%s)", self.root, why)
-        self.changes.put(("scan", self.root, why))
+        self.changes.put(("scan", self.root, reason))
 
     # ---- inotify or polling --------------------------------------------------------------------
 
@@ -177,9 +179,10 @@ class Watcher:
         self._next_poll = self.clock() + self.poll_seconds
         self._next_rescan = self.clock() + self.rescan_seconds if self.rescan_seconds else 0.0
         if why == "start-up":
-            self.rescan("start-up")
+            self.rescan("start-up", "startup")
         else:
-            self.rescan(f"{self.root} {why}")
+            self.rescan(f"{self.root} {why}",
+                        "reload" if why == "watch.mode changed" else "reattach")
 
     def _start_observer(self):
         # Full events: a file moved in from outside the tree arrives as a move with no
@@ -233,7 +236,7 @@ class Watcher:
         if self._empty:
             self._empty = False
             log.info("%s has files again", self.root)
-            self.rescan("files are back")
+            self.rescan("files are back", "reattach")
         self._snapshot = now
         appeared = {p: k for p, k in now.items() if before.get(p) != k}
         vanished = {before[p][:2]: p for p in before if p not in now}
@@ -289,7 +292,7 @@ class _OverflowHook(logging.Handler):
 
     def emit(self, record):
         if "overflow" in record.getMessage().lower():
-            self.watcher.rescan("inotify queue overflow: events were lost")
+            self.watcher.rescan("inotify queue overflow: events were lost", "overflow")
 
 
 def _identity(path):

@@ -1,0 +1,160 @@
+"""TensorBoard curves in save/tensorboard/: `tensorboard --logdir save/tensorboard`.
+
+Two runs, as Keras's own TensorBoard callback lays them out: train/ (epoch_loss,
+epoch_accuracy, checkpoint_seconds, images_labelled) and validation/ (epoch_loss,
+epoch_accuracy, and the confusion matrix as an image). The step is the epoch number.
+
+The checkpoints are the truth and the curves are drawn from them, an event file per run and
+epoch, only after that epoch's checkpoint has committed. Each file is written by tf.summary
+in save/tmp, fsynced, and renamed into place (then the folder fsynced), so a file in
+save/tensorboard is always whole and TensorBoard reads it after a power cut. At start,
+reconcile() removes the files of epochs the restored checkpoint has not completed (a
+rollback to an older generation) and draws again, from its history, any epoch without files
+(a kill between the commit and the drawing): each epoch appears exactly once.
+"""
+
+import logging
+import os
+import re
+import shutil
+import time
+
+import cv2
+import numpy as np
+import tensorflow as tf
+
+from daemon import fsutil
+
+log = logging.getLogger(__name__)
+
+RUNS = ("train", "validation")
+_NAME = re.compile(r"^events\.out\.tfevents\.(\d{10})\.wardrobe$")
+
+
+def file_name(epoch):
+    # Sorted by name is sorted by epoch: TensorBoard reads a run's files in name order.
+    return f"events.out.tfevents.{epoch:010d}.wardrobe"
+
+
+class Curves:
+    def __init__(self, save):
+        self.folder = save / "tensorboard"
+        self.scratch = save / "tmp"
+        self.drawn = {run: set() for run in RUNS}  # epochs with a file, per run
+
+    def reconcile(self, history, confusion=None):
+        """Make the files match `history` (the restored checkpoint's epochs) exactly:
+        remove the files of epochs beyond it, draw the epochs missing. Never raises for
+        I/O errors (the curves are not worth stopping for): says so, tries again later."""
+        last = history[-1]["epoch"] if history else 0
+        try:
+            for run in RUNS:
+                folder = self.folder / run
+                folder.mkdir(parents=True, exist_ok=True)
+                self.drawn[run] = set()
+                for name in os.listdir(folder):
+                    match = _NAME.match(name)
+                    if match and int(match[1]) > last:
+                        os.unlink(folder / name)  # an epoch the checkpoints rolled back
+                        log.info("TensorBoard: removed epoch %d (not in checkpoint)",
+                                 int(match[1]))
+                    elif match:
+                        self.drawn[run].add(int(match[1]))
+                fsutil.fsync_folder(folder)
+        except OSError as error:
+            log.warning("TensorBoard: cannot tidy %s: %s", self.folder, error)
+            return
+        self.draw(history, confusion)
+
+    def draw(self, history, confusion=None):
+        """Write the files of every epoch in `history` that has none yet; `confusion`
+        ({"epoch", "matrix", "classes"}) adds the picture to its epoch."""
+        for entry in history:
+            epoch = entry["epoch"]
+            picture = confusion if confusion and confusion.get("epoch") == epoch else None
+            try:
+                if epoch not in self.drawn["train"]:
+                    self._write("train", epoch, _train_scalars(entry))
+                if epoch not in self.drawn["validation"] and (
+                        entry.get("val_loss") is not None or picture):
+                    self._write("validation", epoch, _validation_scalars(entry), picture)
+            except OSError as error:
+                log.warning("TensorBoard: cannot write epoch %d: %s; trying again at the next "
+                            "epoch", epoch, error)
+                return
+
+    def _write(self, run, epoch, scalars, picture=None):
+        started = time.monotonic()
+        scratch = self.scratch / f"tensorboard-{run}-{epoch}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+        writer = tf.summary.create_file_writer(str(scratch))
+        with writer.as_default(step=epoch):
+            for tag, value in scalars.items():
+                if value is not None:
+                    tf.summary.scalar(tag, value)
+            if picture is not None:
+                image, description = confusion_image(picture["matrix"], picture["classes"])
+                tf.summary.image("confusion_matrix", image[np.newaxis], description=description)
+        writer.close()
+        (written,) = os.listdir(scratch)
+        source, target = scratch / written, self.folder / run / file_name(epoch)
+        with open(source, "rb") as file:
+            os.fsync(file.fileno())
+        os.replace(source, target)
+        fsutil.fsync_folder(target.parent)
+        os.rmdir(scratch)
+        self.drawn[run].add(epoch)
+        log.debug("TensorBoard: %s epoch %d in %.1f ms", run, epoch,
+                  (time.monotonic() - started) * 1000)
+
+
+def _train_scalars(entry):
+    return {"epoch_loss": entry.get("loss"), "epoch_accuracy": entry.get("accuracy"),
+            "checkpoint_seconds": entry.get("checkpoint_seconds"),
+            "images_labelled": entry.get("images_labelled")}
+
+
+def _validation_scalars(entry):
+    return {"epoch_loss": entry.get("val_loss"), "epoch_accuracy": entry.get("val_accuracy")}
+
+
+def confusion(truth, predicted, count):
+    """The confusion matrix: rows the true class, columns the predicted one."""
+    matrix = np.zeros((count, count), dtype=np.int64)
+    np.add.at(matrix, (truth, predicted), 1)
+    return matrix
+
+
+def confusion_image(matrix, classes):
+    """An RGB picture of the matrix (each row shaded by its share of that class, counts
+    written in when they fit) and a description naming the classes."""
+    matrix = np.asarray(matrix)
+    count = len(matrix)
+    cell = max(6, min(40, 960 // max(count, 1)))
+    margin = 28
+    size = margin + cell * count
+    image = np.full((size, size, 3), 255, dtype=np.uint8)
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, cell / 90
+    for row in range(count):
+        for column in range(count):
+            # Right answers in green, wrong ones in red, the darker the more of the row.
+            shade = int(255 * (1 - shares[row, column]))
+            colour = (shade, 255, shade) if row == column else (255, shade, shade)
+            top, left = margin + row * cell, margin + column * cell
+            image[top:top + cell, left:left + cell] = colour
+            if cell >= 24 and matrix[row, column]:
+                cv2.putText(image, str(matrix[row, column]), (left + 3, top + cell * 2 // 3),
+                            font, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    for index in range(count):
+        if cell >= 14:
+            centre = margin + index * cell + cell // 3
+            cv2.putText(image, str(index), (centre, margin - 8), font, 0.35, (0, 0, 0), 1,
+                        cv2.LINE_AA)
+            cv2.putText(image, str(index), (3, centre + cell // 3), font, 0.35, (0, 0, 0), 1,
+                        cv2.LINE_AA)
+    image[margin:, margin - 1] = image[margin - 1, margin:] = 0
+    description = ("Rows: the true class; columns: the class predicted, on the validation "
+                   "images. " + ", ".join(f"{index}: {name}" for index, name in enumerate(classes)))
+    return image, description
