@@ -78,7 +78,10 @@ class Checkpoint(keras.callbacks.Callback):
         if not self.model.optimizer.built:
             self.model.optimizer.build(self.model.trainable_variables)
         self._assign_state(metrics=False)
-        self.history = list(generation.get("history", []))
+        self.history = [dict(entry) for entry in generation.get("history", [])]
+        if generation["step"] == 0 and self.history and generation.get("write_seconds"):
+            # an epoch's end: its own cost is in its manifest, not yet in a history
+            self.history[-1].setdefault("checkpoint_seconds", generation["write_seconds"])
         self.restored = generation
         metrics.LAST_CHECKPOINT.set(datetime.datetime.fromisoformat(
             generation["written_at"]).timestamp())
@@ -159,10 +162,10 @@ class Checkpoint(keras.callbacks.Callback):
         })
         self._step = 0
         self._epoch = epoch + 1
-        if self.save(epoch + 1, 0, scores=scores) is None:
+        generation = self.save(epoch + 1, 0, scores=scores)
+        if generation is None:
             return
-        # The cost of this very generation: in memory now, in the next one's manifest.
-        self.history[-1]["checkpoint_seconds"] = round(self.last_write_ms / 1000, 4)
+        self.history[-1]["checkpoint_seconds"] = generation["write_seconds"]
         if self.after_epoch:
             self.after_epoch(self.history)
 
@@ -195,7 +198,7 @@ class Checkpoint(keras.callbacks.Callback):
         export = export or not self.store.has_exports()
         try:
             generation = self.store.write(meta, self._state_bytes(),
-                                          self._exports() if export else {})
+                                          self._exports() if export else {}, started=started)
         except OSError as error:
             log.error("checkpoint at epoch %d batch %d failed: %s; the previous one stays",
                       epoch, step, error)

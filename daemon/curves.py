@@ -1,8 +1,10 @@
 """TensorBoard curves in save/tensorboard/: `tensorboard --logdir save/tensorboard`.
 
 Two runs, as Keras's own TensorBoard callback lays them out: train/ (epoch_loss,
-epoch_accuracy, checkpoint_seconds, images_labelled) and validation/ (epoch_loss,
-epoch_accuracy, and the confusion matrix as an image). The step is the epoch number.
+epoch_accuracy; checkpoint_seconds, the time to write the epoch's checkpoint up to its
+manifest; images_labelled, sidecars written while the epoch trained) and validation/
+(epoch_loss, epoch_accuracy, and the confusion matrix as an image). The step is the epoch
+number (1 for the first).
 
 The checkpoints are the truth and the curves are drawn from them, an event file per run and
 epoch, only after that epoch's checkpoint has committed. Each file is written by tf.summary

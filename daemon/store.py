@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 from daemon import fsutil
@@ -137,9 +138,11 @@ class CheckpointStore:
 
     # ---- writing ---------------------------------------------------------------------------
 
-    def write(self, meta, state, exports):
+    def write(self, meta, state, exports, started=None):
         """Write a new generation; returns it. `state` and each export are bytes; `exports`
         may be empty (the files stay as they are, and the manifest records them as such).
+        With `started` (a time.monotonic()), the manifest records `write_seconds`: the time
+        from then until it is itself written.
 
         Order: state file, changed exports, fsync folder, manifest, fsync folder. A crash
         before the manifest's rename leaves the previous generation as the newest complete one.
@@ -160,6 +163,8 @@ class CheckpointStore:
         manifest = dict(meta, format=FORMAT, generation=number, files=files,
                         exports=dict(self._export_digests),
                         written_at=fsutil.utc_timestamp())
+        if started is not None:
+            manifest["write_seconds"] = round(time.monotonic() - started, 4)
         body = json.dumps(manifest, indent=1, sort_keys=True).encode()
         fsutil.write_new(self.folder / manifest_name(number), body, sync_folder=True)
         self._prune(keep={number, numbers[0] if numbers else number})

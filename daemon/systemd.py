@@ -1,6 +1,7 @@
 """systemd integration without libsystemd: sd_notify, journal-friendly logs, the unit file."""
 
 import getpass
+import ipaddress
 import logging
 import os
 import re
@@ -201,7 +202,7 @@ def unit_file(config, user=False, version=None):
             "RestrictRealtime=yes",
             "RestrictSUIDSGID=yes",
             "LockPersonality=yes",
-            "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+            *network_lines(config),
             "SystemCallArchitectures=native",
             "CapabilityBoundingSet=",
             # Not MemoryDenyWriteExecute: TensorFlow's oneDNN kernels are JIT-compiled.
@@ -209,6 +210,28 @@ def unit_file(config, user=False, version=None):
     lines += ["UMask=0022", "", "[Install]",
               f"WantedBy={'default.target' if user else 'multi-user.target'}", ""]
     return "\n".join(lines)
+
+
+def network_lines(config):
+    """The network the daemon needs, and no more: the journal and sd_notify (AF_UNIX)
+    always; the internet for a Fashion-MNIST download (data.source auto or keras); the
+    address families of metrics.listen, and only loopback peers when it listens there."""
+    families = {"AF_UNIX"}
+    downloads = config.data.source in ("auto", "keras")
+    if downloads:
+        families |= {"AF_INET", "AF_INET6"}
+    loopback = False
+    if config.metrics.listen:
+        host, port = config.metrics.listen
+        addresses = {info[4][0]: info[0] for info in socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM)}
+        families |= {family.name for family in addresses.values()}
+        loopback = all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+    order = ("AF_UNIX", "AF_INET", "AF_INET6")
+    lines = ["RestrictAddressFamilies=" + " ".join(f for f in order if f in families)]
+    if loopback and not downloads:
+        lines += ["IPAddressAllow=localhost", "IPAddressDeny=any"]
+    return lines
 
 
 # How each setting wants a path written, as systemd 252 parses it (systemd.syntax(7),

@@ -143,8 +143,6 @@ class Trainer:
         self.epoch, self.step = checkpoint.restore(generation, inside_epoch=inside_epoch)
         self.curves = Curves(self.config.save)
         self.curves.reconcile(checkpoint.history, generation and generation.get("confusion"))
-        if checkpoint.history:
-            self._epoch_done(checkpoint.history)
         if generation is not None and generation["step"] and not inside_epoch:
             log.warning("checkpoint %d stopped inside epoch %d, on data not at hand (a data "
                         "version missing, or made before data versions): that epoch starts "
@@ -154,6 +152,8 @@ class Trainer:
             self.validation_accuracy = generation.get("validation_accuracy")
         self._retarget()
         self.checkpoint, self.model = checkpoint, model
+        if checkpoint.history:
+            self._epoch_done(checkpoint.history)  # the metrics, from the checkpoint
         if len(self.data.classes) > width:
             self._widen()
         self._describe_data()

@@ -58,6 +58,16 @@ BAD = [
     ("watch: {rescan_seconds: -1}\n", "watch.rescan_seconds", "of at least 0, got -1"),
     ("watch: {rescan_seconds: null}\n", "watch.rescan_seconds", "of at least 0, got None"),
     ("watch: {interval: 3}\n", "watch.interval", "unknown key"),
+    ("metrics: {listen: 9464}\n", "metrics.listen", 'as "HOST:PORT"'),
+    ("metrics: {listen: '127.0.0.1'}\n", "metrics.listen", 'as "HOST:PORT"'),
+    ("metrics: {listen: ':9464'}\n", "metrics.listen", 'as "HOST:PORT"'),
+    ("metrics: {listen: '::1:9464'}\n", "metrics.listen", 'as "HOST:PORT"'),
+    ("metrics: {listen: '127.0.0.1:0'}\n", "metrics.listen", "a port from 1 to 65535"),
+    ("metrics: {listen: '127.0.0.1:65536'}\n", "metrics.listen", "a port from 1 to 65535"),
+    ("metrics: {listen: 'no such host:80'}\n", "metrics.listen", 'as "HOST:PORT"'),
+    ("metrics: {listen: 'nosuchhost.invalid:9464'}\n", "metrics.listen", "cannot resolve"),
+    ("metrics: {port: 9464}\n", "metrics.port", "unknown key"),
+    ("metrics: on\n", "metrics", "expected a mapping"),
     ("- just\n- a list\n", "config", "expected a mapping"),
     ("train: {epochs: 3\n", "config", "not valid YAML at line"),
 ]
@@ -160,7 +170,8 @@ def run_cli(*args, cwd=REPO):
                                       ("model: resnet\n", "model"),
                                       ("data: []\n", "data"),
                                       ("inbox: x\nsave: x/../x/save\n", "save"),
-                                      ("data: {source: path, path: nowhere}\n", "data.path")])
+                                      ("data: {source: path, path: nowhere}\n", "data.path"),
+                                      ("metrics: {listen: localhost}\n", "metrics.listen")])
 def test_run_exits_2_before_tensorflow(tmp_path, text, key):
     path = tmp_path / "config.yaml"
     path.write_text(text)

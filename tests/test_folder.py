@@ -294,8 +294,11 @@ def test_an_unchanged_folder_resumes_bit_identical_after_kills(tmp_path, tmp_pat
                                                         newest_state(reference / "save"))
     assert manifest["epoch"] == expected_manifest["epoch"] == 2
     assert all(np.array_equal(arrays[name], expected[name]) for name in expected)
-    assert manifest["history"] == [dict(h, seconds=m["seconds"]) for h, m in
-                                   zip(expected_manifest["history"], manifest["history"])]
+    # Timings and the inbox's work are measured, not trained: they differ run to run.
+    measured = ("seconds", "checkpoint_seconds", "images_labelled")
+    assert manifest["history"] == [dict(h, **{k: m.get(k) for k in measured if k in m})
+                                   for h, m in zip(expected_manifest["history"],
+                                                   manifest["history"])]
     assert VersionStore(killed / "save").numbers() == [1]
 
 
