@@ -172,3 +172,28 @@ def _read_json(path):
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def test_metrics_under_systemd_on_loopback_only(tmp_path, small_data, sandbox):
+    """The unit for a loopback metrics.listen: systemd's firewall lets a scraper on the
+    same machine in (the sandbox's own network namespace) and the daemon serves there."""
+    config = write_config(tmp_path, small_data, epochs=2)
+    config.write_text(config.read_text() + "metrics: {listen: '127.0.0.1:9464'}\n")
+    text = install_unit(sandbox, tmp_path, config)
+    assert "IPAddressAllow=localhost" in text.splitlines()
+    sandbox("ctl", "start", "wardrobe")
+    assert sandbox.show("IPAddressDeny") in ("::/0 0.0.0.0/0", "0.0.0.0/0 ::/0")
+    pid1 = (Path(sandbox.env["SANDBOX_DIR"]) / "state" / "pid1").read_text().strip()
+    scraper = ["nsenter", "-t", pid1, "-n", sys.executable, "-c",
+               "import urllib.request; print(urllib.request.urlopen("
+               "'http://127.0.0.1:9464/metrics', timeout=5).read().decode())"]
+
+    def scraped():
+        result = subprocess.run(scraper, capture_output=True, text=True, timeout=30)
+        match = re.search(r"^wardrobe_training_epoch (\S+)$", result.stdout, re.M)
+        return match and float(match.group(1)) == 2 and result.stdout
+
+    metrics = wait_until(scraped, 120, interval=0.5, message="epoch 2 scraped in the sandbox")
+    assert re.search(r"^process_resident_memory_bytes \S+$", metrics, re.M)
+    sandbox("ctl", "stop", "wardrobe")
+    assert (sandbox.show("Result"), sandbox.show("ExecMainStatus")) == ("success", "0")

@@ -258,6 +258,32 @@ def test_unit_file_for_this_installation(tmp_path, small_data):
     assert (tmp_path / "inbox").is_dir() and (tmp_path / "save").is_dir()
 
 
+@pytest.mark.parametrize("source, listen, expected", [
+    # no metrics, nothing to download: the journal and sd_notify only
+    ("path", None, ["RestrictAddressFamilies=AF_UNIX"]),
+    ("path", "127.0.0.1:9464", ["RestrictAddressFamilies=AF_UNIX AF_INET",
+                                "IPAddressAllow=localhost", "IPAddressDeny=any"]),
+    ("path", "[::1]:9464", ["RestrictAddressFamilies=AF_UNIX AF_INET6",
+                            "IPAddressAllow=localhost", "IPAddressDeny=any"]),
+    # scraped from other machines: any peer
+    ("path", "0.0.0.0:9464", ["RestrictAddressFamilies=AF_UNIX AF_INET"]),
+    # keras.datasets downloads Fashion-MNIST from the internet
+    ("auto", None, ["RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6"]),
+    ("keras", "127.0.0.1:9464", ["RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6"]),
+])
+def test_unit_allows_the_network_the_config_needs_and_no_more(tmp_path, small_data, source,
+                                                              listen, expected):
+    config = write_config(tmp_path, small_data)
+    text = config.read_text().replace("source: path", f"source: {source}")
+    if listen:
+        text += f"metrics: {{listen: '{listen}'}}\n"
+    config.write_text(text)
+    lines = systemd.unit_file(config_module.load(config), version=252).splitlines()
+    network = [line for line in lines if line.startswith(("RestrictAddressFamilies=", "IPAddress",
+                                                          "PrivateNetwork="))]
+    assert network == expected
+
+
 @pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
 def test_systemd_analyze_verify_accepts_the_units(tmp_path, small_data):
     config = write_config(tmp_path, small_data)
