@@ -42,48 +42,58 @@ class Curves:
     def __init__(self, save):
         self.folder = save / "tensorboard"
         self.scratch = save / "tmp"
-        self.drawn = {run: set() for run in RUNS}  # epochs with a file, per run
+        self.drawn = None  # {run: epochs with a file}; None until the folder is tidied
+        self.failing = False  # said once until the curves can be written again
 
     def reconcile(self, history, confusion=None):
-        """Make the files match `history` (the restored checkpoint's epochs) exactly:
-        remove the files of epochs beyond it, draw the epochs missing. Never raises for
-        I/O errors (the curves are not worth stopping for): says so, tries again later."""
-        last = history[-1]["epoch"] if history else 0
-        try:
-            for run in RUNS:
-                folder = self.folder / run
-                folder.mkdir(parents=True, exist_ok=True)
-                self.drawn[run] = set()
-                for name in os.listdir(folder):
-                    match = _NAME.match(name)
-                    if match and int(match[1]) > last:
-                        os.unlink(folder / name)  # an epoch the checkpoints rolled back
-                        log.info("TensorBoard: removed epoch %d (not in checkpoint)",
-                                 int(match[1]))
-                    elif match:
-                        self.drawn[run].add(int(match[1]))
-                fsutil.fsync_folder(folder)
-        except OSError as error:
-            log.warning("TensorBoard: cannot tidy %s: %s", self.folder, error)
-            return
+        """At start: make the files match `history` (the restored checkpoint's epochs)
+        exactly: remove the files of epochs beyond it, draw the epochs missing."""
+        self.drawn = None
         self.draw(history, confusion)
 
     def draw(self, history, confusion=None):
         """Write the files of every epoch in `history` that has none yet; `confusion`
-        ({"epoch", "matrix", "classes"}) adds the picture to its epoch."""
-        for entry in history:
-            epoch = entry["epoch"]
-            picture = confusion if confusion and confusion.get("epoch") == epoch else None
-            try:
+        ({"epoch", "matrix", "classes"}) adds the picture to its epoch. Never raises for
+        I/O errors (the curves are not worth stopping training for): says so once and
+        tries again at the next epoch."""
+        try:
+            if self.drawn is None:
+                self.drawn = self._tidy(history[-1]["epoch"] if history else 0)
+            for entry in history:
+                epoch = entry["epoch"]
+                picture = confusion if confusion and confusion.get("epoch") == epoch else None
                 if epoch not in self.drawn["train"]:
                     self._write("train", epoch, _train_scalars(entry))
                 if epoch not in self.drawn["validation"] and (
                         entry.get("val_loss") is not None or picture):
                     self._write("validation", epoch, _validation_scalars(entry), picture)
-            except OSError as error:
-                log.warning("TensorBoard: cannot write epoch %d: %s; trying again at the next "
-                            "epoch", epoch, error)
-                return
+        except (OSError, tf.errors.OpError) as error:
+            if not self.failing:
+                log.warning("TensorBoard: cannot write the curves in %s: %s; trying again "
+                            "at each epoch end", self.folder, error)
+            self.failing = True
+            return
+        if self.failing:
+            log.info("TensorBoard: the curves in %s are complete again", self.folder)
+            self.failing = False
+
+    def _tidy(self, last):
+        """{run: epochs with a file}, after removing the files of epochs beyond `last`."""
+        drawn = {}
+        for run in RUNS:
+            folder = self.folder / run
+            folder.mkdir(parents=True, exist_ok=True)
+            drawn[run] = set()
+            for name in os.listdir(folder):
+                match = _NAME.match(name)
+                if match and int(match[1]) > last:
+                    os.unlink(folder / name)  # an epoch the checkpoints rolled back
+                    log.info("TensorBoard: removed epoch %d of %s (not in the checkpoint "
+                             "resumed from)", int(match[1]), run)
+                elif match:
+                    drawn[run].add(int(match[1]))
+            fsutil.fsync_folder(folder)
+        return drawn
 
     def _write(self, run, epoch, scalars, picture=None):
         started = time.monotonic()

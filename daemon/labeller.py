@@ -62,6 +62,8 @@ class Labeller:
         backlog = len(self.pending) + sum(map(len, self.in_flight.values())) + sum(
             map(len, self.writing.values()))
         metrics.backlog(backlog)
+        if not (backlog or self.retry or self._deferred):
+            self.found.clear()  # a file that went while it was still being written, say
         return {"labelled": self.counts["label"], "errors": self.counts["error"],
                 "backlog": backlog, "retrying": len(self.retry),
                 "cannot_label": len(self.cannot)}

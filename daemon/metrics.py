@@ -10,7 +10,7 @@ a lock and an addition, so the parts feed them whether or not anyone serves them
 import logging
 import time
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from daemon.config import show_listen
 from daemon.errors import WardrobeError
@@ -94,11 +94,6 @@ def checkpoint_written(seconds, unix_time=None):
 
 def checkpoint_failed():
     CHECKPOINT_FAILURES.inc()
-
-
-def value(name, **labels):
-    """A sample's current value (for the TensorBoard curves and tests), or 0."""
-    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def serve(listen):

@@ -141,8 +141,6 @@ class Trainer:
         checkpoint.measure = self._measure
         checkpoint.after_epoch = self._epoch_done
         self.epoch, self.step = checkpoint.restore(generation, inside_epoch=inside_epoch)
-        self.curves = Curves(self.config.save)
-        self.curves.reconcile(checkpoint.history, generation and generation.get("confusion"))
         if generation is not None and generation["step"] and not inside_epoch:
             log.warning("checkpoint %d stopped inside epoch %d, on data not at hand (a data "
                         "version missing, or made before data versions): that epoch starts "
@@ -152,13 +150,16 @@ class Trainer:
             self.validation_accuracy = generation.get("validation_accuracy")
         self._retarget()
         self.checkpoint, self.model = checkpoint, model
-        if checkpoint.history:
-            self._epoch_done(checkpoint.history)  # the metrics, from the checkpoint
         if len(self.data.classes) > width:
             self._widen()
         self._describe_data()
         self.last_progress = time.monotonic()
         self.restored.set()
+        # After READY: a save/ from before the curves draws every epoch of its history once.
+        self.curves = Curves(self.config.save)
+        self.curves.reconcile(checkpoint.history, generation and generation.get("confusion"))
+        if checkpoint.history:
+            self._epoch_done(checkpoint.history)  # the metrics, from the checkpoint
         where = "resuming from" if checkpoint.restored else "no checkpoint in"
         log.info("%s %s: epoch %d/%d, batch %d", where, self.config.save, self.epoch,
                  self.epochs, self.step)

@@ -206,7 +206,7 @@ def test_each_epoch_once_in_tensorboard_after_kills_resumes_and_a_rollback(
     newest = max(save.glob("ckpt-*.npz"))
     newest.write_bytes(b"damaged")
     again = daemons(config)
-    again.wait_for_log(r"TensorBoard: removed epoch 6", 120)
+    again.wait_for_log(r"TensorBoard: removed epoch 6 of train", 120)
     again.wait_for_log(r"training complete", 120)
     assert again.stop() == 0, again.log
     manifest, _ = newest_state(save)
