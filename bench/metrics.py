@@ -226,6 +226,7 @@ def training(ctx, rounds, epochs):
         for config in order(number):
             listen, url = metrics_config(config)
             run = ctx.folder(f"training-{number}-{config}")
+            load = OtherLoad()  # right: the daemon is waited for before it measures
             daemon = Daemon(run, epochs=epochs, metrics=listen)
             scraper = Scraper(url).start() if url else None
             try:
@@ -234,6 +235,7 @@ def training(ctx, rounds, epochs):
                 if scraper:
                     row["B_scrapes"] = scraper.stop().summary()
                 daemon.stop()
+            row[f"{config}_other_load"] = load.measure()["other_load_cores"]
             seconds, gaps, history = epoch_times(daemon)
             assert len(seconds) == epochs, (len(seconds), daemon.tail())
             row[config] = median(seconds[1:])
@@ -439,13 +441,13 @@ def main():
             load = OtherLoad()
             results[name] = dict(run(), **load.measure())
             print(json.dumps({"benchmark": name, **results[name]}), flush=True)
+        results["bench_s"] = round(time.monotonic() - began)
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
     finally:
         if args.keep:
             print(f"work folder kept: {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
-    results["bench_s"] = round(time.monotonic() - began)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"all: {results['bench_s']} s; results in {args.out}", flush=True)
 
 
