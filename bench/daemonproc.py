@@ -26,16 +26,18 @@ def environment():
     return dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
 
 
-def write_config(folder, inbox, epochs=1, watch=None, data=None, model=None):
+def write_config(folder, inbox, epochs=1, watch=None, data=None, model=None, metrics=None):
     """folder/config.yaml for a daemon on `inbox` and folder/save, trained on `data` (the
-    config's data section; default the bundled sample); `watch` (a dict) and `model` only
-    when given."""
+    config's data section; default the bundled sample); `watch` and `metrics` (dicts) and
+    `model` only when given."""
     config = {"inbox": str(inbox), "save": str(folder / "save"),
               "data": data or {"source": "sample"}, "train": {"epochs": epochs}}
     if watch is not None:
         config["watch"] = watch
     if model is not None:
         config["model"] = model
+    if metrics is not None:
+        config["metrics"] = metrics
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -55,11 +57,13 @@ class Daemon:
     """Started at construction on `inbox` (default folder/inbox), with folder/save and
     folder/daemon.log; `started` is the wall-clock time just before the spawn."""
 
-    def __init__(self, folder, inbox=None, epochs=1, watch=None, data=None, model=None):
+    def __init__(self, folder, inbox=None, epochs=1, watch=None, data=None, model=None,
+                 metrics=None):
         self.folder = Path(folder)
         self.inbox = Path(inbox or self.folder / "inbox")
         self.inbox.mkdir(parents=True, exist_ok=True)
-        config = write_config(self.folder, self.inbox, epochs, watch, data, model)
+        config = write_config(self.folder, self.inbox, epochs, watch, data, model,
+                              metrics)
         self.log = self.folder / "daemon.log"
         self.started = time.time()
         with open(self.log, "w") as out:
