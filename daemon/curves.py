@@ -9,10 +9,11 @@ number (1 for the first).
 The checkpoints are the truth and the curves are drawn from them, an event file per run and
 epoch, only after that epoch's checkpoint has committed. Each file is written by tf.summary
 in save/tmp, fsynced, and renamed into place (then the folder fsynced), so a file in
-save/tensorboard is always whole and TensorBoard reads it after a power cut. At start,
-reconcile() removes the files of epochs the restored checkpoint has not completed (a
-rollback to an older generation) and draws again, from its history, any epoch without files
-(a kill between the commit and the drawing): each epoch appears exactly once.
+save/tensorboard is always whole and TensorBoard reads it after a power cut. Each drawing
+(at start, and at each epoch end) first removes the files of epochs the checkpoint has not
+completed (a rollback to an older generation), then draws, from its history, every epoch
+without files (a kill between the commit and the drawing, files deleted): each epoch
+appears exactly once.
 """
 
 import logging
@@ -42,29 +43,22 @@ class Curves:
     def __init__(self, save):
         self.folder = save / "tensorboard"
         self.scratch = save / "tmp"
-        self.drawn = None  # {run: epochs with a file}; None until the folder is tidied
         self.failing = False  # said once until the curves can be written again
 
-    def reconcile(self, history, confusion=None):
-        """At start: make the files match `history` (the restored checkpoint's epochs)
-        exactly: remove the files of epochs beyond it, draw the epochs missing."""
-        self.drawn = None
-        self.draw(history, confusion)
-
     def draw(self, history, confusion=None):
-        """Write the files of every epoch in `history` that has none yet; `confusion`
+        """Make the files match `history` (the epochs of the checkpoint resumed from or just
+        written) exactly: remove those of epochs beyond it, write those missing; `confusion`
         ({"epoch", "matrix", "classes"}) adds the picture to its epoch. Never raises for
         I/O errors (the curves are not worth stopping training for): says so once and
-        tries again at the next epoch."""
+        tries again at the next epoch end."""
         try:
-            if self.drawn is None:
-                self.drawn = self._tidy(history[-1]["epoch"] if history else 0)
+            drawn = self._tidy(history[-1]["epoch"] if history else 0)
             for entry in history:
                 epoch = entry["epoch"]
                 picture = confusion if confusion and confusion.get("epoch") == epoch else None
-                if epoch not in self.drawn["train"]:
+                if epoch not in drawn["train"]:
                     self._write("train", epoch, _train_scalars(entry))
-                if epoch not in self.drawn["validation"] and (
+                if epoch not in drawn["validation"] and (
                         entry.get("val_loss") is not None or picture):
                     self._write("validation", epoch, _validation_scalars(entry), picture)
         except (OSError, tf.errors.OpError) as error:
@@ -88,11 +82,11 @@ class Curves:
                 match = _NAME.match(name)
                 if match and int(match[1]) > last:
                     os.unlink(folder / name)  # an epoch the checkpoints rolled back
+                    fsutil.fsync_folder(folder)
                     log.info("TensorBoard: removed epoch %d of %s (not in the checkpoint "
                              "resumed from)", int(match[1]), run)
                 elif match:
                     drawn[run].add(int(match[1]))
-            fsutil.fsync_folder(folder)
         return drawn
 
     def _write(self, run, epoch, scalars, picture=None):
@@ -116,7 +110,6 @@ class Curves:
         os.replace(source, target)
         fsutil.fsync_folder(target.parent)
         os.rmdir(scratch)
-        self.drawn[run].add(epoch)
         log.debug("TensorBoard: %s epoch %d in %.1f ms", run, epoch,
                   (time.monotonic() - started) * 1000)
 

@@ -157,7 +157,7 @@ class Trainer:
         self.restored.set()
         # After READY: a save/ from before the curves draws every epoch of its history once.
         self.curves = Curves(self.config.save)
-        self.curves.reconcile(checkpoint.history, generation and generation.get("confusion"))
+        self.curves.draw(checkpoint.history, generation and generation.get("confusion"))
         if checkpoint.history:
             self._epoch_done(checkpoint.history)  # the metrics, from the checkpoint
         where = "resuming from" if checkpoint.restored else "no checkpoint in"

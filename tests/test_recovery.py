@@ -23,7 +23,8 @@ def save(tmp_path, one_epoch_save):
 
 # What a running daemon keeps in save/ besides checkpoints: its lock, its status for
 # `wardrobe status`, its private temporary folder.
-RUNTIME = {".lock", "live.json", "tmp", "data"}  # data/: versions, not checkpoints
+# data/: versions, tensorboard/: curves drawn from the checkpoints; neither is a checkpoint
+RUNTIME = {".lock", "live.json", "tmp", "data", "tensorboard"}
 
 def start_and_stop(daemons, config):
     """Run the daemon until it has picked its resume point; returns (daemon, epoch, batch)."""
