@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 from daemon import dataset  # noqa: E402
 
 OUT = REPO / "docs" / "bench-metrics.json"
+SAMPLE_BATCHES = 232  # an epoch of the sample: 7,413 training images, 32 a batch
 CONFIGS = ("A", "B", "A2")
 LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \S+ \S+: epoch (\d+)/\d+: ")
 
@@ -415,6 +416,27 @@ class Context:
         return path
 
 
+def feeding(calls, labelling_rate, epoch_s, batches):
+    """What the parts pay to feed the metrics, whether or not anyone serves them: each
+    feeding function timed in this process, against the time an image or a batch takes."""
+    from daemon import metrics
+
+    def per_call(function):
+        started = time.perf_counter()
+        for _ in range(calls):
+            function()
+        return (time.perf_counter() - started) / calls * 1e6
+
+    image_us = 1e6 / labelling_rate
+    batch_us = epoch_s * 1e6 / batches
+    labelled = per_call(lambda: metrics.labelled("label", 1.0, 2.0))
+    trained = per_call(lambda: metrics.batch_trained(3, 0.5, 0.7))
+    return {"labelled_us": round(labelled, 3), "batch_trained_us": round(trained, 3),
+            "image_us_at_burst_rate": round(image_us, 1), "batch_us": round(batch_us, 1),
+            "labelled_share_of_an_image": round(labelled / image_us, 4),
+            "batch_trained_share_of_a_batch": round(trained / batch_us, 5)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=4, help="rounds of each comparison")
@@ -437,7 +459,10 @@ def main():
                           ("training", lambda: training(ctx, args.rounds, args.epochs)),
                           ("scrape", lambda: scrape_cost(ctx, 3, args.scrapes, args.paced)),
                           ("tensorboard", lambda: tensorboard(
-                              ctx, args.draws, results["training"]["A"]))):
+                              ctx, args.draws, results["training"]["A"])),
+                          ("feeding", lambda: feeding(
+                              200_000, results["labelling"]["A"],
+                              results["training"]["A"], SAMPLE_BATCHES))):
             load = OtherLoad()
             results[name] = dict(run(), **load.measure())
             print(json.dumps({"benchmark": name, **results[name]}), flush=True)

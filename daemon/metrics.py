@@ -43,13 +43,13 @@ CHECKPOINT_FAILURES = Counter("wardrobe_checkpoint_failures", "Checkpoint writes
 LAST_CHECKPOINT = Gauge("wardrobe_last_checkpoint_timestamp_seconds", "Unix time of the newest "
                         "checkpoint in save/")
 
-for _outcome in ("label", "error"):
-    LABELLED.labels(_outcome)  # so both series exist from the start, at 0
+# Both series exist from the start, at 0; looked up once (labels() costs a lock and a dict).
+_OUTCOMES = {outcome: LABELLED.labels(outcome) for outcome in ("label", "error")}
 
 
 def labelled(outcome, found_at=None, now=None):
     """A sidecar was written; `found_at`: time.monotonic() when its image was found."""
-    LABELLED.labels(outcome).inc()
+    _OUTCOMES[outcome].inc()
     if found_at is not None:
         LATENCY.observe(max(0.0, (time.monotonic() if now is None else now) - found_at))
 
