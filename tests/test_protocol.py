@@ -36,6 +36,9 @@ def test_each_file_is_fsynced_before_its_rename_and_the_folder_after(tmp_path, s
     commits = [i for i in renames if re.search(r"/ckpt-\d+\.json$", events[i][2])]
     # 58 batches (the 90% of 1,024 images that do not validate, 16 a batch): 11 inside, 1 end
     assert len(commits) >= 12, f"expected a generation every 5 batches, saw {len(commits)}"
+    # the TensorBoard event files of the epoch, after its commit (checked below as well)
+    curves = [i for i in renames if "/tensorboard/" in events[i][2]]
+    assert len(curves) == 2 and min(curves) > commits[-1], curves
     for i in renames:
         _, source, target = events[i]
         assert ("fsync", source) in events[:i], f"{source} renamed without an fsync first"
