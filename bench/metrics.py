@@ -384,7 +384,7 @@ def summary_parts(folder, image, description, count):
     def picture(writer):
         for tag in ("a", "b"):
             tf.summary.scalar(tag, 0.5)
-        tf.summary.image("confusion_matrix", image[np.newaxis], description=description)
+        tf.summary.image("confusion_matrix/10 classes", image[np.newaxis], description=description)
 
     result = {}
     for name, write in (("empty_writer", empty), ("four_scalars", scalars),

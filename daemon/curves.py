@@ -94,22 +94,27 @@ class Curves:
         scratch = self.scratch / f"tensorboard-{run}-{epoch}"
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
-        writer = tf.summary.create_file_writer(str(scratch))
-        with writer.as_default(step=epoch):
-            for tag, value in scalars.items():
-                if value is not None:
-                    tf.summary.scalar(tag, value)
-            if picture is not None:
-                image, description = confusion_image(picture["matrix"], picture["classes"])
-                tf.summary.image("confusion_matrix", image[np.newaxis], description=description)
-        writer.close()
-        (written,) = os.listdir(scratch)
-        source, target = scratch / written, self.folder / run / file_name(epoch)
-        with open(source, "rb") as file:
-            os.fsync(file.fileno())
-        os.replace(source, target)
-        fsutil.fsync_folder(target.parent)
-        os.rmdir(scratch)
+        try:
+            writer = tf.summary.create_file_writer(str(scratch))
+            with writer.as_default(step=epoch):
+                for tag, value in scalars.items():
+                    if value is not None:
+                        tf.summary.scalar(tag, value)
+                if picture is not None:
+                    image, description = confusion_image(picture["matrix"], picture["classes"])
+                    # A tag per class count: TensorBoard keeps the first description of a
+                    # tag, and classes are only ever added, so the count names the list.
+                    tf.summary.image(f"confusion_matrix/{len(picture['classes'])} classes",
+                                     image[np.newaxis], description=description)
+            writer.close()
+            (written,) = os.listdir(scratch)
+            source, target = scratch / written, self.folder / run / file_name(epoch)
+            with open(source, "rb") as file:
+                os.fsync(file.fileno())
+            os.replace(source, target)
+            fsutil.fsync_folder(target.parent)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         log.debug("TensorBoard: %s epoch %d in %.1f ms", run, epoch,
                   (time.monotonic() - started) * 1000)
 

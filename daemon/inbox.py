@@ -15,7 +15,7 @@ import stat
 import time
 
 from daemon import metrics
-from daemon.watch import Watcher
+from daemon.watch import RESCANS, Watcher
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,8 @@ class Inbox:
             else:
                 self.sidecars.drop_orphan(path)
         elif kind == "scan":
-            metrics.rescanned(dest)
+            if dest in RESCANS:  # the whole inbox, not a folder just made
+                metrics.rescanned(dest)
             self._scans.append(self._scan(path))
 
     def _offer(self, path, paths):

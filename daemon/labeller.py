@@ -61,7 +61,7 @@ class Labeller:
             del self.cannot[path]  # renamed or deleted since
         backlog = len(self.pending) + sum(map(len, self.in_flight.values())) + sum(
             map(len, self.writing.values()))
-        metrics.backlog(backlog)
+        metrics.inbox(backlog, len(self.retry), len(self.cannot))
         if not (backlog or self.retry or self._deferred):
             self.found.clear()  # a file that went while it was still being written, say
         return {"labelled": self.counts["label"], "errors": self.counts["error"],

@@ -23,6 +23,10 @@ BACKLOG = Gauge("wardrobe_inbox_backlog", "Images found in the inbox and not lab
 LATENCY = Histogram("wardrobe_label_latency_seconds", "From an image found in the inbox to "
                     "its sidecar written", buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
                                                     120, 300, 900, 3600))
+RETRYING = Gauge("wardrobe_inbox_retrying", "Images waiting to be tried again after an error "
+                 "that can go away (a full disk, a permission, a file still being written)")
+CANNOT_LABEL = Gauge("wardrobe_inbox_cannot_label", "Images that cannot have a sidecar (its "
+                     "name too long, or a file of yours at the sidecar's path)")
 RESCANS = Counter("wardrobe_inbox_rescans", "Full rescans of the inbox, by reason", ["reason"])
 EPOCH = Gauge("wardrobe_training_epoch", "Epochs completed")
 STEP = Gauge("wardrobe_training_step", "Batches trained in the current epoch")
@@ -54,8 +58,10 @@ def labelled(outcome, found_at=None, now=None):
         LATENCY.observe(max(0.0, (time.monotonic() if now is None else now) - found_at))
 
 
-def backlog(count):
-    BACKLOG.set(count)
+def inbox(backlog, retrying, cannot_label):
+    BACKLOG.set(backlog)
+    RETRYING.set(retrying)
+    CANNOT_LABEL.set(cannot_label)
 
 
 def rescanned(reason):

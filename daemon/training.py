@@ -83,7 +83,7 @@ class Trainer:
         self.data_pending = lambda: False  # is a data version being made? (the service's)
         self.data_damaged = lambda number: None  # tell the data source a version is unusable
         self.labelled = lambda: 0  # images labelled so far by this process (the service's)
-        self._labelled_before = 0  # ... when the epoch began
+        self._labelled_before = 0  # ... when the last epoch ended
         self.curves = None  # TensorBoard (daemon.curves)
         self.unusable = set()  # data versions that could not be read
         self.taking = None  # the data version being taken into use
@@ -139,7 +139,7 @@ class Trainer:
         checkpoint.set_model(model)
         checkpoint.validate = self._validate
         checkpoint.measure = self._measure
-        checkpoint.after_epoch = self._epoch_done
+        checkpoint.after_epoch = self._draw
         self.epoch, self.step = checkpoint.restore(generation, inside_epoch=inside_epoch)
         if generation is not None and generation["step"] and not inside_epoch:
             log.warning("checkpoint %d stopped inside epoch %d, on data not at hand (a data "
@@ -159,7 +159,7 @@ class Trainer:
         self.curves = Curves(self.config.save)
         self.curves.draw(checkpoint.history, generation and generation.get("confusion"))
         if checkpoint.history:
-            self._epoch_done(checkpoint.history)  # the metrics, from the checkpoint
+            _report_epoch(checkpoint.history[-1])  # the metrics, from the checkpoint
         where = "resuming from" if checkpoint.restored else "no checkpoint in"
         log.info("%s %s: epoch %d/%d, batch %d", where, self.config.save, self.epoch,
                  self.epochs, self.step)
@@ -312,14 +312,14 @@ class Trainer:
         return {"val_loss": loss, "val_accuracy": accuracy}
 
     def _measure(self):
-        """Recorded with each epoch, for TensorBoard: images labelled while it trained."""
-        return {"images_labelled": self.labelled() - self._labelled_before}
+        """Recorded with each epoch, for TensorBoard: images labelled since the last one
+        ended (so each sidecar this process writes while training counts once)."""
+        now = self.labelled()
+        count, self._labelled_before = now - self._labelled_before, now
+        return {"images_labelled": count}
 
-    def _epoch_done(self, history):
-        """An epoch's checkpoint committed (or was restored): metrics and curves."""
-        last = history[-1]
-        metrics.epoch_ended(last["epoch"], last.get("loss"), last.get("accuracy"),
-                            last.get("val_accuracy"))
+    def _draw(self, history):
+        """An epoch's checkpoint committed: its TensorBoard curves."""
         self.curves.draw(history, self.checkpoint.extra.get("confusion"))
 
     def _report_test_accuracy(self):
@@ -376,7 +376,6 @@ class _Progress(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self.trainer.epoch = epoch
         self.trainer.last_progress = time.monotonic()
-        self.trainer._labelled_before = self.trainer.labelled()
 
     def on_train_batch_end(self, batch, logs=None):
         self.trainer.step = batch + 1
@@ -409,14 +408,23 @@ class _EpochLog(keras.callbacks.Callback):
         if not history or history[-1]["epoch"] != epoch + 1:
             return  # stopped mid-epoch
         last, writes = history[-1], self.checkpoint.write_times_ms
-        extra = ""
-        if len(writes) > 1:
-            extra = f" (+{len(writes) - 1} mid-epoch, mean {np.mean(writes[:-1]):.0f} ms)"
+        _report_epoch(last)  # saved or not: the checkpoint failures have their own counter
+        if "checkpoint_seconds" in last:  # the epoch's own checkpoint was written
+            saved, middle = f"checkpoint {writes[-1]:.0f} ms", writes[:-1]
+        else:
+            saved, middle = "checkpoint failed", writes
+        extra = f" (+{len(middle)} mid-epoch, mean {np.mean(middle):.0f} ms)" if middle else ""
         validation = ""
         if last.get("val_accuracy") is not None:
             validation = (f"; validation loss {last['val_loss']:.4f} accuracy "
                           f"{last['val_accuracy']:.4f}")
-        log.info("epoch %d/%d: loss %.4f accuracy %.4f%s (%.1f s); checkpoint %.0f ms%s",
+        log.info("epoch %d/%d: loss %.4f accuracy %.4f%s (%.1f s); %s%s",
                  epoch + 1, self.trainer.epochs, last["loss"], last["accuracy"], validation,
-                 last["seconds"], writes[-1] if writes else float("nan"), extra)
+                 last["seconds"], saved, extra)
         writes.clear()
+
+
+def _report_epoch(entry):
+    """A completed epoch's numbers to the metrics."""
+    metrics.epoch_ended(entry["epoch"], entry.get("loss"), entry.get("accuracy"),
+                        entry.get("val_accuracy"))

@@ -33,6 +33,9 @@ EVENTS = [FileClosedEvent, FileCreatedEvent, FileDeletedEvent, FileMovedEvent,
           DirMovedEvent, DirCreatedEvent]
 RETRY_SECONDS = 2.0  # between tries to start an inotify observer that failed
 MOUNT_CHECK_SECONDS = 30.0  # how often `auto` looks for a share mounted inside the tree
+# Why the whole tree is walked again (a "scan" of the root, with one of these as dest; a
+# folder made or moved in is scanned alone, with other words).
+RESCANS = ("startup", "periodic", "reload", "reattach", "overflow", "signal")
 
 
 class Watcher:
@@ -136,8 +139,8 @@ class Watcher:
             self.rescan("periodic safety net", "periodic")
 
     def rescan(self, why, reason):
-        """Walk the whole tree again; `reason` is one word for the metrics (startup,
-        periodic, reload, reattach, overflow, signal), `why` the words for the log."""
+        """Walk the whole tree again; `reason`, one of RESCANS, for the metrics; `why`, the
+        words for the log."""
         if reason not in ("startup", "periodic"):
             log.warning("rescanning %s (%s)", self.root, why)
         else:

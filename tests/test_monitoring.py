@@ -22,7 +22,7 @@ from conftest import newest_state, status, wait_until, write_config
 from daemon import dataset
 
 RUNS = {"train": ["epoch_loss", "epoch_accuracy", "checkpoint_seconds", "images_labelled"],
-        "validation": ["epoch_loss", "epoch_accuracy", "confusion_matrix"]}
+        "validation": ["epoch_loss", "epoch_accuracy", "confusion_matrix/10 classes"]}
 
 
 def free_port():
@@ -92,6 +92,7 @@ def test_metrics_move_as_images_are_dropped_and_epochs_pass(tmp_path, small_data
     for index in range(5):
         (inbox / f"shirt-{index}.png").write_bytes(png(index))
     (inbox / "broken.png").write_bytes(b"not an image at all")
+    (inbox / ("n" * 248 + ".png")).write_bytes(png(5))  # no room for ".json" in its name
     labelled = wait_until(lambda: (s := scrape(port)) and value(
         s, "wardrobe_images_labelled_total", outcome="error") == 1 and value(
         s, "wardrobe_images_labelled_total", outcome="label") == 5 and s, 60,
@@ -99,6 +100,9 @@ def test_metrics_move_as_images_are_dropped_and_epochs_pass(tmp_path, small_data
     assert value(labelled, "wardrobe_label_latency_seconds_count") == 6
     assert 0 < value(labelled, "wardrobe_label_latency_seconds_sum") < 6 * 60
     assert value(labelled, "wardrobe_inbox_backlog") == 0
+    assert value(labelled, "wardrobe_inbox_retrying") == 0
+    assert wait_until(lambda: value(scrape(port), "wardrobe_inbox_cannot_label") == 1, 30,
+                      interval=0.2, message="the long name counted")
 
     daemon.signal(signal.SIGUSR2)
     wait_until(lambda: value(scrape(port), "wardrobe_inbox_rescans_total", reason="signal") == 1,
@@ -115,6 +119,10 @@ def test_metrics_move_as_images_are_dropped_and_epochs_pass(tmp_path, small_data
     assert value(reloaded, "wardrobe_images_labelled_total", outcome="label") == 5
     assert value(reloaded, "wardrobe_images_labelled_total", outcome="error") == 1
     assert value(reloaded, "wardrobe_checkpoint_write_seconds_count") >= writes + 12
+    # TensorBoard counts the sidecars written since the epoch before: all six in epoch 4
+    _, curves = read_events(tmp_path / "save" / "tensorboard")
+    assert {epoch: int(count) for epoch, count in curves["train"]["images_labelled"].items()} \
+        == {1: 0, 2: 0, 3: 0, 4: 6}
     wait_until(lambda: value(scrape(port), "wardrobe_inbox_rescans_total", reason="reload") == 1,
                30, interval=0.2, message="the reload's rescan counted")
     assert daemon.stop() == 0, daemon.log
@@ -169,7 +177,7 @@ def assert_each_epoch_once(folder, epochs, history):
         assert curves["train"]["epoch_loss"][epoch] == pytest.approx(entry["loss"], abs=1e-6)
         assert curves["validation"]["epoch_accuracy"][epoch] == pytest.approx(
             entry["val_accuracy"], abs=1e-6)
-    picture = curves["validation"]["confusion_matrix"][epochs]  # [width, height, png]
+    picture = curves["validation"]["confusion_matrix/10 classes"][epochs]  # [w, h, png]
     image = cv2.imdecode(np.frombuffer(picture[2], np.uint8), cv2.IMREAD_COLOR)
     assert image is not None and image.shape[0] >= 200
     return curves
