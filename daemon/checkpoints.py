@@ -83,7 +83,7 @@ class Checkpoint(keras.callbacks.Callback):
             # an epoch's end: its own cost is in its manifest, not yet in a history
             self.history[-1].setdefault("checkpoint_seconds", generation["write_seconds"])
         self.restored = generation
-        metrics.LAST_CHECKPOINT.set(datetime.datetime.fromisoformat(
+        metrics.checkpoint_restored(datetime.datetime.fromisoformat(
             generation["written_at"]).timestamp())
         step = self._step_for_batch_size(generation) if inside_epoch else 0
         self._resume = self._pending = (generation["epoch"], step)

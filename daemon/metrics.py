@@ -93,9 +93,13 @@ def data_images(count):
     DATA_IMAGES.set(count)
 
 
-def checkpoint_written(seconds, unix_time=None):
+def checkpoint_written(seconds):
     CHECKPOINT_SECONDS.observe(seconds)
-    LAST_CHECKPOINT.set(time.time() if unix_time is None else unix_time)
+    LAST_CHECKPOINT.set(time.time())
+
+
+def checkpoint_restored(unix_time):
+    LAST_CHECKPOINT.set(unix_time)
 
 
 def checkpoint_failed():
@@ -103,8 +107,8 @@ def checkpoint_failed():
 
 
 def serve(listen):
-    """Serve /metrics on `listen` ((host, port)) from prometheus_client's own thread; the
-    server, to shut down at exit. A port that cannot be had is fatal (exit 1)."""
+    """Serve /metrics on `listen` ((host, port)) from prometheus_client's own server, whose
+    threads end with the process. A port that cannot be had is fatal (exit 1)."""
     host, port = listen
     try:
         server, _ = start_http_server(port, addr=host)
