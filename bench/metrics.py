@@ -3,14 +3,17 @@ does a scrape cost, and what do the TensorBoard event files cost per epoch.
 
     .venv/bin/python bench/metrics.py [--rounds 4] [--burst 10000] [--epochs 30]
 
-About 8 minutes on 2 cores. Three configurations of a real `python -m daemon run` of this
+About 14 minutes on 2 cores. Three configurations of a real `python -m daemon run` of this
 tree, alternated within each round (their order rotated from round to round):
   A   no metrics key;
   A2  the same again: the A-vs-A difference within a round is the noise floor;
   B   metrics.listen on 127.0.0.1:<a free port>, scraped every 0.5 s by a thread of this
       process (Prometheus's default is every 15 s) for as long as it is measured.
-Then the scrape itself on an idle daemon (latency, size, daemon CPU per 1,000 scrapes
-against equal windows without scrapes), and Curves.draw timed in this process. Results:
+Then training against the scrape interval (no metrics; served, never scraped; scraped every
+15 s; every 0.5 s), 6 rounds: a real cost would grow with the scrapes. Then the scrape
+itself on an idle daemon (latency, size, daemon CPU per 1,000 scrapes
+against equal windows without scrapes), Curves.draw timed in this process, and what the
+parts pay to feed the metrics per image and per batch. Results:
 docs/bench-metrics.json (replaced).
 """
 
@@ -262,6 +265,39 @@ def training(ctx, rounds, epochs):
     return result
 
 
+def training_by_interval(ctx, rounds, epochs):
+    """Training again, against how often /metrics is scraped: A no metrics key, S served but
+    never scraped, P scraped every 15 s (Prometheus's default), F every 0.5 s. A cost of
+    scraping would grow from S to P to F; noise does not."""
+    configs, rows = ("A", "S", "P", "F"), []
+    for number in range(rounds):
+        row = {"round": number + 1}
+        shift = number % len(configs)
+        for config in configs[shift:] + configs[:shift]:
+            listen, url = metrics_config("A" if config == "A" else "B")
+            run = ctx.folder(f"interval-{number}-{config}")
+            daemon = Daemon(run, epochs=epochs, metrics=listen)
+            every = {"P": 15.0, "F": 0.5}.get(config)
+            scraper = Scraper(url, every).start() if every else None
+            try:
+                daemon.wait_for(r"training complete", timeout=600)
+            finally:
+                if scraper:
+                    row[f"{config}_scrapes"] = scraper.stop().summary()["scrapes"]
+                daemon.stop()
+            seconds, _, _ = epoch_times(daemon)
+            row[config] = median(seconds[1:])
+        for config in configs[1:]:
+            row[f"{config}_over_A"] = round(row[config] / row["A"], 4)
+        rows.append(row)
+        print(f"  training by scrape interval, round {number + 1}: {row}", flush=True)
+    return {"epochs": epochs, "rounds": rows,
+            **{f"{c}_over_A_median": median([r[f"{c}_over_A"] for r in rows])
+               for c in configs[1:]},
+            "spread_of_ratios": round(max(abs(r[f"{c}_over_A"] - 1) for r in rows
+                                          for c in configs[1:]), 4)}
+
+
 def event_bytes(folder, epochs):
     sizes = {run: sorted(p.stat().st_size for p in (folder / run).iterdir())
              for run in ("train", "validation")}
@@ -334,8 +370,8 @@ def tensorboard(ctx, epochs, epoch_s):
 
     save, unsynced = ctx.folder("tensorboard") / "save", ctx.folder("unsynced") / "save"
     curves, without_fsync = Curves(save), Curves(unsynced)
-    curves.reconcile([])
-    without_fsync.reconcile([])
+    curves.draw([])
+    without_fsync.draw([])
     template = ctx.history[-2]  # the last entry has no checkpoint_seconds yet
     history, draws, unsynced_draws = [], [], []
     for epoch in range(1, epochs + 2):
@@ -442,6 +478,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=4, help="rounds of each comparison")
     parser.add_argument("--burst", type=int, default=10_000, help="images per burst")
     parser.add_argument("--epochs", type=int, default=30, help="epochs per training run")
+    parser.add_argument("--interval-rounds", type=int, default=6,
+                        help="rounds of training against the scrape interval")
     parser.add_argument("--scrapes", type=int, default=1000, help="back-to-back scrapes")
     parser.add_argument("--paced", type=float, default=30, help="seconds of paced scrapes")
     parser.add_argument("--draws", type=int, default=20, help="epochs of TensorBoard files")
@@ -457,6 +495,8 @@ def main():
         ctx = Context(root)
         for name, run in (("labelling", lambda: labelling(ctx, args.rounds, args.burst)),
                           ("training", lambda: training(ctx, args.rounds, args.epochs)),
+                          ("training_by_interval", lambda: training_by_interval(
+                              ctx, args.interval_rounds, args.epochs)),
                           ("scrape", lambda: scrape_cost(ctx, 3, args.scrapes, args.paced)),
                           ("tensorboard", lambda: tensorboard(
                               ctx, args.draws, results["training"]["A"])),
