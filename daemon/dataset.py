@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from daemon import fsutil
 from daemon.errors import ConfigError, WardrobeError
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,10 @@ def _read_idx(path):
     return np.frombuffer(body, dtype=np.uint8).reshape(shape)
 
 
+def _visible(entry):
+    return not entry.name.startswith(".")
+
+
 def list_folder(root, is_image_name):
     """({relative path: (class name, size, mtime_ns, ino)} of the images under
     DIR/<class>/, [names skipped: loose files, links, not regular files], [(relative path,
@@ -139,23 +144,16 @@ def list_folder(root, is_image_name):
             if is_image_name(entry.name) or entry.is_symlink():
                 ignored.append(entry.name)
             continue
-        stack = [entry.path]
-        while stack:
-            folder = stack.pop()
-            try:
-                with os.scandir(folder) as inner:
-                    items = list(inner)
-            except FileNotFoundError:
+        for folder, items, error in fsutil.walk(entry.path, _visible):
+            if isinstance(error, FileNotFoundError):
                 continue  # gone meanwhile
-            except OSError as error:  # a permission, a share: may go away
+            if error is not None:  # a permission, a share: may go away
                 unlisted.append((folder[skip:], error.strerror))
                 continue
             for item in items:
-                if item.name.startswith("."):
-                    continue
-                if item.is_dir(follow_symlinks=False):
-                    stack.append(item.path)
-                elif is_image_name(item.name):
+                if item.name.startswith(".") or item.is_dir(follow_symlinks=False):
+                    continue  # hidden, or a folder (walked next)
+                if is_image_name(item.name):
                     if item.is_symlink():
                         ignored.append(item.path[skip:])
                         continue

@@ -121,6 +121,26 @@ def fsync_folder(folder):
         os.close(fd)
 
 
+def walk(top, descend=lambda entry: True):
+    """Every folder from `top` down, depth first, symbolic links never followed:
+    (folder, entries, error), with the os.DirEntry list of the folder, or the OSError that
+    kept it from being listed (entries then empty). The folders among its entries for which
+    `descend(entry)` holds come next, the last listed first. One walker for the inbox scans,
+    the poller's snapshots and the training-data folder."""
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+        except OSError as error:
+            yield folder, [], error
+            continue
+        yield folder, entries, None
+        stack.extend(entry.path for entry in entries
+                     if entry.is_dir(follow_symlinks=False) and descend(entry))
+
+
 def sha256_file(path):
     digest = hashlib.sha256()
     with open(path, "rb") as file:

@@ -14,7 +14,7 @@ import queue
 import stat
 import time
 
-from daemon import metrics
+from daemon import fsutil, metrics
 from daemon.watch import RESCANS, Watcher
 
 log = logging.getLogger(__name__)
@@ -184,15 +184,10 @@ class Inbox:
         """Yields images below `folder` without an up-to-date sidecar (None between folders,
         so take() can stop on time); removes our stale temporaries and the sidecars whose
         image is gone. Symlinks are not followed."""
-        stack = [folder]
-        while stack:
-            current = stack.pop()
-            try:
-                with os.scandir(current) as listing:
-                    entries = list(listing)
-            except FileNotFoundError:
+        for current, entries, error in fsutil.walk(folder):
+            if isinstance(error, FileNotFoundError):
                 continue
-            except OSError as error:
+            if error is not None:
                 if current not in self._unreadable:
                     log.warning("cannot scan %s: %s; will retry", current, error.strerror)
                     self._unreadable[current] = (self.clock() + 2.0, 2.0)
@@ -202,8 +197,8 @@ class Inbox:
                 if count % 256 == 0:
                     yield None  # a huge folder, already labelled: let take() keep its budget
                 if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-                elif self.sidecars.is_our_temporary(entry.name):
+                    continue  # walked next
+                if self.sidecars.is_our_temporary(entry.name):
                     _remove(entry.path)
                 elif self.sidecars.is_image_name(entry.name):
                     if not self.sidecars.is_up_to_date(entry.path) and self._settled(entry.path):

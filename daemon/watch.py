@@ -25,6 +25,7 @@ from watchdog.events import (DirCreatedEvent, DirMovedEvent, FileClosedEvent,
 from watchdog.observers.inotify import InotifyObserver
 from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
 
+from daemon import fsutil
 from daemon.mounts import choose_mode
 
 log = logging.getLogger(__name__)
@@ -209,19 +210,17 @@ class Watcher:
     def _walk_snapshot(self, keep=None):
         """path -> stat key of every wanted file below root; a folder that cannot be listed
         keeps its entries from `keep` (a share briefly gone is not a deletion)."""
-        snapshot, stack = {}, [self.root]
-        while stack:
-            folder = stack.pop()
+        snapshot = {}
+        for folder, entries, error in fsutil.walk(self.root):
             try:
-                with os.scandir(folder) as entries:
-                    for entry in entries:
-                        if entry.is_dir(follow_symlinks=False):
-                            stack.append(entry.path)
-                        elif self.wanted(entry.name):
-                            info = entry.stat(follow_symlinks=False)
-                            snapshot[entry.path] = (info.st_dev, info.st_ino, info.st_size,
-                                                    info.st_mtime_ns, stat.S_IFMT(info.st_mode))
-            except OSError:
+                for entry in entries:
+                    if not entry.is_dir(follow_symlinks=False) and self.wanted(entry.name):
+                        info = entry.stat(follow_symlinks=False)
+                        snapshot[entry.path] = (info.st_dev, info.st_ino, info.st_size,
+                                                info.st_mtime_ns, stat.S_IFMT(info.st_mode))
+            except OSError as failed:  # a file that went or cannot be read while listed
+                error = failed
+            if error is not None:
                 prefix = folder.rstrip("/") + "/"
                 snapshot.update((p, k) for p, k in (keep or {}).items() if p.startswith(prefix))
         return snapshot
