@@ -122,7 +122,15 @@ class Decoder:
         return max(1, min(MAX_CHUNK, int(CHUNK_SECONDS / self._seconds_per_image)))
 
     def submit(self, paths):
-        return self._pool.submit(decode_chunk, paths)
+        return self._submit(decode_chunk, paths)
+
+    def _submit(self, function, argument):
+        try:
+            return self._pool.submit(function, argument)
+        except OSError as error:
+            # A worker died while the pool was starting its replacement ("handle is
+            # closed"): the pool is broken, it just does not know it yet.
+            raise BrokenProcessPool(f"a decode worker died: {error}") from error
 
     def decode_all(self, paths, chunk=256):
         """decode_training_chunk over many paths on every worker; results in order. A file
@@ -132,7 +140,7 @@ class Decoder:
         futures, results, again = [], {}, []
         for part in parts:
             try:
-                futures.append((part, self._pool.submit(decode_training_chunk, part)))
+                futures.append((part, self._submit(decode_training_chunk, part)))
             except BrokenProcessPool:  # broke while we were handing out work
                 again.append(part)
         for part, future in futures:
@@ -145,7 +153,7 @@ class Decoder:
         while again:
             part = again.pop(0)
             try:
-                done = self._pool.submit(decode_training_chunk, part).result()
+                done = self._submit(decode_training_chunk, part).result()
                 results.update((result[0], result) for result in done)
             except BrokenProcessPool:
                 self.restart()
@@ -156,7 +164,7 @@ class Decoder:
         return [results[path] for path in paths]
 
     def submit_writes(self, sidecars):
-        return self._pool.submit(write_chunk, sidecars)
+        return self._submit(write_chunk, sidecars)
 
     def measured(self, results):
         """Update the time-per-image estimate from a finished chunk."""
