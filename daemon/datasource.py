@@ -25,7 +25,7 @@ from daemon.watch import Watcher
 
 log = logging.getLogger(__name__)
 
-SETTLE_SECONDS = 2.0  # a file modified more recently may still be being written
+SETTLE_SECONDS = 2.0  # where the kernel cannot tell: unchanged this long, it is complete
 MIN_CLASSES = 2  # a first version needs two classes with images: one is no classifier
 
 
@@ -41,11 +41,11 @@ class Later(Exception):
 class DataSource:
     """The configured source -> data versions in save/data/."""
 
-    def __init__(self, config, decoder, clock=time.time):
+    def __init__(self, config, decoder, clock=time.monotonic):
         self.config = config  # replaced by a reload (see the setter)
         self.store = VersionStore(config.save)
         self.decoder = decoder  # daemon.decoding.Decoder, for folder sources
-        self.clock = clock
+        self._settling = fsutil.Settling(SETTLE_SECONDS, clock)
         self._warned = set()  # (path, size, mtime_ns) of bad images already reported
         self._gone_classes = set()
         self.retry_seconds = None  # set by sync() when images wait to be read again
@@ -143,26 +143,28 @@ class DataSource:
                                             entry["ino"]))
         else:
             self._said_unlisted = None
-        now_ns = self.clock() * 1e9
         reuse, decode = {}, []
         for path, (cls, size, mtime, ino) in found.items():
             old = known.get(path)
             if old and (old["class"], old["size"], old["mtime_ns"], old["ino"]) == (
                     cls, size, mtime, ino):
                 reuse[path] = old
-            elif abs(now_ns - mtime) < SETTLE_SECONDS * 1e9 and \
-                    fsutil.being_written(os.path.join(root, path)) is not False:
-                # Still open for writing, or modified moments ago where the kernel cannot
+                continue
+            full = os.path.join(root, path)
+            wait, why = self._settling.check(full)
+            if wait:
+                # Still open for writing, or not yet seen unchanged where the kernel cannot
                 # tell (a share): it may be half written. It stays as it was (or out) for
                 # now; the rest of the changes go on without it.
-                if path not in self._said_writing:
+                if why == fsutil.Settling.OPEN_FOR_WRITING and path not in self._said_writing:
                     log.info("data: %s is still being written; it waits", path)
-                self._said_writing.add(path)
-                self._retry_in(1)
+                    self._said_writing.add(path)
+                self._retry_in(wait)
                 if old and old["class"] == cls:
                     reuse[path] = old
             else:
                 decode.append(path)
+                self._settling.forget(full)
                 self._said_writing.discard(path)
         if not found:
             if known:

@@ -1,4 +1,5 @@
-"""Durable file writes: a new file is complete and fsynced before its rename makes it visible."""
+"""Durable file writes (a new file is complete and fsynced before its rename makes it visible),
+and what the daemon asks of files it reads: being written? settled? the folders below."""
 
 import datetime
 import errno
@@ -7,6 +8,7 @@ import hashlib
 import itertools
 import os
 import re
+import time
 
 _counter = itertools.count()
 
@@ -105,6 +107,70 @@ def being_written(path):
         return True if error.errno == errno.EAGAIN else None
     finally:
         os.close(fd)
+
+
+class Settling:
+    """Has a file stopped changing? Decided by what this process saw, never by comparing a
+    file's mtime with the wall clock (a share's, a camera's or a NAS's clock may be hours
+    off, either way). The kernel is asked first (being_written); where it cannot tell, the
+    file must show the same inode, size and mtime for `quiet` seconds of our own monotonic
+    clock. One per folder tree watched; used from one thread."""
+
+    OPEN_FOR_WRITING, CHANGED = "open for writing", "changing"
+
+    def __init__(self, quiet, clock=time.monotonic):
+        self.quiet, self.clock = quiet, clock
+        self._seen = {}  # path -> ((ino, size, mtime_ns), clock() when first seen so)
+
+    def check(self, path, quiet=None):
+        """(0.0, None) if `path` has settled or is gone (whoever reads it finds out), else
+        (seconds until it is worth asking again, why: OPEN_FOR_WRITING or CHANGED)."""
+        writing = being_written(path)
+        if writing is False:
+            self._seen.pop(path, None)
+            return 0.0, None
+        if writing:
+            return 1.0, self.OPEN_FOR_WRITING
+        try:
+            info = os.lstat(path)
+        except OSError:
+            self._seen.pop(path, None)
+            return 0.0, None
+        key, now = (info.st_ino, info.st_size, info.st_mtime_ns), self.clock()
+        quiet = self.quiet if quiet is None else quiet
+        first = self._seen.get(path)
+        if first is None or first[0] != key:
+            self._seen[path] = (key, now)
+            return quiet, self.CHANGED
+        wait = first[1] + quiet - now
+        return (wait, self.CHANGED) if wait > 0 else (0.0, None)
+
+    def forget(self, path):
+        """`path` is done with (labelled, gone): its history is not needed any more."""
+        self._seen.pop(path, None)
+
+
+def lock_file(path, says):
+    """Take an exclusive flock on `path` (made if need be) for the process's life and write
+    `says` into it for whoever finds it taken: (the open file, None), or (None, what the
+    holder wrote) when another process holds it. The kernel drops the lock when its process
+    ends, however it ends, so a crash never leaves it stuck. OSError where it cannot be
+    taken at all (a read-only folder, a share without locks)."""
+    file = open(path, "a+")
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.seek(0)
+        holder = file.read().strip()
+        file.close()
+        return None, holder
+    except OSError:
+        file.close()
+        raise
+    file.truncate(0)
+    file.write(says)
+    file.flush()
+    return file, None
 
 
 def utc_timestamp():

@@ -8,6 +8,7 @@ folder a slice at a time, so a huge tree never holds up labelling: the first ima
 are labelled while the walk goes on. Decodes nothing. Runs in the labeller's thread.
 """
 
+import fcntl
 import logging
 import os
 import queue
@@ -15,11 +16,13 @@ import stat
 import time
 
 from daemon import fsutil, metrics
+from daemon.errors import AlreadyRunning
 from daemon.watch import RESCANS, Watcher
 
 log = logging.getLogger(__name__)
 
-SETTLE_SECONDS = 1.0  # a file modified more recently may still be being written
+LOCK_NAME = ".wardrobe.lock"  # in the inbox: held by the daemon watching it
+SETTLE_SECONDS = 1.0  # where the kernel cannot tell: unchanged this long, it is complete
 
 
 class Inbox:
@@ -31,7 +34,9 @@ class Inbox:
                                watch.rescan_seconds, clock=clock)
         self._scans = []  # walks in progress: generators of image paths
         self._unsettled = {}  # path -> when to look again
+        self.settling = fsutil.Settling(SETTLE_SECONDS, clock)
         self._unreadable = {}  # folder that could not be listed -> (when to try, delay)
+        self._lock = None  # inbox/.wardrobe.lock, held while running
 
     @property
     def root(self):
@@ -43,12 +48,17 @@ class Inbox:
 
     # ---- lifecycle (the service) -------------------------------------------------------------
 
-    def start(self):
+    def start(self, owner):
+        """Watch the inbox, holding its lock for `owner` (the pid and save/ folder, for the
+        message a second daemon gets)."""
         os.makedirs(self.path, exist_ok=True)
+        self._lock = _lock(self.path, owner)
         self.watcher.start()
 
     def stop(self):
         self.watcher.stop()
+        if self._lock is not None:
+            self._lock.close()
 
     @property
     def problem(self):
@@ -118,12 +128,14 @@ class Inbox:
             if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
                 paths.setdefault(path, False)
         elif kind == "gone":
+            self.settling.forget(path)
             self.sidecars.drop_orphan(path)
             paths.pop(path, None)
             image = self.sidecars.image_of(os.path.basename(path))
             if image:  # a sidecar deleted while its image stays: label it again
                 self._offer(os.path.join(os.path.dirname(path), image), paths)
         elif kind == "moved":
+            self.settling.forget(path)
             paths.pop(path, None)
             if self.sidecars.is_image_name(dest):
                 self.sidecars.follow(path, dest)
@@ -136,7 +148,7 @@ class Inbox:
             self._scans.append(self._scan(path))
 
     def _offer(self, path, paths):
-        if self.sidecars.is_image_name(path) and self._settled(path):
+        if self.sidecars.is_image_name(path) and self.settled(path):
             paths.setdefault(path, False)
 
     def _due_unsettled(self):
@@ -144,7 +156,7 @@ class Inbox:
         for path, when in list(self._unsettled.items()):
             if when <= now:
                 del self._unsettled[path]
-                if self._settled(path):
+                if self.settled(path):
                     due[path] = False
         return due
 
@@ -170,15 +182,15 @@ class Inbox:
         """The labeller found `path` still changing: look at it again after `seconds`."""
         self._unsettled[path] = self.clock() + seconds
 
-    def _settled(self, path):
-        try:
-            age = time.time() - os.lstat(path).st_mtime
-        except OSError:
-            return True  # the labeller reports what is wrong with it
-        if age >= SETTLE_SECONDS:
-            return True
-        self._unsettled[path] = self.clock() + SETTLE_SECONDS - max(age, 0.0)
-        return False
+    def settled(self, path, quiet=None):
+        """Has `path` stopped changing (fsutil.Settling; `quiet` s where the kernel cannot
+        tell)? If not, it is looked at again when that may have changed. Every image is
+        asked before it is read, however it was found, but one just closed after writing."""
+        wait, why = self.settling.check(path, quiet)
+        if wait:
+            log.debug("%r is %s; looking again in %.1f s", path, why, wait)
+            self.recheck_later(path, wait)
+        return not wait
 
     def _scan(self, folder):
         """Yields images below `folder` without an up-to-date sidecar (None between folders,
@@ -201,13 +213,55 @@ class Inbox:
                 if self.sidecars.is_our_temporary(entry.name):
                     _remove(entry.path)
                 elif self.sidecars.is_image_name(entry.name):
-                    if not self.sidecars.is_up_to_date(entry.path) and self._settled(entry.path):
+                    if not self.sidecars.is_up_to_date(entry.path) and self.settled(entry.path):
                         yield entry.path
                 else:
                     image = self.sidecars.image_of(entry.name)
                     if image and image not in names:  # listed beside it: a real orphan
                         self.sidecars.drop_orphan(os.path.join(current, image))
             yield None
+
+
+def _lock(inbox, owner):
+    """One daemon per inbox: two would decode every image twice and race on every sidecar.
+    Refuses (AlreadyRunning) an inbox locked by another daemon, or inside one; returns the
+    lock's open file, or None where no lock can be taken (said: a share without locks)."""
+    folder = os.path.realpath(inbox)
+    parent = os.path.dirname(folder)
+    while parent != folder:  # an inbox inside another daemon's inbox is that inbox too
+        folder, parent = parent, os.path.dirname(parent)
+        holder = _holder(os.path.join(folder, LOCK_NAME))
+        if holder is not None:
+            raise AlreadyRunning(f"{inbox} is inside {folder}, the inbox of another wardrobe "
+                                 f"({_owner(holder)}); give each daemon an inbox of its own")
+    try:
+        file, holder = fsutil.lock_file(os.path.join(inbox, LOCK_NAME), owner)
+    except OSError as error:
+        log.warning("cannot lock %s (%s): a second daemon on the same inbox would go "
+                    "unnoticed", os.path.join(inbox, LOCK_NAME), error.strerror or error)
+        return None
+    if file is None:
+        raise AlreadyRunning(f"{inbox} is the inbox of another wardrobe ({_owner(holder)}); "
+                             "give each daemon an inbox of its own")
+    return file
+
+
+def _holder(path):
+    """What the process holding the lock at `path` wrote there, or None if none holds it."""
+    try:
+        with open(path) as file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return file.read().strip()
+    except OSError:
+        pass
+    return None
+
+
+def _owner(holder):
+    pid, _, save = holder.partition(" ")
+    return f"pid {pid or '?'}, save/ {save or '?'}"
 
 
 def _remove(path):

@@ -8,9 +8,10 @@ instead of appearing all at the end, and the service's loop keeps coming round.
 
 Only a verdict about a file's content is final (an error sidecar), and only once the file
 is no longer being written (no process has it open for writing, or, where the kernel cannot
-tell, it has not changed for QUIET_SECONDS); anything that can go away by itself -- a full disk,
-a permission, an I/O error, a read-only file system, a file still being written -- is
-retried with backoff, without a restart. A name too long to have a sidecar beside it is
+tell, we saw it unchanged for QUIET_SECONDS); anything that can go away by itself -- a full
+disk, a permission, an I/O error, a read-only file system, a file still being written -- is
+retried with backoff, without a restart. A decode worker that dies (a crash, the OOM killer)
+is replaced and its work redone; only a file that kills one on its own gets an error. A name too long to have a sidecar beside it is
 said once and counted.
 """
 
@@ -49,7 +50,7 @@ class Labeller:
         self.found = {}  # path -> clock() when first offered: the label latency starts there
         self._flying = set()  # paths being decoded or written: one at a time per image
         self._deferred = {}  # path -> written: came again while in flight; sent round after
-        self._suspects = set()  # paths in flight when a decode worker died
+        self._suspects = {}  # path -> deaths while alone in the pool: in flight when one died
         self._folders = {}  # folder -> inside the inbox without symlinks (per step)
         self.relabelling = None  # `wardrobe relabel`: paths still to rewrite
         self._walk = None  # ... and the walk that finds them, while it goes on
@@ -147,19 +148,32 @@ class Labeller:
     # ---- decoding ----------------------------------------------------------------------------
 
     def _submit(self):
-        """Keep two chunks per worker in flight."""
+        """Keep two chunks per worker in flight. What was in flight when a worker died is
+        suspect: each goes alone, with nothing else in the pool, so that a worker dying then
+        is its doing (or, rarely, a killer's: it takes two such deaths for a verdict)."""
         while self.pending and len(self.in_flight) < 2 * self.decoder.workers:
-            chunk, size = {}, self.decoder.chunk_size()
+            suspects = [path for path in self._suspects if path in self.pending]
+            if suspects and (self.in_flight or self.writing):
+                return  # until the pool is empty
+            chunk, size = {}, 1 if suspects else self.decoder.chunk_size()
             while self.pending and len(chunk) < size:
-                path = next(iter(self.pending))
+                path = suspects.pop(0) if suspects else next(iter(self.pending))
                 info = self._ready(path, self.pending.pop(path))
-                if info is not None:
+                if info is None:
+                    self._suspects.pop(path, None)
+                else:
                     chunk[path] = info
-                    if path in self._suspects:
-                        break  # alone, so a crash names it
-            if chunk:
+            if not chunk:
+                continue
+            try:
                 self.in_flight[self.decoder.submit(list(chunk))] = chunk
-                self._flying.update(chunk)
+            except BrokenProcessPool:  # a worker died (killed, say) since the last step
+                self.pending.update((path, True) for path in chunk)
+                self._worker_died({})
+                continue
+            self._flying.update(chunk)
+            if size == 1 and self._suspects:
+                return  # a suspect alone
 
     def _ready(self, path, written):
         """lstat of `path` if it needs a label and can have one, else None. One in flight
@@ -204,9 +218,11 @@ class Labeller:
             return False
 
     def _worker_died(self, chunk):
-        """Every future in flight is broken: retry them all, a former suspect alone; a file
-        that kills a worker on its own gets an error sidecar."""
-        chunks = [chunk, *self.in_flight.values()]
+        """Every future in flight is broken (`chunk`'s too): decode them all again, as
+        suspects (see _submit). A file that was alone in the pool when a worker died, twice,
+        gets an error sidecar; any other work is simply redone."""
+        chunks = [each for each in (chunk, *self.in_flight.values()) if each]
+        alone = len(chunks) == 1 and len(chunks[0]) == 1 and not self.writing
         for writes in self.writing.values():
             self.pending.update((path, True) for path in writes)
         self.in_flight.clear()
@@ -215,11 +231,12 @@ class Labeller:
         self.decoder.restart()
         for each in chunks:
             for path, info in each.items():
-                if path in self._suspects and len(each) == 1:
-                    self._suspects.discard(path)
+                deaths = self._suspects.get(path, 0) + alone
+                if deaths >= 2:
+                    del self._suspects[path]
                     self._write(path, info, {"error": "the image decoder crashed on this file"})
                 else:
-                    self._suspects.add(path)
+                    self._suspects[path] = deaths
                     self.pending[path] = True
 
     # ---- labelling ---------------------------------------------------------------------------
@@ -228,14 +245,14 @@ class Labeller:
         """Predict what decoded, and have every sidecar due written by the workers."""
         due, batch = [], []
         for path, info, kind, payload in results:
-            self._suspects.discard(path)
+            self._suspects.pop(path, None)
             if not self._unchanged(path, info):
                 continue  # changed or gone while we decoded: it comes round again
             if kind == "image":
                 batch.append((path, info, payload))
             elif kind == "unreadable":
                 self._later(path, payload)
-            elif self._still_written(path, info):
+            elif not self.inbox.settled(path, QUIET_SECONDS):
                 continue  # a download that paused, say: an error only once it is finished
             else:
                 due.append((path, info, {"error": payload}))
@@ -247,7 +264,12 @@ class Labeller:
             chunk = {path: (info, result) for path, info, result in due[start:start + WRITE_CHUNK]}
             sidecars = [(self.sidecars.path_for(path), self.sidecars.render(info, result, now))
                         for path, (info, result) in chunk.items()]
-            self.writing[self.decoder.submit_writes(sidecars)] = chunk
+            try:
+                self.writing[self.decoder.submit_writes(sidecars)] = chunk
+            except BrokenProcessPool:  # decoded again: cheap, and the decode settles it anew
+                self.pending.update((path, True) for path in chunk)
+                self._worker_died({})
+                continue
             self._flying.update(chunk)
 
     def _landed(self, chunk):
@@ -269,16 +291,6 @@ class Labeller:
         for (path, (info, result)), (_, error) in zip(chunk.items(), outcomes):
             written += self._outcome(path, result, error)
         return written
-
-    def _still_written(self, path, info):
-        """Is someone still writing `path`? Asks the kernel; where it cannot tell (a share),
-        a file changed in the last QUIET_SECONDS counts as still being written."""
-        writing = fsutil.being_written(path)
-        age = time.time() - info.st_mtime
-        if writing or (writing is None and age < QUIET_SECONDS):
-            self.inbox.recheck_later(path, 1.0 if writing else QUIET_SECONDS - age)
-            return True
-        return False
 
     def _unchanged(self, path, info):
         """Is `path` still what was decoded? If it changed, it is looked at again."""
@@ -311,6 +323,7 @@ class Labeller:
             else:
                 self._later(path, f"cannot write its sidecar: {why}")
             return 0
+        self.inbox.settling.forget(path)
         outcome = "label" if "label" in result else "error"
         self.counts[outcome] += 1
         metrics.labelled(outcome, self.found.pop(path, None), self.clock())

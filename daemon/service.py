@@ -104,11 +104,12 @@ class Service:
         if self._stopping():
             log.info("stopped before training started; bye")
             return EXIT_OK
-        decoder = Decoder()
-        decoder.start()
         sidecars = Sidecars(config.classify.sidecar, config.classify.extensions)
         self.inbox = Inbox(config.inbox, sidecars, config.watch)
-        self.inbox.start()
+        # One daemon per inbox: another's ends this start here (exit 1)
+        self.inbox.start(owner=f"{os.getpid()} {config.save}")
+        decoder = Decoder()
+        decoder.start()
         log.info("watching %s for %s images", config.inbox, ", ".join(config.classify.extensions))
         self.data_source = DataSource(config, Decoder() if config.data.source == "folder"
                                       else None)

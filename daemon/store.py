@@ -343,17 +343,9 @@ def lock(folder):
     """Hold an exclusive lock on save/.lock for the process's life; one daemon per save/."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    file = open(folder / ".lock", "a+")
-    try:
-        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        file.seek(0)
-        pid = file.read().strip() or "?"
-        file.close()
-        raise AlreadyRunning(f"another wardrobe (pid {pid}) is running on {folder}") from None
-    file.truncate(0)
-    file.write(f"{os.getpid()}\n")
-    file.flush()
+    file, pid = fsutil.lock_file(folder / ".lock", f"{os.getpid()}\n")
+    if file is None:
+        raise AlreadyRunning(f"another wardrobe (pid {pid or '?'}) is running on {folder}")
     return file
 
 

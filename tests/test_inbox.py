@@ -290,7 +290,7 @@ def test_an_observer_killed_by_a_raising_handler_is_replaced(tmp_path, monkeypat
 
     root = tmp_path / "inbox"
     inbox = Inbox(root, Sidecars("json", ["png"]), Watch(mode="inotify"))
-    inbox.start()
+    inbox.start(owner="test")
     try:
         assert inbox.take(10, 0.1) == {} and not inbox.problem
         raised = []

@@ -1,0 +1,165 @@
+"""What a hostile tester broke (issue 13): a killed decode worker, clocks ahead, files still
+open at start-up, two daemons on one inbox. Real daemon, real files, real signals."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from conftest import sidecar, wait_until, write_config
+from test_realworld import crops, labelled, png, share, trained, with_settings  # noqa: F401
+
+
+def decode_workers(pid):
+    """The pids of a daemon's decode workers (its spawned children, not the tracker)."""
+    children = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            children.update(Path(f"/proc/{pid}/task/{task}/children").read_text().split())
+        except OSError:
+            pass
+    workers = []
+    for child in children:
+        try:
+            command = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"multiprocessing" in command and b"resource_tracker" not in command:
+            workers.append(int(child))
+    return workers
+
+
+def test_decode_workers_killed_during_a_burst_are_replaced(tmp_path, trained, daemons, crops):
+    """What the OOM killer does: SIGKILL a decode worker, again and again, while a burst is
+    labelled. Each is replaced, its work redone: every image gets its label, none an error."""
+    inbox = tmp_path / "inbox"
+    daemon = daemons(trained)
+    daemon.wait_for_log(r"labelling with checkpoint|ready")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    count = 3000
+    for index in range(count):
+        (staging / f"{index:05d}.png").write_bytes(png(crops[index % len(crops)]))
+    for index in range(count):
+        os.rename(staging / f"{index:05d}.png", inbox / f"{index:05d}.png")
+    kills = 0
+    for _ in range(5):  # a kill, then some progress by the new workers, and again
+        done = len(list(inbox.glob("*.json")))
+        if done == count:
+            break
+        workers = wait_until(lambda: decode_workers(daemon.pid), 30, message="decode workers")
+        try:
+            os.kill(workers[kills % len(workers)], signal.SIGKILL)
+            kills += 1
+        except ProcessLookupError:
+            continue
+        wait_until(lambda: daemon.process.poll() is not None or
+                   len(list(inbox.glob("*.json"))) >= min(done + 100, count), 60,
+                   interval=0.05, message="progress after a kill")
+    assert kills >= 2, "found decode workers to kill during the burst"
+    images = sorted(inbox.glob("*.png"))
+    wait_until(lambda: daemon.process.poll() is not None or all(map(labelled, images)), 240,
+               interval=0.5, message="every image labelled")
+    assert daemon.process.poll() is None, daemon.log[-3000:]
+    assert all(map(labelled, images))
+    assert "a decode worker died" in daemon.log
+    assert daemon.stop() == 0, daemon.log[-3000:]
+
+
+def test_images_dated_in_the_future_are_labelled(tmp_path, trained, daemons, crops):
+    """A camera in the wrong time zone: mtimes hours ahead of the clock, present at start-up
+    and dropped while running."""
+    inbox = tmp_path / "inbox"
+    ahead = time.time() + 2 * 3600
+    early = [inbox / f"early-{index}.png" for index in range(3)]
+    for index, image in enumerate(early):
+        image.write_bytes(png(crops[index]))
+        os.utime(image, (ahead, ahead))
+    daemon = daemons(trained)
+    daemon.wait_for_log(r"ready")
+    late = inbox / "late.png"
+    (tmp_path / "late.png").write_bytes(png(crops[5]))
+    os.utime(tmp_path / "late.png", (ahead, ahead))
+    os.rename(tmp_path / "late.png", late)
+    wait_until(lambda: all(map(labelled, [*early, late])), 30, message="labelled")
+    assert daemon.stop() == 0
+
+
+def test_a_share_whose_clock_runs_ahead_is_labelled(tmp_path, trained, daemons, crops, share):
+    backing, _ = share
+    daemon = daemons(with_settings(trained, watch={"poll_seconds": 0.5}))
+    daemon.wait_for_log(r"ready")
+    ahead = time.time() + 3600
+    images = [backing / f"nas-{index}.png" for index in range(5)]
+    for index, image in enumerate(images):
+        image.write_bytes(png(crops[index]))
+        os.utime(image, (ahead, ahead))
+    wait_until(lambda: all(map(labelled, images)), 30, message="labelled")
+    assert daemon.stop() == 0
+
+
+def test_a_file_open_for_writing_at_start_is_read_only_once_closed(tmp_path, trained, daemons,
+                                                                   crops):
+    """Its first part is a whole image (what a decoder makes of a truncated file, or a PNG
+    whose trailing chunks are still to come): no sidecar until the writer closes it."""
+    inbox = tmp_path / "inbox"
+    image = inbox / "download.png"
+    first = png(crops[3])
+    with open(image, "wb") as file:
+        file.write(first)
+        file.flush()
+        old = time.time() - 60  # and its mtime says nothing about whether it is finished
+        os.utime(image, (old, old))
+        daemon = daemons(trained)
+        daemon.wait_for_log(r"ready")
+        other = inbox / "other.png"
+        (tmp_path / "other.png").write_bytes(png(crops[4]))
+        os.rename(tmp_path / "other.png", other)
+        wait_until(lambda: labelled(other), 30, message="another image labelled meanwhile")
+        daemon.signal(signal.SIGUSR2)  # a rescan while it is still open
+        daemon.wait_for_log(r"SIGUSR2: rescanning")
+        after = inbox / "after.png"  # labelled after the rescan has offered what it found
+        (tmp_path / "after.png").write_bytes(png(crops[5]))
+        os.rename(tmp_path / "after.png", after)
+        wait_until(lambda: labelled(after), 30, message="an image labelled after the rescan")
+        assert sidecar(image) is None, "labelled while still open for writing"
+        file.write(b"\0" * 64)  # trailing bytes: what the rest of the download brings
+    wait_until(lambda: labelled(image), 30, message="labelled once closed")
+    assert sidecar(image)["source"]["size"] == len(first) + 64
+    assert daemon.stop() == 0
+
+
+def other_daemon(tmp_path, config, **sections):
+    """A config beside `config` with its own save/ and `sections` changed."""
+    folder = tmp_path / "second"
+    folder.mkdir(exist_ok=True)
+    document = yaml.safe_load(config.read_text())
+    second = write_config(folder, document["data"]["path"], epochs=1)
+    return with_settings(second, **sections)
+
+
+def test_a_second_daemon_on_the_same_inbox_is_refused(tmp_path, trained, daemons):
+    inbox = tmp_path / "inbox"
+    first = daemons(trained)
+    first.wait_for_log(r"ready")
+    second_config = other_daemon(tmp_path, trained, inbox=str(inbox))
+    second = subprocess.run(
+        [sys.executable, "-m", "daemon", "run", "--config", str(second_config)],
+        capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1, second.stderr[-2000:]
+    assert f"pid {first.pid}" in second.stderr and str(tmp_path / "save") in second.stderr
+    (inbox / "sub").mkdir()
+    inside = with_settings(second_config, inbox=str(inbox / "sub"))
+    third = subprocess.run(
+        [sys.executable, "-m", "daemon", "run", "--config", str(inside)],
+        capture_output=True, text=True, timeout=60)
+    assert third.returncode == 1, third.stderr[-2000:]
+    assert f"pid {first.pid}" in third.stderr and "inside" in third.stderr
+    first.kill()  # a crash leaves no lock behind
+    again = daemons(with_settings(second_config, inbox=str(inbox)))
+    again.wait_for_log(r"ready")
+    assert again.stop() == 0
