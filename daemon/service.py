@@ -1,9 +1,11 @@
 """The daemon's lifecycle: the only place with threads and signal handlers.
 
 Start order: logging, signal handlers, lock on save/, the checkpoint store (repaired before
-TensorFlow is imported), a private temporary folder, the decode workers, the inbox watcher;
-then the trainer and labeller threads, which import TensorFlow -- the main thread never
-does, so it answers signals and systemd from the first moment.
+TensorFlow is imported), a private temporary folder, the decode workers, a probe thread
+per share; then the data, trainer and labeller threads (the labeller starts the inbox
+watcher), which import TensorFlow -- the main thread never does, so it answers signals
+and systemd from the first moment. Nor does it ever touch the inbox or the data folder:
+either may be on a network share that hangs; the probes tell it (see daemon.shares).
 
 Signals only set flags; the main loop acts on them:
 - SIGTERM, SIGINT, SIGQUIT, SIGXCPU: stop. Stop taking inbox work, stop training at the next
@@ -121,7 +123,6 @@ class Service:
             self.shares.append(shares.Share("data folder", config.data.path))
         for share in self.shares:
             self._start(f"probe {share.name}", self._probe, share)
-        log.info("watching %s for %s images", config.inbox, ", ".join(config.classify.extensions))
         self.data_source = DataSource(config, Decoder() if config.data.source == "folder"
                                       else None)
         self._start("data", self._follow_data)
@@ -139,9 +140,12 @@ class Service:
         labeller_thread.join(LABELLER_STOP_SECONDS)
         if self.trainer is not None and self.trainer.unsaved():  # a batch ended meanwhile
             trainer_thread.join(TRAINER_STOP_SECONDS)
-        self.inbox.stop()
-        # a decode worker blocked on an inbox that hangs would never finish its chunk
-        decoder.stop(wait=not self.shares[0].hung(time.monotonic(), patience=0))
+        # An inbox that hangs (its probe is blocked now): the watcher's threads and the
+        # decode workers may be blocked on it too, and would never finish; not waited for.
+        inbox_hangs = self.shares[0].hung(time.monotonic(), patience=0)
+        if not inbox_hangs:
+            self.inbox.stop()
+        decoder.stop(wait=not inbox_hangs)
         if self.data_source.decoder is not None:
             # idle workers leave at once; busy ones (a big data version) are not waited for
             self.data_source.decoder.stop(wait=not self.data_source.decoding)
@@ -386,6 +390,8 @@ class Service:
     def _label(self, decoder):
         # Here, not in the main thread: the inbox may be on a share that hangs.
         self.inbox.start()
+        log.info("watching %s for %s images", self.config.inbox,
+                 ", ".join(self.config.classify.extensions))
         while not self._imported.wait(0.5):
             self._labeller_beat = time.monotonic()
             if self.stop_event.is_set():
