@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from daemon import shares
 from daemon.errors import ConfigError
 
 DEFAULT_LABELS = (
@@ -118,7 +119,7 @@ def _settings(config):
                 flat[f"{field.name}.{inner.name}"] = getattr(value, inner.name)
         else:
             flat[field.name] = value
-    return {key: os.path.realpath(value) if isinstance(value, Path) else value
+    return {key: _real(value) if isinstance(value, Path) else value
             for key, value in flat.items()}
 
 
@@ -196,8 +197,8 @@ def parse(raw, base):
         path = config.data.path
         # Missing at a first start is a typo; once data versions exist, a share that is
         # not mounted yet: the daemon waits for it.
-        if os.path.lexists(path) and not path.is_dir() or not os.path.lexists(path) and not (
-                config.save / "data").is_dir():
+        if _asked(path, lambda: os.path.lexists(path) and not path.is_dir() or not
+                  os.path.lexists(path) and not (config.save / "data").is_dir()):
             raise ConfigError("data.path", f"{path} is not a folder (expected one holding a "
                               "folder per class)")
     return config
@@ -207,20 +208,38 @@ def _check_apart(config):
     """The daemon must never read its own output: inbox, save and data.path are disjoint
     trees. Compared after resolving `..` and symlinks, which can hide a nesting."""
     for key, path in (("inbox", config.inbox), ("save", config.save)):
-        if os.path.lexists(path) and not os.path.isdir(path):
+        if _asked(path, lambda: os.path.lexists(path) and not os.path.isdir(path)):
             raise ConfigError(key, f"{path} exists and is not a folder")
     folders = [("save", config.save), ("inbox", config.inbox)]
     if config.data.path is not None:
         folders.insert(0, ("data.path", config.data.path))
     for index, (key, path) in enumerate(folders):
         for other, other_path in folders[index + 1:]:
-            mine, theirs = Path(os.path.realpath(path)), Path(os.path.realpath(other_path))
+            mine, theirs = Path(_real(path)), Path(_real(other_path))
             if mine == theirs:
                 raise ConfigError(key, f"must differ from {other}, both are {mine}")
             if mine.is_relative_to(theirs) or theirs.is_relative_to(mine):
                 inner, outer = sorted((mine, theirs), key=lambda p: len(p.parts), reverse=True)
                 raise ConfigError(key, f"must not be nested with {other}: {inner} is inside "
                                   f"{outer}")
+
+
+def _asked(path, check):
+    """check(), which looks at `path`; False if `path` does not respond (a share that
+    hangs: the daemon says so, and waits for it, rather than hang here)."""
+    try:
+        return shares.ask(path, check)
+    except shares.NotResponding:
+        return False
+
+
+def _real(path):
+    """os.path.realpath(path); `path` as written where it does not respond (a share that
+    hangs: the symlinks in it cannot be seen now)."""
+    try:
+        return shares.ask(path, os.path.realpath, path)
+    except shares.NotResponding:
+        return os.path.normpath(path)
 
 
 def _resolve(base, value):

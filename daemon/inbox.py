@@ -48,11 +48,16 @@ class Inbox:
 
     # ---- lifecycle (the service) -------------------------------------------------------------
 
-    def start(self, owner):
-        """Watch the inbox, holding its lock for `owner` (the pid and save/ folder, for the
-        message a second daemon gets)."""
+    def lock(self, owner):
+        """Make the inbox and hold its lock for `owner` ("PID SAVE", for the message a second
+        daemon gets): AlreadyRunning if another daemon holds it."""
         os.makedirs(self.path, exist_ok=True)
-        self._lock = _lock(self.path, owner)
+        if self._lock is None:
+            file = _lock(self.path, owner)
+            self._lock = self._lock or file  # kept: another thread's call may have taken it
+
+    def start(self, owner):
+        self.lock(owner)
         self.watcher.start()
 
     def stop(self):
@@ -240,7 +245,7 @@ def _lock(inbox, owner):
         log.warning("cannot lock %s (%s): a second daemon on the same inbox would go "
                     "unnoticed", os.path.join(inbox, LOCK_NAME), error.strerror or error)
         return None
-    if file is None:
+    if file is None and holder != owner:  # (ours: taken by a call that outlived its wait)
         raise AlreadyRunning(f"{inbox} is the inbox of another wardrobe ({_owner(holder)}); "
                              "give each daemon an inbox of its own")
     return file

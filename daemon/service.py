@@ -1,9 +1,11 @@
 """The daemon's lifecycle: the only place with threads and signal handlers.
 
 Start order: logging, signal handlers, lock on save/, the checkpoint store (repaired before
-TensorFlow is imported), a private temporary folder, the decode workers, the inbox watcher;
-then the trainer and labeller threads, which import TensorFlow -- the main thread never
-does, so it answers signals and systemd from the first moment.
+TensorFlow is imported), a private temporary folder, the decode workers, a probe thread
+per share; then the data, trainer and labeller threads (the labeller starts the inbox
+watcher), which import TensorFlow -- the main thread never does, so it answers signals
+and systemd from the first moment. Nor does it ever touch the inbox or the data folder:
+either may be on a network share that hangs; the probes tell it (see daemon.shares).
 
 Signals only set flags; the main loop acts on them:
 - SIGTERM, SIGINT, SIGQUIT, SIGXCPU: stop. Stop taking inbox work, stop training at the next
@@ -28,7 +30,7 @@ import threading
 import time
 
 from daemon import config as config_module
-from daemon import dataset, fsutil, metrics, relabel
+from daemon import dataset, fsutil, metrics, relabel, shares
 from daemon.decoding import Decoder
 from daemon.errors import EXIT_FATAL, EXIT_OK, ConfigError
 from daemon.inbox import Inbox
@@ -49,6 +51,7 @@ LIVE_KEYS = ("train.epochs", "train.epochs_per_update", "classify.labels",
              "watch.poll_seconds", "watch.rescan_seconds")
 TRAINER_STOP_SECONDS = 25  # a batch and a checkpoint; systemd's TimeoutStopSec is 30
 LABELLER_STOP_SECONDS = 0.5  # sidecars are atomic: an unfinished batch is simply redone
+PROBE_SECONDS = 0.5  # between two looks at the inbox (and the data folder): do they hang?
 
 
 def setup_logging(level=logging.INFO):
@@ -88,13 +91,20 @@ class Service:
         self._imported = threading.Event()  # TensorFlow is imported: the labeller may start
         self._labeller_beat = time.monotonic()
         self._last_problem = None
+        self.shares = []  # the inbox, and the data folder if any: they may hang (see _probe)
+        self._said_hung = {}  # share name -> whether "does not respond" was said last
         self._live = None  # the last status written to save/live.json
 
     def run(self):
         config = self.config
         log.info("wardrobe starting (pid %d): %s", os.getpid(), config.summary())
         self._install_signal_handlers()
-        dataset.check(config.data)
+        if config.data.path is not None:
+            try:
+                shares.ask(config.data.path, dataset.check, config.data)
+            except shares.NotResponding as error:
+                log.warning("data.path: %s (a network share that hangs?); not checked",
+                            error)
         lock = lock_save(config.save)
         generation = open_store(config)
         private_tmp(config.save)
@@ -105,12 +115,19 @@ class Service:
             log.info("stopped before training started; bye")
             return EXIT_OK
         sidecars = Sidecars(config.classify.sidecar, config.classify.extensions)
-        self.inbox = Inbox(config.inbox, sidecars, config.watch)
-        # One daemon per inbox: another's ends this start here (exit 1)
-        self.inbox.start(owner=f"{os.getpid()} {config.save}")
+        self.inbox = Inbox(config.inbox, sidecars, config.watch)  # started by the labeller
+        owner = f"{os.getpid()} {config.save}"
+        try:  # one daemon per inbox: another's ends the start here (exit 1)
+            shares.ask(config.inbox, self.inbox.lock, owner)
+        except shares.NotResponding:
+            pass  # the labeller's Inbox.start() takes it once the share answers
         decoder = Decoder()
         decoder.start()
-        log.info("watching %s for %s images", config.inbox, ", ".join(config.classify.extensions))
+        self.shares = [shares.Share("inbox", config.inbox)]
+        if config.data.path is not None:
+            self.shares.append(shares.Share("data folder", config.data.path))
+        for share in self.shares:
+            self._start(f"probe {share.name}", self._probe, share)
         self.data_source = DataSource(config, Decoder() if config.data.source == "folder"
                                       else None)
         self._start("data", self._follow_data)
@@ -128,8 +145,12 @@ class Service:
         labeller_thread.join(LABELLER_STOP_SECONDS)
         if self.trainer is not None and self.trainer.unsaved():  # a batch ended meanwhile
             trainer_thread.join(TRAINER_STOP_SECONDS)
-        self.inbox.stop()
-        decoder.stop()
+        # An inbox that hangs (its probe is blocked now): the watcher's threads and the
+        # decode workers may be blocked on it too, and would never finish; not waited for.
+        inbox_hangs = self.shares[0].hung(time.monotonic(), patience=0)
+        if not inbox_hangs:
+            self.inbox.stop()
+        decoder.stop(wait=not inbox_hangs)
         if self.data_source.decoder is not None:
             # idle workers leave at once; busy ones (a big data version) are not waited for
             self.data_source.decoder.stop(wait=not self.data_source.decoding)
@@ -153,6 +174,7 @@ class Service:
                 return
             self._other_signals(ready)
             now = time.monotonic()
+            self._say_hung(now)
             trainer = self.trainer
             if not ready and trainer is not None and (trainer.restored.is_set()
                                                       or trainer.phase == "waiting"):
@@ -176,6 +198,18 @@ class Service:
                     log.error("not pinging the systemd watchdog: %s", problem)
                 self._last_problem = problem
             self._wait(tick)
+
+    def _say_hung(self, now):
+        """Say when a share stops and starts answering the probe again."""
+        for share in self.shares:
+            hung = share.hung(now)
+            if hung != self._said_hung.get(share.name, False):
+                if hung:
+                    log.warning("the %s %s does not respond (a network share that hangs?); "
+                                "waiting for it, training goes on", share.name, share.path)
+                else:
+                    log.info("the %s %s responds again", share.name, share.path)
+                self._said_hung[share.name] = hung
 
     def _stopping(self):
         if self._stop_signal is not None:
@@ -241,6 +275,9 @@ class Service:
             parts.append(f"{summary['errors']:,} errors")
         if summary.get("backlog"):
             parts.append(f"{summary['backlog']:,} waiting")
+        now = time.monotonic()
+        parts += [f"the {share.name} does not respond" for share in self.shares
+                  if share.hung(now)]
         trainer = self.trainer
         if trainer is None or trainer.phase == "loading":
             return "loading the model, " + ", ".join(parts)
@@ -276,15 +313,19 @@ class Service:
 
     def _unhealthy(self, trainer_thread, labeller_thread, now, limit):
         """Why the daemon is not healthy, or None: a training loop without progress, a
-        labeller that stopped going round, an inbox watcher that cannot run."""
+        labeller that stopped going round, an inbox watcher that cannot run. A labeller
+        blocked on an inbox that hangs (the probe of the inbox says so) is waiting, not
+        broken: systemd restarting the daemon would not bring the share back."""
         trainer = self.trainer
         if (trainer_thread.is_alive() and trainer is not None and trainer.phase == "training"
                 and now - trainer.last_progress > limit):
             return f"training made no progress for {now - trainer.last_progress:.0f} s"
-        if not labeller_thread.is_alive() or now - self._labeller_beat > limit:
+        if not labeller_thread.is_alive() or (now - self._labeller_beat > limit and not
+                                              self.shares[0].excuses(self._labeller_beat, now,
+                                                                     limit)):
             return f"the labeller has not come round for {now - self._labeller_beat:.0f} s"
-        if self.inbox.problem:
-            return f"the inbox is not watched: {self.inbox.problem}"
+        if problem := self.inbox.watcher.last_problem:
+            return f"the inbox is not watched: {problem}"
         return None
 
     # ---- the worker threads --------------------------------------------------------------------
@@ -343,7 +384,19 @@ class Service:
         if not self.stop_event.is_set():
             trainer.run()
 
+    def _probe(self, share):
+        """A probe thread: looks at one share again and again, so that the main thread can
+        tell whether it hangs without touching it."""
+        while True:
+            share.look()
+            if self.stop_event.wait(PROBE_SECONDS):
+                return
+
     def _label(self, decoder):
+        # Here, not in the main thread: the inbox may be on a share that hangs.
+        self.inbox.start(owner=f"{os.getpid()} {self.config.save}")
+        log.info("watching %s for %s images", self.config.inbox,
+                 ", ".join(self.config.classify.extensions))
         while not self._imported.wait(0.5):
             self._labeller_beat = time.monotonic()
             if self.stop_event.is_set():

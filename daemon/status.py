@@ -1,8 +1,11 @@
-"""`status`: progress read from save/ alone, without importing TensorFlow."""
+"""`status`: progress read from save/ alone, without importing TensorFlow; and whether the
+inbox and the data folder respond (a look with a deadline: a share that hangs would hang
+the command, and everything else on it)."""
 
 import datetime
 import json
 
+from daemon import shares
 from daemon.store import CheckpointStore, running_pid
 from daemon.versions import VersionStore
 
@@ -24,6 +27,9 @@ def report(config):
     result["inbox"] = {key: live.get(key) for key in INBOX_KEYS} if live else None
     if live:
         result.update({key: live[key] for key in DATA_KEYS + ("training",) if key in live})
+    folders = {"inbox": config.inbox, "data.path": config.data.path}
+    result["responds"] = {key: shares.responds(path) for key, path in folders.items()
+                          if path is not None}
     return result
 
 
@@ -75,8 +81,11 @@ def render(result, as_json):
         return json.dumps(result, sort_keys=True)
     state = f"running (pid {result['running_pid']})" if result["running_pid"] else "not running"
     where = f"model {result['model']}; save {result['save']}"
+    hung = [f"{key} does not respond (a network share that hangs?)"
+            for key, answers in result["responds"].items() if not answers]
     if result["checkpoint"] is None:
-        return f"wardrobe: {state}; no checkpoint yet: epoch 0/{result['epochs']}\n{where}"
+        return "\n".join([f"wardrobe: {state}; no checkpoint yet: epoch 0/{result['epochs']}",
+                          where, *hung])
     lines = [f"wardrobe: {state}; epoch {result['epoch']}/{result['epochs']}, "
              f"batch {result['step']}", where]
     written = datetime.datetime.fromisoformat(result["checkpoint_time"])
@@ -103,7 +112,7 @@ def render(result, as_json):
         if inbox["cannot_label"]:
             lines.append(f"inbox: {inbox['cannot_label']:,} images cannot have a sidecar "
                          "(see the log)")
-    return "\n".join(lines)
+    return "\n".join(lines + hung)
 
 
 def _ago(seconds):

@@ -51,7 +51,8 @@ class Watcher:
     def __init__(self, path, wanted, mode="auto", poll_seconds=5.0, rescan_seconds=3600.0,
                  clock=time.monotonic):
         self.path = os.path.abspath(path)  # as configured: may be a symlink, repointed later
-        self.root = os.path.realpath(self.path)
+        self.root = self.path  # the real path, from start() (in the consumer's thread: the
+        # folder may be on a share that hangs, and the service's main thread makes this)
         self.wanted = wanted
         self.configured, self.poll_seconds, self.rescan_seconds = mode, poll_seconds, rescan_seconds
         self.clock = clock
@@ -65,11 +66,13 @@ class Watcher:
         self._empty = False  # polling found the tree suddenly empty: waiting for it
         self._retry_at = 0.0  # when to try again an observer that could not start
         self._next_mount_check = 0.0
+        self.last_problem = None  # `problem` as the last tick() saw it
         self._overflow_hook = _OverflowHook(self)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
     def start(self):
+        self.root = os.path.realpath(self.path)
         logging.getLogger("watchdog.observers.inotify").addHandler(self._overflow_hook)
         logging.getLogger("watchdog.observers.inotify_c").addHandler(self._overflow_hook)
         self._attach("start-up")
@@ -93,10 +96,14 @@ class Watcher:
     @property
     def problem(self):
         """Why the tree is not being watched as it should be, or None. A root that is gone
-        is not a problem of ours: we wait for it."""
+        is not a problem of ours: we wait for it. (Looks at the folder: the service's main
+        thread, which must not -- it may be on a share that hangs -- reads last_problem.)"""
+        return self._observer_problem(_identity(self.path))
+
+    def _observer_problem(self, identity):
         if self._identity is None or self.mode != "inotify":
             return None
-        if _identity(self.path) != self._identity:
+        if identity != self._identity:
             return None  # the folder went or was replaced: tick() attends to it, not a fault
         observer = self._observer
         alive = observer and observer.is_alive() and all(e.is_alive() for e in observer.emitters)
@@ -109,6 +116,7 @@ class Watcher:
         the poll or the safety-net rescan when due."""
         now = self.clock()
         identity = _identity(self.path)
+        self.last_problem = self._observer_problem(identity)
         if identity != self._identity:
             if identity is None:
                 self._stop_observer()
@@ -126,7 +134,7 @@ class Watcher:
             if choose_mode(self.root)[0] != self.mode and not fell_back:
                 self._attach("has another file system now")  # e.g. a share mounted inside
                 return
-        if self.mode == "inotify" and self.problem:
+        if self.mode == "inotify" and self.last_problem:
             if now < self._retry_at:
                 return
             if not self._failure:

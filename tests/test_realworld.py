@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,8 +18,9 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import NO_DAC, TEST_IMAGES, sidecar, status, wait_until, write_config
-from daemon import dataset
+from conftest import NO_DAC, REPO, TEST_IMAGES, sidecar, status, wait_until, write_config
+from test_systemd import FakeNotifySocket, gaps
+from daemon import dataset, shares
 
 BINDFS = shutil.which("bindfs")
 FUSERMOUNT = shutil.which("fusermount") or shutil.which("fusermount3") or "fusermount"
@@ -286,19 +288,43 @@ def test_temporary_files_stay_in_save(tmp_path, small_data, daemons):
     assert list(tmp.iterdir()) == []
 
 
+class Share:
+    """A FUSE mount (bindfs, in the foreground: its process is ours) of a backing folder:
+    writes into the backing folder raise no inotify event on the mount, as on a network
+    share; hang() makes every call on the mount block, as a NAS gone under a hard NFS mount
+    does, until resume()."""
+
+    def __init__(self, backing, mount):
+        self.backing, self.mount = backing, mount
+        self.process = subprocess.Popen([BINDFS, "-f", str(backing), str(mount)])
+        wait_until(lambda: os.path.ismount(mount), 10, message="the bindfs mount")
+
+    def __iter__(self):
+        return iter((self.backing, self.mount))
+
+    def hang(self):
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self):
+        self.process.send_signal(signal.SIGCONT)
+
+    def close(self):
+        self.resume()  # an unmount waits for a stopped file system process
+        subprocess.run([FUSERMOUNT, "-u", "-z", str(self.mount)], check=False)
+        subprocess.run(["umount", "-l", str(self.mount)], check=False, stderr=subprocess.DEVNULL)
+        self.process.wait(10)
+
+
 @pytest.fixture
 def share(tmp_path):
-    """A FUSE mount (bindfs) of a backing folder: writes into the backing folder raise no
-    inotify event on the mount, as on a network share."""
     if BINDFS is None or not os.path.exists("/dev/fuse"):
         pytest.skip("bindfs or /dev/fuse missing (.ci/run installs bindfs)")
     backing, mount = tmp_path / "backing", tmp_path / "inbox"
     backing.mkdir()
     mount.mkdir(exist_ok=True)
-    subprocess.run([BINDFS, str(backing), str(mount)], check=True)
-    yield backing, mount
-    subprocess.run([FUSERMOUNT, "-u", "-z", str(mount)], check=False)
-    subprocess.run(["umount", "-l", str(mount)], check=False, stderr=subprocess.DEVNULL)
+    mounted = Share(backing, mount)
+    yield mounted
+    mounted.close()
 
 
 def test_a_network_share_is_polled(tmp_path, trained, daemons, crops, share):
@@ -330,6 +356,66 @@ def test_the_safety_net_rescan_finds_what_inotify_missed(tmp_path, trained, daem
     (backing / "missed.png").write_bytes(png(crops[0]))  # no inotify event on the mount
     wait_until(lambda: labelled(backing / "missed.png"), 30, message="found by the rescan")
     assert daemon.stop() == 0
+
+
+def test_a_share_that_hangs(tmp_path, trained, daemons, crops, share):
+    """A NAS gone under a hard mount blocks every call on it (here: its bindfs process
+    stopped). `status` still answers at once and says so; the daemon starts, trains and
+    feeds the watchdog meanwhile; labelling resumes with the share; a stop does not wait."""
+    backing, _ = share
+    config = with_settings(trained, train={"epochs": 2}, watch={"poll_seconds": 0.5})
+    share.hang()
+    fake = FakeNotifySocket(str(tmp_path / "notify.sock"))
+    try:
+        daemon = daemons(config, env={"NOTIFY_SOCKET": fake.address, "WATCHDOG_USEC": "6000000"})
+        wait_until(lambda: fake.lines("READY=1"), 90, message="READY=1")
+        daemon.wait_for_log(r"WARNING daemon.service: the inbox .*inbox does not respond")
+        started = time.monotonic()
+        assert status(config)["responds"] == {"inbox": False, "data.path": True}
+        text = subprocess.run([sys.executable, "-m", "daemon", "status", "--config", str(config)],
+                              capture_output=True, text=True, cwd=REPO, timeout=30)
+        assert time.monotonic() - started < 8  # two commands, each ~1 s of it waiting
+        assert text.returncode == 0 and "inbox does not respond" in text.stdout
+        daemon.wait_for_log(r"training complete", 120)
+        count = len(fake.lines("WATCHDOG=1"))
+        wait_until(lambda: len(fake.lines("WATCHDOG=1")) >= count + 3, 60,
+                   message="pings while the inbox hangs")
+        assert max(gaps(fake)) < 6.0  # systemd kills a service silent for WATCHDOG_USEC
+        assert not labelled(backing / "meanwhile.png")
+        (backing / "meanwhile.png").write_bytes(png(crops[0]))
+        share.resume()
+        wait_until(lambda: labelled(backing / "meanwhile.png"), 60,
+                   message="labelled once the share answers")
+        daemon.wait_for_log(r"the inbox .* responds again")
+        share.hang()
+        wait_until(lambda: daemon.log.count("does not respond") >= 2, 30, message="hung again")
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0  # systemd's TimeoutStopSec
+    finally:
+        fake.close()
+
+
+def test_only_a_thread_blocked_on_a_share_that_hangs_is_excused(share):
+    """The service's watchdog excuses a labeller that does not come round while the
+    inbox's probe is blocked (and a moment after), never while the inbox answers."""
+    _, mount = share
+    probe = shares.Share("inbox", mount)
+    probe.look()
+    now = time.monotonic()
+    assert not probe.hung(now) and not probe.excuses(now - 60, now, grace=2)
+    share.hang()
+    looking = threading.Thread(target=probe.look)
+    looking.start()
+    wait_until(lambda: probe.hung(time.monotonic()), 10, message="the look to hang")
+    now = time.monotonic()
+    assert probe.excuses(now - 60, now, grace=2)
+    share.resume()
+    looking.join(10)
+    back, now = probe.back, time.monotonic()
+    assert back is not None and not probe.hung(now)
+    assert probe.excuses(back - 1, now, grace=30)  # blocked until then: a moment to come round
+    assert not probe.excuses(back - 1, back + 31, grace=30)  # ... but not for ever
+    assert not probe.excuses(back + 0.1, back + 1, grace=30)  # came round since: stuck elsewhere
 
 
 def test_sigterm_during_a_long_final_evaluation_exits_at_once(tmp_path, daemons):
