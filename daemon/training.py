@@ -279,6 +279,7 @@ class Trainer:
             log.info("%s: the same images as data version %d; training goes on with it",
                      data, previous.number)
             self._describe_data()
+            self.checkpoint.save(self.epoch, 0, export=False)  # names a version that is there
             return
         self.data_target = max(self.data_target, self.epoch + self.config.train.epochs_per_update)
         self._retarget()

@@ -430,6 +430,9 @@ def test_deleted_data_versions_are_made_again_under_new_numbers_and_trained_on(
     daemon.wait_for_log(r"data version 2: 80 images", 60)
     # The same images under a new number: nothing new to train on.
     daemon.wait_for_log(r"the same images as data version 1; training goes on with it", 60)
+    wait_until(lambda: manifests(save)[0]["data_version"] == 2, 30, message="a checkpoint "
+               "naming version 2")
+    assert manifests(save)[0]["epoch"] == 2
     arrive(root, sample, BAG, 40, start=40)
     wait_until(lambda: (manifests(save)[0]["data_version"], manifests(save)[0]["images"],
                         manifests(save)[0]["epoch"]) == (3, 120, 4), 180,
