@@ -20,7 +20,8 @@ import numpy as np
 
 from daemon import dataset, fsutil
 from daemon.sidecars import Sidecars
-from daemon.versions import VersionStore, content_digest, is_validation
+from daemon.store import CheckpointStore
+from daemon.versions import VersionStore, content, content_digest, is_validation
 from daemon.watch import Watcher
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class DataSource:
     def __init__(self, config, decoder, clock=time.monotonic):
         self.config = config  # replaced by a reload (see the setter)
         self.store = VersionStore(config.save)
+        self.checkpoints = CheckpointStore(config.save)
         self.decoder = decoder  # daemon.decoding.Decoder, for folder sources
         self._settling = fsutil.Settling(SETTLE_SECONDS, clock)
         self._warned = set()  # (path, size, mtime_ns) of bad images already reported
@@ -55,6 +57,8 @@ class DataSource:
         self._refreshed = (None, {})  # (version, entries): its files touched, not changed
         self._decoded = {}  # path -> (listing, (image, entry)): decoded, in no version yet
         self._damaged = set()  # versions whose arrays cannot be read: not built upon
+        self._made, self._classes = 0, []  # the newest version made or found; its classes
+        self._said_missing = None
         self.decoding = False  # the decode workers are busy (a stop need not wait for them)
 
     @property
@@ -87,15 +91,56 @@ class DataSource:
         retry_seconds when some images could not be read now (sync again then)."""
         self.retry_seconds = None
         if self.config.data.source == "folder":
-            return self._sync_folder()
-        return self._sync_idx()
+            version = self._sync_folder()
+        else:
+            version = self._sync_idx()
+        if version is not None:
+            self._saw(version)
+        return version
+
+    def lost(self):
+        """Is the version this source made or found last gone from save/data (deleted while
+        running, as a cache might be)? Then sync now, to make it again. One stat."""
+        return self._made > 0 and self._made != self._said_missing and \
+            not self.store.has(self._made)
+
+    def _newest(self):
+        """The newest version, to compare the source with and build on; None to make a new
+        one from the whole source: also when the one this source made or found last, or
+        the one the newest checkpoint trained on, is missing (deleted). Its number is not
+        given again, and its classes keep their order (see _classes_before)."""
+        newest = self.store.newest()
+        needed = max(self._made, self.checkpoints.trained_on()[0])
+        if newest is not None and newest.number >= needed:
+            self._saw(newest)
+            return newest
+        if needed != self._said_missing:
+            self._said_missing = needed
+            log.warning("data version %d is missing from %s (deleted?); rebuilding it from "
+                        "%s as a new version", needed, self.store.folder,
+                        self.config.data.path or self.config.data.source)
+        return None
+
+    def _saw(self, version):
+        self._made = max(self._made, version.number)
+        if version["origin"] == "folder":
+            self._classes = list(version.classes)
+
+    def _classes_before(self, newest):
+        """The classes in output order that new ones are appended to: the longest of the
+        newest version's, the last made's and the newest checkpoint's (classes only grow,
+        so each is the start of the next; a version made afresh keeps the model's order)."""
+        candidates = [self._classes, self.checkpoints.trained_on()[1]]
+        if newest is not None and newest["origin"] == "folder":
+            candidates.append(newest.classes)
+        return list(max(candidates, key=len))
 
     # ---- Fashion-MNIST (IDX) ------------------------------------------------------------------
 
     def _sync_idx(self):
         data = dataset.load(self.config.data.source, self.config.data.path)
         digest = data.digest(with_test=True)
-        newest = self.store.newest()
+        newest = self._newest()
         if newest is not None and newest.get("digest") == digest and \
                 newest.number not in self._damaged:
             return None
@@ -120,7 +165,7 @@ class DataSource:
                 self._warned.add(name)
                 log.warning("%s/%s: skipped (a symbolic link, not a regular file, or an "
                             "image outside a class folder)", root, name)
-        newest = self.store.newest()
+        newest = self._newest()
         known = {}  # path -> entry (decoded or skipped) as the newest version has them
         if newest is not None and newest["origin"] == "folder" and \
                 newest.number not in self._damaged:
@@ -232,8 +277,7 @@ class DataSource:
         return decoded, later
 
     def _commit(self, root, newest, found, reuse, decoded, old_arrays):
-        classes = list(newest.classes) if newest is not None and newest["origin"] == "folder" \
-            else []
+        classes = self._classes_before(newest)
         entries, images, skipped = [], [], []
         for path in sorted(found):
             if path in reuse:
@@ -261,7 +305,7 @@ class DataSource:
                         "but gets no training data", name, root)
         self._gone_classes = set(classes) - set(present)
         if newest is not None and newest.number not in self._damaged and not new and \
-                _content(entries) == _content(newest.entries().values()):
+                content(entries) == content(newest.entries().values()):
             self._remember_touched(newest, entries, skipped)
             self._decoded.clear()
             return None
@@ -307,13 +351,9 @@ class DataSource:
                  newest.number)
 
 
-def _content(entries):
-    """What a version trains on: its images' content and classes, whatever their paths."""
-    return sorted((entry["class"], entry["sha256"]) for entry in entries)
-
-
 QUIET_SECONDS = 0.5  # changes come in bursts (a folder copied in): sync once they pause
 MAX_DELAY_SECONDS = 30.0  # ... but never wait longer than this while they go on
+LOST_CHECK_SECONDS = 5.0  # how often to look whether the newest version was deleted
 
 
 def follow(source, watch, stop_event, keep, on_version, clock=time.monotonic):
@@ -328,10 +368,15 @@ def follow(source, watch, stop_event, keep, on_version, clock=time.monotonic):
     source.store.prune(keep())  # what a killed run's write left
     source.pending = True
     due, first_change, said = clock(), None, None
+    checked = due
     source.resync = False
     try:
         while not stop_event.is_set():
             now = clock()
+            if now >= checked + LOST_CHECK_SECONDS:
+                checked = now
+                if due is None and source.lost():
+                    due = now
             if source.resync:  # reloaded
                 source.resync, due = False, now
                 if watcher is not None and source.config.watch != watch:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from daemon import fsutil
 from daemon.errors import AlreadyRunning, IncompatibleCheckpoint
+from daemon.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class CheckpointStore:
     def __init__(self, folder):
         self.folder = Path(folder)
         self._export_digests = {}  # name -> sha256 of what we last wrote there
+        self.sequence = Sequence(self.folder, ".last-generation")
 
     # ---- reading ---------------------------------------------------------------------------
 
@@ -94,7 +96,7 @@ class CheckpointStore:
             match = _GENERATION.match(name)
             if match:
                 found.add(int(match.group(1)))
-        return sorted(found, reverse=True)
+        return self.sequence.listed(sorted(found, reverse=True))
 
     def scan(self):
         """(newest verified Generation or None, [(number, why) for newer damaged ones]).
@@ -144,12 +146,13 @@ class CheckpointStore:
         With `started` (a time.monotonic()), the manifest records `write_seconds`: the time
         from then until it is itself written.
 
-        Order: state file, changed exports, fsync folder, manifest, fsync folder. A crash
-        before the manifest's rename leaves the previous generation as the newest complete one.
+        Order: the number's high-water file (save/.last-generation), state file, changed
+        exports, fsync folder, manifest, fsync folder. A crash before the manifest's rename
+        leaves the previous generation as the newest complete one (and its number unused).
         """
         self.folder.mkdir(parents=True, exist_ok=True)
         numbers = self.numbers()
-        number = numbers[0] + 1 if numbers else 1
+        number = self.sequence.next(numbers)  # durable with the fsync before the manifest
         try:
             fsutil.write_new(self.folder / state_name(number), state, sync_folder=False)
             files = {state_name(number): hashlib.sha256(state).hexdigest()}
@@ -234,6 +237,14 @@ class CheckpointStore:
         """The data versions named by the generations in the folder."""
         return {m["data_version"] for m in self._manifests()
                 if isinstance(m.get("data_version"), int)}
+
+    def trained_on(self):
+        """(data version, classes) of the newest generation that names them, or (0, []):
+        what the model was last trained on and what its output units mean."""
+        for manifest in self._manifests():
+            if isinstance(manifest.get("data_version"), int):
+                return manifest["data_version"], list(manifest.get("classes") or [])
+        return 0, []
 
     def _manifests(self):
         """The manifests in the folder that parse, newest first, unverified (cheap: for

@@ -87,6 +87,7 @@ class Trainer:
         self.curves = None  # TensorBoard (daemon.curves)
         self.unusable = set()  # data versions that could not be read
         self.taking = None  # the data version being taken into use
+        self.missing = 0  # the checkpoint's data version, missing at start: wait for above it
         self.restored = threading.Event()  # the model is ready: set after restore
         self.last_progress = time.monotonic()  # for the watchdog: a batch, an epoch...
 
@@ -148,6 +149,9 @@ class Trainer:
         if generation is not None:
             self.data_target = generation.get("data_target", 0)
             self.validation_accuracy = generation.get("validation_accuracy")
+        if self.missing:  # made again from the source, which may hold more by now
+            self.data_target = max(self.data_target,
+                                   self.epoch + self.config.train.epochs_per_update)
         self._retarget()
         self.checkpoint, self.model = checkpoint, model
         if len(self.data.classes) > width:
@@ -211,9 +215,11 @@ class Trainer:
             return None
         version = self.versions.get(generation["data_version"])
         if version is None:
-            log.warning("data version %d, named by checkpoint %d, is missing from %s; "
-                        "using the newest (the result will differ from an uninterrupted run)",
-                        generation["data_version"], generation.number, self.versions.folder)
+            self.missing = generation["data_version"]
+            log.warning("data version %d, named by checkpoint %d, is missing from %s; it is "
+                        "being rebuilt from the source as a new version, trained on from the "
+                        "next epoch (the result will differ from an uninterrupted run)",
+                        self.missing, generation.number, self.versions.folder)
         return version
 
     def _load(self, version):
@@ -231,9 +237,10 @@ class Trainer:
             return None
 
     def _newest(self):
-        """The newest data version not known to be unusable, or None."""
+        """The newest data version not known to be unusable (and newer than a missing one
+        the checkpoint names: one older than what the model was trained on), or None."""
         for number in self.versions.numbers():
-            if number not in self.unusable:
+            if number not in self.unusable and number > self.missing:
                 return self.versions.get(number)
         return None
 
@@ -266,8 +273,14 @@ class Trainer:
         data = self._load(version) if version is not None else None
         if data is None:
             return
-        old = self.data.classes
+        old, previous = self.data.classes, self.data.version
         self.data = data
+        if data.version.same_images(previous):  # made again, as it was deleted: nothing new
+            log.info("%s: the same images as data version %d; training goes on with it",
+                     data, previous.number)
+            self._describe_data()
+            self.checkpoint.save(self.epoch, 0, export=False)  # names a version that is there
+            return
         self.data_target = max(self.data_target, self.epoch + self.config.train.epochs_per_update)
         self._retarget()
         new = data.classes[len(old):]

@@ -7,7 +7,8 @@ sha256 of its bytes, class), what was skipped and why, and the sha256 of the npz
 a checkpoint is -- the arrays, fsync, then the manifest's rename commits it -- and never
 changed after. Every checkpoint names the version it trained on; a version stays while a
 kept checkpoint names it, so an interrupted epoch resumes on its own data even after the
-images were deleted.
+images were deleted. Numbers only grow (daemon.sequence): deleting versions never makes a
+later one take the number of an older one.
 
 Validation is chosen by content: an image validates when the sha256 of its bytes falls in
 one tenth of the range, so it never moves between training and validation as data grows.
@@ -25,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from daemon import fsutil
+from daemon.sequence import Sequence
+from daemon.store import CheckpointStore
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,11 @@ class Version:
         """Training and validation images together."""
         return self.manifest["counts"]["train"] + self.manifest["counts"]["validation"]
 
+    def same_images(self, other):
+        """Does `other` train on just what this one does (whatever the files are called)?"""
+        return self.classes == other.classes and self.get("digest") == other.get("digest") \
+            and content(self.entries().values()) == content(other.entries().values())
+
     def entries(self):
         """{relative path: entry} of a folder version (entries hold size, mtime_ns, ino,
         sha256, class name, row in the arrays)."""
@@ -80,6 +88,11 @@ class Version:
             raise OSError(f"{npz_name(self.number)} does not match its checksum")
         with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
             return _remember(key, {name: arrays[name] for name in arrays.files})
+
+
+def content(entries):
+    """What a version trains on, whatever its files are called: images' content and class."""
+    return sorted((entry["class"], entry["sha256"]) for entry in entries)
 
 
 class Data:
@@ -125,6 +138,10 @@ def npz_name(number):
 class VersionStore:
     def __init__(self, save):
         self.folder = Path(save) / "data"
+        # Above every version a checkpoint names, even when save/data/ was emptied.
+        checkpoints = CheckpointStore(save)
+        self.sequence = Sequence(self.folder, ".last-version",
+                                 lambda: max(checkpoints.data_versions(), default=0))
 
     def numbers(self):
         """Committed version numbers, newest first."""
@@ -132,8 +149,12 @@ class VersionStore:
             names = os.listdir(self.folder)
         except FileNotFoundError:
             return []
-        return sorted((int(m.group(1)) for m in map(_NAME.match, names)
-                       if m and m.group(2) == "json"), reverse=True)
+        return self.sequence.listed(sorted((int(m.group(1)) for m in map(_NAME.match, names)
+                                            if m and m.group(2) == "json"), reverse=True))
+
+    def has(self, number):
+        """Is version `number` there (its manifest, at least)? One stat."""
+        return (self.folder / manifest_name(number)).exists()
 
     def get(self, number):
         """The committed version `number`, or None if it is missing or unreadable."""
@@ -159,8 +180,7 @@ class VersionStore:
         if not self.folder.is_dir():
             self.folder.mkdir(parents=True, exist_ok=True)
             fsutil.fsync_folder(self.folder.parent)  # the new folder's own entry
-        numbers = self.numbers()
-        number = numbers[0] + 1 if numbers else 1
+        number = self.sequence.next(self.numbers())  # durable with the npz's folder fsync
         arrays = dict(x=np.asarray(x, np.uint8).reshape(-1, 28, 28), y=np.asarray(y, np.int32),
                       val=np.asarray(val, bool), **(extra_arrays or {}))
         buffer = io.BytesIO()

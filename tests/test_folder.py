@@ -408,3 +408,52 @@ def test_a_model_of_fashion_mnist_is_not_retrained_on_a_folder(tmp_path, one_epo
     assert "holds a model trained on fashion-mnist data but data.source is 'folder'" in \
         done.stderr
     assert "tensorflow" not in done.stderr.lower()
+
+
+def test_deleted_data_versions_are_made_again_under_new_numbers_and_trained_on(
+        tmp_path, daemons, sample):
+    """save/data/version-* looks like a cache: deleted while the daemon runs, the version in
+    use is made again from the folder under a higher number (never a number used before, which
+    would name other images), images added next are trained on, and status tells what the
+    model was trained on, also after restarts; emptied while stopped, it is rebuilt too."""
+    root = tmp_path / "dataset"
+    add_class(root, sample, TROUSER, 40)
+    add_class(root, sample, BAG, 40)
+    config = folder_config(tmp_path, root)
+    save = tmp_path / "save"
+    daemon = daemons(config)
+    daemon.wait_for_log(r"training complete", 180)
+    assert (manifests(save)[0]["data_version"], manifests(save)[0]["images"]) == (1, 80)
+    for path in (save / "data").glob("version-*"):
+        path.unlink()
+    daemon.wait_for_log(r"WARNING .*data version 1 is missing from .*; rebuilding it", 30)
+    daemon.wait_for_log(r"data version 2: 80 images", 60)
+    # The same images under a new number: nothing new to train on.
+    daemon.wait_for_log(r"the same images as data version 1; training goes on with it", 60)
+    wait_until(lambda: manifests(save)[0]["data_version"] == 2, 30, message="a checkpoint "
+               "naming version 2")
+    assert manifests(save)[0]["epoch"] == 2
+    arrive(root, sample, BAG, 40, start=40)
+    wait_until(lambda: (manifests(save)[0]["data_version"], manifests(save)[0]["images"],
+                        manifests(save)[0]["epoch"]) == (3, 120, 4), 180,
+               message=f"trained on 120 images of version 3:\n{daemon.log[-3000:]}")
+    assert VersionStore(save).numbers()[0] == 3
+    assert daemon.stop() == 0, daemon.log
+    again = daemons(config)
+    again.wait_for_log(r"resuming from .*: epoch 4/4, batch 0", 120)
+    report = status(config)
+    assert (report["data_version"], report["images"], report["epoch"]) == (3, 120, 4), report
+    assert again.stop() == 0, again.log
+    # Emptied while stopped (its high-water file too): rebuilt, numbered above the checkpoint's.
+    shutil.rmtree(save / "data")
+    arrive(root, sample, TROUSER, 20, start=40)
+    third = daemons(config)
+    third.wait_for_log(r"WARNING .*data version 3, named by checkpoint \d+, is missing from "
+                       r".*; it is being rebuilt", 120)
+    third.wait_for_log(r"data version 4: 140 images", 60)
+    wait_until(lambda: (manifests(save)[0]["data_version"], manifests(save)[0]["images"],
+                        manifests(save)[0]["epoch"]) == (4, 140, 6), 180,
+               message=f"trained on version 4:\n{third.log[-3000:]}")
+    assert manifests(save)[0]["classes"] == ["Bag", "Trouser"]
+    assert third.stop() == 0, third.log
+    assert (status(config)["data_version"], status(config)["images"]) == (4, 140)

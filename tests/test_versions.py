@@ -3,6 +3,7 @@ best-checkpoint contest, widening the head."""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -43,7 +44,7 @@ def test_a_version_is_committed_by_its_manifest_and_checked_when_read(tmp_path):
     (store.folder / fsutil.temp_name(store.folder / "version-00000003.npz")).write_bytes(b"")
     assert store.newest().number == 1
     store.prune(keep=set())
-    assert sorted(os.listdir(store.folder)) == ["version-00000001.json",
+    assert sorted(os.listdir(store.folder)) == [".last-version", "version-00000001.json",
                                                 "version-00000001.npz"]
     # A damaged npz is refused (by a new process: this one keeps what it wrote in memory).
     versions._recent.clear()
@@ -61,6 +62,33 @@ def test_prune_keeps_what_checkpoints_name_and_the_newest_two(tmp_path):
         store.write("folder", ["A"], np.zeros((1, 28, 28)), [0], [False])
     store.prune(keep={2})
     assert store.numbers() == [5, 4, 2]
+
+
+def test_numbers_only_grow_whatever_is_deleted(tmp_path):
+    """Versions and generations deleted (they look like a cache) or quarantined never give
+    their numbers again: a checkpoint, a sidecar or a cache naming one stays true."""
+    store = VersionStore(tmp_path)
+    for _ in range(2):
+        store.write("folder", ["A"], np.zeros((1, 28, 28)), [0], [False])
+    for path in store.folder.glob("version-*"):
+        path.unlink()
+    assert VersionStore(tmp_path).write("folder", ["A"], np.zeros((1, 28, 28)), [0],
+                                        [False]).number == 3
+    # save/data/ emptied, its high-water file too: above what a checkpoint names.
+    shutil.rmtree(store.folder)
+    checkpoints = CheckpointStore(tmp_path)
+    fake_generation(checkpoints, 1, 7, 0.5)
+    assert VersionStore(tmp_path).write("folder", ["A"], np.zeros((1, 28, 28)), [0],
+                                        [False]).number == 8
+    for number in range(2, 4):
+        fake_generation(checkpoints, number, 8, 0.5)
+    for path in tmp_path.glob("ckpt-*"):
+        path.unlink()
+    fake_generation(checkpoints, 4, 8, 0.5)
+    assert CheckpointStore(tmp_path).numbers() == [4]
+    checkpoints.quarantine([4], with_exports=False)
+    fake_generation(CheckpointStore(tmp_path), 5, 8, 0.5)
+    assert CheckpointStore(tmp_path).numbers() == [5]
 
 
 def test_the_validation_split_is_by_content_about_a_tenth():
