@@ -164,7 +164,8 @@ def test_a_download_in_progress_at_start_is_never_given_an_error(tmp_path, train
     watcher = threading.Thread(target=watch_sidecar)
     watcher.start()
     try:
-        wait_until(lambda: "labelling with checkpoint" in daemon.log, 30)
+        (inbox / "other.png").write_bytes(png(crops[4]))  # the labeller is at work
+        wait_until(lambda: labelled(inbox / "other.png"), 30, message="another image labelled")
         deadline = time.monotonic() + 3  # a download that pauses for 3 s
         wait_until(lambda: time.monotonic() > deadline, 10)
         file.write(data[len(data) // 2:])
