@@ -75,8 +75,8 @@ def load_for_training(path):
 
 
 def _decode(data, path):
-    # libpng and libjpeg write their warnings (an sRGB profile they dislike, a truncated
-    # JPEG) to fd 2 themselves: logged, at DEBUG, the file having been labelled or refused
+    # libpng writes its warnings and errors (an sRGB profile it dislikes, a truncated file)
+    # to fd 2 itself: logged at DEBUG, the file being labelled or refused all the same
     with logs.captured(log, logging.DEBUG, f"{path}: "):
         return decode(data)
 

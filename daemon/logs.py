@@ -4,7 +4,7 @@ Every line the daemon and its decode workers put on stderr is a log record in on
 `2024-05-01 12:00:00,000 INFO daemon.service: message`, or under systemd's journal
 `<6>daemon.service: message`. Libraries that write to file descriptor 2 themselves --
 TensorFlow's C++ start-up lines (absl logs them before anything could set its level, so
-TF_CPP_MIN_LOG_LEVEL does not reach them), libpng's and libjpeg's warnings about a file --
+TF_CPP_MIN_LOG_LEVEL does not reach them), libpng's warnings and errors about a file --
 are caught where they speak, around the import and around each decode, and logged here;
 Python warnings (Keras's) become WARNING records.
 """
@@ -39,7 +39,7 @@ def setup(level=logging.INFO):
     stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1, errors="backslashreplace")
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JournalFormatter() if stderr_is_journal() else logging.Formatter(FORMAT))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.basicConfig(level=level, handlers=[handler])
     warnings.showwarning = _log_warning
 
 
@@ -83,11 +83,11 @@ def captured(logger, level, prefix=""):
             os.dup2(saved, 2)
             os.close(saved)
             written = os.lseek(_buffer, 0, os.SEEK_CUR)
-            text = os.pread(_buffer, written, 0).decode(errors="replace") if written else ""
             if written:
+                text = os.pread(_buffer, written, 0).decode(errors="replace")
                 os.ftruncate(_buffer, 0)
                 os.lseek(_buffer, 0, os.SEEK_SET)
-    _log_lines(logger, level, prefix, text)
+                _log_lines(logger, level, prefix, text)
 
 
 def _log_lines(logger, level, prefix, text):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import sidecar, wait_until, write_config
+from daemon import images
 
 PLAIN = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) "
                    r"[\w.]+: ")
@@ -31,6 +32,21 @@ def png_libpng_warns_about(path):
     decoded = subprocess.run([sys.executable, "-c", f"import cv2; cv2.imread({str(path)!r})"],
                              capture_output=True, text=True, timeout=60)
     assert "libpng warning" in decoded.stderr  # the premise of the test
+
+
+def test_what_the_decoder_says_about_a_file_is_a_record_naming_it(tmp_path, caplog, capfd):
+    warns, truncated = tmp_path / "warns.png", tmp_path / "truncated.png"
+    png_libpng_warns_about(warns)
+    truncated.write_bytes(warns.read_bytes()[:-30])
+    caplog.set_level("DEBUG", logger="daemon.images")
+    assert images.load(warns).shape == (28, 28)
+    with pytest.raises(images.BadImage):
+        images.load(truncated)
+    assert capfd.readouterr().err == ""
+    said = [(record.levelname, record.getMessage()) for record in caplog.records]
+    assert ("DEBUG", f"{warns}: libpng warning: iCCP: too short") in said
+    # libpng's error or OpenCV's own warning, whichever speaks: said about the file
+    assert any(level == "DEBUG" and text.startswith(f"{truncated}: ") for level, text in said)
 
 
 def descendants(pid):
