@@ -137,7 +137,9 @@ class Decoder:
 
     def _submit(self, function, argument):
         try:
-            with logs.uncaptured():  # submit() starts the workers
+            # submit() starts the workers: not while the TensorFlow import's output is
+            # captured (a few seconds at start), or they would inherit the capture as stderr
+            with logs.uncaptured():
                 return self._pool.submit(function, argument)
         except OSError as error:
             # A worker died while the pool was starting its replacement ("handle is
