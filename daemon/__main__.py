@@ -64,9 +64,9 @@ def main(argv=None):
 
 def dispatch(args):
     if args.command == "run":
-        from daemon import service
+        from daemon import logs, service
 
-        service.setup_logging()
+        logs.setup()
     try:
         config = load_config(args.config)
         if args.command == "status":
@@ -86,7 +86,9 @@ def dispatch(args):
 
             return relabel.run(config, args.all, sys.stdout, sys.stderr)
         if args.command == "classify":
-            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+            from daemon import logs
+
+            logs.import_tensorflow()
             from daemon import classifier
 
             return classifier.classify_files(config, args.files, sys.stdout, sys.stderr)

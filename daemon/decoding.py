@@ -17,12 +17,20 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
 
-from daemon import fsutil, images
+from daemon import fsutil, images, logs
 
 log = logging.getLogger(__name__)
+
+# After a kill -9, multiprocessing's resource tracker (a process of its own, started with
+# the pool, that outlives the daemon) unlinks the pool's semaphores and warns about them on
+# stderr, in no format of ours. It runs with this interpreter's -W options: it does the
+# cleaning, quietly.
+if "ignore:resource_tracker" not in sys.warnoptions:
+    sys.warnoptions.append("ignore:resource_tracker")
 
 CHUNK_SECONDS = 0.1
 MAX_CHUNK = 256
@@ -63,9 +71,11 @@ def _attempt(load, path):
         return "unreadable", "out of memory while decoding"
 
 
-def _die_with_parent(parent):
-    """In a worker: end with the daemon, even a daemon killed with SIGKILL (a worker blocked
-    on the task queue would otherwise wait for ever: it holds that queue's write end too)."""
+def _start_worker(parent, level):
+    """In a worker: log as the daemon does; end with the daemon, even a daemon killed with
+    SIGKILL (a worker blocked on the task queue would otherwise wait for ever: it holds that
+    queue's write end too)."""
+    logs.setup(level)
     PR_SET_PDEATHSIG = 1
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -100,9 +110,10 @@ class Decoder:
         # spawn: a clean interpreter without TensorFlow's threads, and no socket path that a
         # deep save/ folder could make too long (forkserver's)
         context = multiprocessing.get_context("spawn")
-        self._pool = concurrent.futures.ProcessPoolExecutor(
-            self.workers, mp_context=context, initializer=_die_with_parent,
-            initargs=(os.getpid(),))
+        with logs.uncaptured():
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                self.workers, mp_context=context, initializer=_start_worker,
+                initargs=(os.getpid(), logging.getLogger().getEffectiveLevel()))
 
     def stop(self, wait=True):
         """Cancel what has not started; with `wait`, let the workers finish their chunk and
@@ -126,7 +137,10 @@ class Decoder:
 
     def _submit(self, function, argument):
         try:
-            return self._pool.submit(function, argument)
+            # submit() starts the workers: not while the TensorFlow import's output is
+            # captured (a few seconds at start), or they would inherit the capture as stderr
+            with logs.uncaptured():
+                return self._pool.submit(function, argument)
         except OSError as error:
             # A worker died while the pool was starting its replacement ("handle is
             # closed"): the pool is broken, it just does not know it yet.

@@ -9,6 +9,7 @@ Images are taken as seen, not as stored: the EXIF Orientation tag of a phone pho
 
 import errno
 import hashlib
+import logging
 import math
 import os
 import stat
@@ -19,7 +20,10 @@ import cv2
 import numpy as np
 
 from daemon import MAX_IMAGE_PIXELS as MAX_PIXELS  # sets OpenCV's cap before cv2 loads
+from daemon import logs
 from daemon.errors import WardrobeError
+
+log = logging.getLogger(__name__)
 
 MAX_FILE_BYTES = 64 * 1024 * 1024
 SIDE = 28
@@ -60,14 +64,21 @@ def load(path):
     """A file -> 28x28 uint8, ready for the model (after /255). Raises BadImage or
     Unreadable. A plain function with picklable exceptions: runs in worker processes.
     The one preprocessing of the daemon: inbox images and training images alike."""
-    return to_dataset_style(decode(read_file(path)))
+    return to_dataset_style(_decode(read_file(path), path))
 
 
 def load_for_training(path):
     """load(), plus what a data version records of the file: (28x28, sha256 of the bytes
     read, os.stat_result of the file as read)."""
     data, info = read_file(path, with_info=True)
-    return to_dataset_style(decode(data)), hashlib.sha256(data).hexdigest(), info
+    return to_dataset_style(_decode(data, path)), hashlib.sha256(data).hexdigest(), info
+
+
+def _decode(data, path):
+    # libpng writes its warnings and errors (an sRGB profile it dislikes, a truncated file)
+    # to fd 2 itself: logged at DEBUG, the file being labelled or refused all the same
+    with logs.captured(log, logging.DEBUG, f"{path}: "):
+        return decode(data)
 
 
 def read_file(path, with_info=False):

@@ -15,7 +15,7 @@ import os
 import time
 import uuid
 
-from daemon import fsutil
+from daemon import fsutil, logs
 from daemon.errors import AlreadyRunning
 from daemon.sidecars import Sidecars
 from daemon.store import CheckpointStore, lock, running_pid
@@ -64,7 +64,7 @@ def run(config, everything, out, err, timeout=None):
 
 def _here(config, sidecars, everything, out, err):
     """The daemon is down: relabel in this process."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    logs.import_tensorflow()
     from daemon import images
     from daemon.classifier import Classifier
 

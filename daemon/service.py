@@ -24,20 +24,19 @@ import select
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import threading
 import time
 
 from daemon import config as config_module
-from daemon import dataset, fsutil, metrics, relabel, shares
+from daemon import dataset, fsutil, logs, metrics, relabel, shares
 from daemon.decoding import Decoder
 from daemon.errors import EXIT_FATAL, EXIT_OK, ConfigError
 from daemon.inbox import Inbox
 from daemon.sidecars import Sidecars
 from daemon.datasource import DataSource, follow
 from daemon.store import CheckpointStore, lock as lock_save, open_store
-from daemon.systemd import JournalFormatter, Notifier, stderr_is_journal
+from daemon.systemd import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +51,6 @@ LIVE_KEYS = ("train.epochs", "train.epochs_per_update", "classify.labels",
 TRAINER_STOP_SECONDS = 25  # a batch and a checkpoint; systemd's TimeoutStopSec is 30
 LABELLER_STOP_SECONDS = 0.5  # sidecars are atomic: an unfinished batch is simply redone
 PROBE_SECONDS = 0.5  # between two looks at the inbox (and the data folder): do they hang?
-
-
-def setup_logging(level=logging.INFO):
-    """One line per event on stderr; TensorFlow's own C++ chatter kept to errors. Under
-    systemd's journal: no timestamps, levels as <N> priorities."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    handler = logging.StreamHandler(sys.stderr)
-    if stderr_is_journal():
-        handler.setFormatter(JournalFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler])
 
 
 def private_tmp(save):
@@ -370,6 +357,7 @@ class Service:
     def _train(self, generation):
         # TensorFlow is imported here, off the main thread, and by one thread only (two
         # threads importing it at once deadlock)
+        logs.import_tensorflow()
         from daemon.training import Trainer
         from daemon.classifier import Classifier  # noqa: F401
 
