@@ -11,8 +11,8 @@ is no longer being written (no process has it open for writing, or, where the ke
 tell, we saw it unchanged for QUIET_SECONDS); anything that can go away by itself -- a full
 disk, a permission, an I/O error, a read-only file system, a file still being written -- is
 retried with backoff, without a restart. A decode worker that dies (a crash, the OOM killer)
-is replaced and its work redone; only a file that kills one on its own gets an error. A name too long to have a sidecar beside it is
-said once and counted.
+is replaced and its work redone; only a file that kills one on its own gets an error. A
+name too long to have a sidecar beside it is said once and counted.
 """
 
 import concurrent.futures
@@ -155,7 +155,8 @@ class Labeller:
             suspects = [path for path in self._suspects if path in self.pending]
             if suspects and (self.in_flight or self.writing):
                 return  # until the pool is empty
-            chunk, size = {}, 1 if suspects else self.decoder.chunk_size()
+            probing = bool(suspects)
+            chunk, size = {}, 1 if probing else self.decoder.chunk_size()
             while self.pending and len(chunk) < size:
                 path = suspects.pop(0) if suspects else next(iter(self.pending))
                 info = self._ready(path, self.pending.pop(path))
@@ -172,7 +173,7 @@ class Labeller:
                 self._worker_died({})
                 continue
             self._flying.update(chunk)
-            if size == 1 and self._suspects:
+            if probing:
                 return  # a suspect alone
 
     def _ready(self, path, written):
