@@ -86,11 +86,11 @@ def _start_worker(parent, level):
 
 
 def write_chunk(sidecars):
-    """In a worker: publish [(path, bytes)]; [(path, None or (errno, why))]."""
+    """In a worker: publish [(path, bytes, mtime_ns or None)]; [(path, None or (errno, why))]."""
     results = []
-    for path, data in sidecars:
+    for path, data, mtime_ns in sidecars:
         try:
-            fsutil.publish(path, data)
+            fsutil.publish(path, data, mtime_ns)
             results.append((path, None))
         except OSError as error:
             results.append((path, (error.errno, error.strerror or str(error))))

@@ -33,7 +33,7 @@ def is_temp_name(name):
 _OLD_TEMP = re.compile(r"^\..+\.\d+-\d+\.tmp$")
 
 
-def write_new(path, data, sync_folder=True, durable=True):
+def write_new(path, data, sync_folder=True, durable=True, mtime_ns=None):
     """Atomically replace `path` with `data`.
 
     The bytes go to a temporary file created with O_EXCL|O_NOFOLLOW (never through a planted
@@ -41,12 +41,13 @@ def write_new(path, data, sync_folder=True, durable=True):
     reader sees the old file or the new one, never a part. `durable` fsyncs the file before
     the rename, so a crash cannot leave the new name with missing data; with sync_folder the
     rename itself is made durable too (callers renaming several files fsync the folder once).
+    `mtime_ns` dates the new file (else: now).
     """
     tmp = temp_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         try:
-            _write_all(fd, data)
+            _write_all(fd, data, mtime_ns)
             if durable:
                 os.fsync(fd)
         finally:
@@ -59,7 +60,7 @@ def write_new(path, data, sync_folder=True, durable=True):
         fsync_folder(os.path.dirname(os.fspath(path)) or ".")
 
 
-def publish(path, data):
+def publish(path, data, mtime_ns=None):
     """Make `path` appear with `data`, all at once, not durably (for many small files).
 
     A new name is an unnamed O_TMPFILE linked in when complete: one inode, no rename, and
@@ -71,24 +72,26 @@ def publish(path, data):
     try:
         fd = os.open(folder, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
     except OSError:  # a file system without O_TMPFILE
-        return write_new(path, data, sync_folder=False, durable=False)
+        return write_new(path, data, sync_folder=False, durable=False, mtime_ns=mtime_ns)
     try:
-        _write_all(fd, data)
+        _write_all(fd, data, mtime_ns)
         folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:  # a dir fd makes os.link use linkat(AT_SYMLINK_FOLLOW) on the /proc fd link
             os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=folder_fd)
         finally:
             os.close(folder_fd)
     except OSError:  # the name exists (or /proc is hidden): the classic way
-        return write_new(path, data, sync_folder=False, durable=False)
+        return write_new(path, data, sync_folder=False, durable=False, mtime_ns=mtime_ns)
     finally:
         os.close(fd)
 
 
-def _write_all(fd, data):
+def _write_all(fd, data, mtime_ns=None):
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+    if mtime_ns is not None:
+        os.utime(fd, ns=(mtime_ns, mtime_ns))
 
 
 def being_written(path):

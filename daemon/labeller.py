@@ -263,8 +263,8 @@ class Labeller:
         now = fsutil.utc_timestamp()
         for start in range(0, len(due), WRITE_CHUNK):
             chunk = {path: (info, result) for path, info, result in due[start:start + WRITE_CHUNK]}
-            sidecars = [(self.sidecars.path_for(path), self.sidecars.render(info, result, now))
-                        for path, (info, result) in chunk.items()]
+            sidecars = [(self.sidecars.path_for(path), self.sidecars.render(info, result, now),
+                         self.sidecars.dated(info)) for path, (info, result) in chunk.items()]
             try:
                 self.writing[self.decoder.submit_writes(sidecars)] = chunk
             except BrokenProcessPool:  # decoded again: cheap, and the decode settles it anew

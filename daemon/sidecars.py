@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import stat
+import time
 
 from daemon import fsutil
 
@@ -137,7 +138,15 @@ class Sidecars:
     def write(self, image, info, result):
         """Write the sidecar for `image` (whose stat was `info`): `result` holds label,
         class, confidence, epoch, model -- or error. Replaces, never follows, a symlink."""
-        fsutil.publish(self.path_for(image), self.render(info, result))
+        fsutil.publish(self.path_for(image), self.render(info, result),
+                       mtime_ns=self.dated(info))
+
+    def dated(self, info):
+        """The mtime for the sidecar of an image whose stat is `info`, or None for now. A
+        txt sidecar has no room for its image's size and mtime: it is up to date when it is
+        no older than the image, so it is dated no earlier than the image's mtime, which
+        may be ahead of the clock (a camera in another time zone, a NAS's clock)."""
+        return max(time.time_ns(), info.st_mtime_ns) if self.kind == "txt" else None
 
     def render(self, info, result, now=None):
         """The bytes of a sidecar (fsutil.publish them at path_for(image))."""

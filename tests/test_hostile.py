@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import sidecar, wait_until, write_config
@@ -28,7 +29,7 @@ def decode_workers(pid):
             command = Path(f"/proc/{child}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"multiprocessing" in command and b"resource_tracker" not in command:
+        if b"spawn_main" in command:  # (the resource tracker runs another main)
             workers.append(int(child))
     return workers
 
@@ -70,22 +71,35 @@ def test_decode_workers_killed_during_a_burst_are_replaced(tmp_path, trained, da
     assert daemon.stop() == 0, daemon.log[-3000:]
 
 
-def test_images_dated_in_the_future_are_labelled(tmp_path, trained, daemons, crops):
+@pytest.mark.parametrize("kind", ["json", "txt"])
+def test_images_dated_in_the_future_are_labelled_once(tmp_path, trained, daemons, crops, kind):
     """A camera in the wrong time zone: mtimes hours ahead of the clock, present at start-up
-    and dropped while running."""
+    and dropped while running. Labelled at once, and not again at the next start."""
     inbox = tmp_path / "inbox"
+    config = with_settings(trained, classify={"sidecar": kind})
     ahead = time.time() + 2 * 3600
     early = [inbox / f"early-{index}.png" for index in range(3)]
     for index, image in enumerate(early):
         image.write_bytes(png(crops[index]))
         os.utime(image, (ahead, ahead))
-    daemon = daemons(trained)
+    daemon = daemons(config)
     daemon.wait_for_log(r"ready")
     late = inbox / "late.png"
     (tmp_path / "late.png").write_bytes(png(crops[5]))
     os.utime(tmp_path / "late.png", (ahead, ahead))
     os.rename(tmp_path / "late.png", late)
-    wait_until(lambda: all(map(labelled, [*early, late])), 30, message="labelled")
+    images = [*early, late]
+    sidecars = [Path(f"{image}.{kind}") for image in images]
+    wait_until(lambda: all(s.exists() and s.read_text().strip() for s in sidecars), 30,
+               message="labelled")
+    assert all("error" not in s.read_text() for s in sidecars)
+    written = [s.stat().st_ino for s in sidecars]
+    assert daemon.stop() == 0
+    daemon = daemons(config)  # its start-up scan finds them up to date
+    (tmp_path / "after.png").write_bytes(png(crops[6]))
+    os.rename(tmp_path / "after.png", inbox / "after.png")
+    wait_until(lambda: Path(f"{inbox}/after.png.{kind}").exists(), 30, message="labelled")
+    assert [s.stat().st_ino for s in sidecars] == written, "labelled again"
     assert daemon.stop() == 0
 
 
