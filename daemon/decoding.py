@@ -85,6 +85,17 @@ def _start_worker(parent, level):
         os._exit(1)
 
 
+def _abandon(pool):
+    """Free a pool whose reader waits for ever (see Decoder.lost): end its workers (they may
+    hold its queues' locks) and close our copy of their results pipe's write end, so that
+    the reader sees the end of the file, the pool breaks and its thread ends."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.kill()
+    queue = getattr(pool, "_result_queue", None)
+    if queue is not None:
+        queue._writer.close()
+
+
 def write_chunk(sidecars):
     """In a worker: publish [(path, bytes, mtime_ns or None)]; [(path, None or (errno, why))]."""
     results = []
@@ -119,15 +130,30 @@ class Decoder:
         """Cancel what has not started; with `wait`, let the workers finish their chunk and
         leave (they are quick; it keeps multiprocessing's resource tracker quiet). A broken
         pool is never waited for: its manager is gone, a join would hang."""
-        if self._pool is not None:
-            broken = bool(getattr(self._pool, "_broken", False))
-            self._pool.shutdown(wait=wait and not broken, cancel_futures=True)
+        pool = self._pool
+        if pool is not None:
+            lost = self.lost()
+            if lost:
+                _abandon(pool)
+            broken = lost or bool(getattr(pool, "_broken", False))
+            pool.shutdown(wait=wait and not broken, cancel_futures=True)
 
     def restart(self):
         log.warning("a decode worker died (a file that crashes the decoder, or memory); "
                     "starting new workers")
         self.stop(wait=False)
         self.start()
+
+    def lost(self):
+        """Has a worker died without the pool noticing? One killed while it was sending its
+        results (the OOM killer, at any moment) leaves the pool's reader waiting for the rest
+        of the message for ever, in CPython's ProcessPoolExecutor: the pool never breaks and
+        its futures never end. Callers waiting on futures ask this every second or so."""
+        pool = self._pool
+        if pool is None or getattr(pool, "_broken", False):
+            return False
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        return any(process.exitcode is not None for process in processes)
 
     def chunk_size(self):
         return max(1, min(MAX_CHUNK, int(CHUNK_SECONDS / self._seconds_per_image)))
@@ -159,7 +185,7 @@ class Decoder:
                 again.append(part)
         for part, future in futures:
             try:
-                results.update((result[0], result) for result in future.result())
+                results.update((result[0], result) for result in self._result(future))
             except BrokenProcessPool:
                 again.append(part)
         if again:
@@ -167,7 +193,7 @@ class Decoder:
         while again:
             part = again.pop(0)
             try:
-                done = self._submit(decode_training_chunk, part).result()
+                done = self._result(self._submit(decode_training_chunk, part))
                 results.update((result[0], result) for result in done)
             except BrokenProcessPool:
                 self.restart()
@@ -176,6 +202,15 @@ class Decoder:
                 else:
                     again[:0] = [[path] for path in part]
         return [results[path] for path in paths]
+
+    def _result(self, future):
+        """future.result(), or BrokenProcessPool if the pool lost a worker unnoticed."""
+        while True:
+            try:
+                return future.result(timeout=1.0)
+            except concurrent.futures.TimeoutError:
+                if self.lost():
+                    raise BrokenProcessPool("a decode worker died unnoticed") from None
 
     def submit_writes(self, sidecars):
         return self._submit(write_chunk, sidecars)

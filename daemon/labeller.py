@@ -142,6 +142,8 @@ class Labeller:
                 results = []
         if results:
             self._finish(results)
+        if (self.in_flight or self.writing) and self.decoder.lost():
+            self._worker_died({})  # killed while sending its results: the pool never knew
         self.summary = self._summary()
         return written
 

@@ -34,6 +34,17 @@ def decode_workers(pid):
     return workers
 
 
+def _poll(predicate, seconds):
+    """predicate()'s first truthy value within `seconds`, or None (no failure)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    return None
+
+
 def test_decode_workers_killed_during_a_burst_are_replaced(tmp_path, trained, daemons, crops):
     """What the OOM killer does: SIGKILL a decode worker, again and again, while a burst is
     labelled. Each is replaced, its work redone: every image gets its label, none an error."""
@@ -69,6 +80,51 @@ def test_decode_workers_killed_during_a_burst_are_replaced(tmp_path, trained, da
     assert all(map(labelled, images))
     assert "a decode worker died" in daemon.log
     assert daemon.stop() == 0, daemon.log[-3000:]
+
+
+def test_a_worker_killed_while_sending_its_results_is_replaced(tmp_path, trained, daemons,
+                                                               crops):
+    """The worst moment to die: half a chunk's results in the pipe. The pool's reader then
+    waits for the rest for ever; the daemon must notice, redo the work, and still stop."""
+    inbox = tmp_path / "inbox"
+    daemon = daemons(trained)
+    daemon.wait_for_log(r"ready")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    count = 3000
+    for index in range(count):
+        (staging / f"{index:05d}.png").write_bytes(png(crops[index % len(crops)]))
+    for index in range(count):
+        os.rename(staging / f"{index:05d}.png", inbox / f"{index:05d}.png")
+    wait_until(lambda: any(inbox.glob("*.json")), 60, message="labelling under way")
+    pid = daemon.pid
+
+    def sending():
+        for worker in decode_workers(pid):
+            try:
+                if "pipe_write" in Path(f"/proc/{worker}/wchan").read_text():
+                    return worker
+            except OSError:
+                pass
+        return None
+
+    killed = None
+    for _ in range(100):  # nobody reads results while it is stopped: a worker may block
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            killed = _poll(sending, 1.0)
+            if killed:
+                os.kill(killed, signal.SIGKILL)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        if killed or len(list(inbox.glob("*.json"))) == count:
+            break
+    assert killed, "caught a worker sending its results"
+    images = sorted(inbox.glob("*.png"))
+    wait_until(lambda: all(map(labelled, images)), 120, interval=0.5,
+               message="every image labelled")
+    assert "a decode worker died" in daemon.log
+    assert daemon.stop(timeout=30) == 0, daemon.log[-3000:]
 
 
 @pytest.mark.parametrize("kind", ["json", "txt"])
