@@ -27,6 +27,7 @@ from daemon.watch import Watcher
 log = logging.getLogger(__name__)
 
 SETTLE_SECONDS = 2.0  # where the kernel cannot tell: unchanged this long, it is complete
+VERDICT_SECONDS = 30.0  # ... and this long before it is skipped as not an image
 MIN_CLASSES = 2  # a first version needs two classes with images: one is no classifier
 
 
@@ -114,7 +115,7 @@ class DataSource:
         if newest is not None and newest.number >= needed:
             self._saw(newest)
             return newest
-        if needed != self._said_missing:
+        if needed and needed != self._said_missing:  # (0: none made yet, a first start)
             self._said_missing = needed
             log.warning("data version %d is missing from %s (deleted?); rebuilding it from "
                         "%s as a new version", needed, self.store.folder,
@@ -209,7 +210,6 @@ class DataSource:
                     reuse[path] = old
             else:
                 decode.append(path)
-                self._settling.forget(full)
                 self._said_writing.discard(path)
         if not found:
             if known:
@@ -255,6 +255,13 @@ class DataSource:
             self.decoding = False
         for path, (full, kind, payload) in zip(todo, results):
             cls, size, mtime, ino = found[path]
+            wait = self._settling.check(full, VERDICT_SECONDS)[0] if kind == "bad" else 0.0
+            if wait:  # on a share: perhaps a download that paused; a verdict only later
+                later.append((path, f"{payload}; perhaps still being written"))
+                self._retry_in(wait)
+                continue
+            if kind != "unreadable":
+                self._settling.forget(full)
             if kind == "image":
                 image, digest, (size, mtime, ino) = payload
                 decoded[path] = (image, {"path": path, "class": cls, "size": size,

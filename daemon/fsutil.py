@@ -10,6 +10,8 @@ import os
 import re
 import time
 
+from daemon import mounts
+
 _counter = itertools.count()
 
 
@@ -115,7 +117,8 @@ def being_written(path):
 class Settling:
     """Has a file stopped changing? Decided by what this process saw, never by comparing a
     file's mtime with the wall clock (a share's, a camera's or a NAS's clock may be hours
-    off, either way). The kernel is asked first (being_written); where it cannot tell, the
+    off, either way). The kernel is asked first (being_written); where it cannot tell (a
+    network share, whose writers may be on other machines; a file of another owner), the
     file must show the same inode, size and mtime for `quiet` seconds of our own monotonic
     clock. One per folder tree watched; used from one thread."""
 
@@ -128,17 +131,17 @@ class Settling:
     def check(self, path, quiet=None):
         """(0.0, None) if `path` has settled or is gone (whoever reads it finds out), else
         (seconds until it is worth asking again, why: OPEN_FOR_WRITING or CHANGED)."""
-        writing = being_written(path)
-        if writing is False:
-            self._seen.pop(path, None)
-            return 0.0, None
-        if writing:
-            return 1.0, self.OPEN_FOR_WRITING
         try:
             info = os.lstat(path)
         except OSError:
             self._seen.pop(path, None)
             return 0.0, None
+        writing = None if mounts.is_remote(info.st_dev) else being_written(path)
+        if writing is False:
+            self._seen.pop(path, None)
+            return 0.0, None
+        if writing:
+            return 1.0, self.OPEN_FOR_WRITING
         key, now = (info.st_ino, info.st_size, info.st_mtime_ns), self.clock()
         quiet = self.quiet if quiet is None else quiet
         first = self._seen.get(path)

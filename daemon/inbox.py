@@ -210,6 +210,12 @@ class Inbox:
                     self._unreadable[current] = (self.clock() + 2.0, 2.0)
                 continue
             names = {entry.name for entry in entries}
+            if LOCK_NAME in names and current != self.root:
+                holder = _holder(os.path.join(current, LOCK_NAME))
+                if holder is not None:  # started before us, on a folder inside ours
+                    raise AlreadyRunning(f"{current}, inside {self.path}, is the inbox of "
+                                         f"another wardrobe ({_owner(holder)}); give each "
+                                         "daemon an inbox of its own")
             for count, entry in enumerate(entries, 1):
                 if count % 256 == 0:
                     yield None  # a huge folder, already labelled: let take() keep its budget

@@ -28,7 +28,7 @@ from daemon.relabel import stale
 log = logging.getLogger(__name__)
 
 STEP_SECONDS = 0.5
-QUIET_SECONDS = 5.0
+QUIET_SECONDS = 30.0  # where the kernel cannot tell: unchanged this long before an error
 RETRY_FIRST, RETRY_MAX = 1.0, 30.0
 MAX_BATCH = 2048
 WRITE_CHUNK = 256  # sidecars a worker writes per task

@@ -41,6 +41,15 @@ def setup(level=logging.INFO):
     handler.setFormatter(JournalFormatter() if stderr_is_journal() else logging.Formatter(FORMAT))
     logging.basicConfig(level=level, handlers=[handler])
     warnings.showwarning = _log_warning
+    threading.excepthook = _log_thread_exception
+
+
+def _log_thread_exception(args):
+    # A library's thread that dies (concurrent.futures' pool manager, racing a killed
+    # worker) would print its traceback raw; ours never end this way (service.py keeps them)
+    if args.exc_type is not SystemExit:
+        log.error("thread %s ended: %s", args.thread.name if args.thread else "?",
+                  args.exc_value, exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 def _log_warning(message, category, filename, lineno, file=None, line=None):

@@ -6,6 +6,7 @@ holding one mounted inside it, has to be polled. Read from /proc/self/mountinfo.
 """
 
 import os
+import time
 
 # File systems where another machine's writes raise no inotify event here.
 REMOTE = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse", "fuseblk", "ceph",
@@ -28,6 +29,31 @@ def filesystem_of(path):
     except (OSError, ValueError, IndexError):
         pass
     return best
+
+
+def is_remote(device, clock=time.monotonic):
+    """Is the file system with this st_dev one that other machines write to (REMOTE)?
+    There the kernel cannot tell whether a file is still being written: a lease sees only
+    this machine's writers. Looked up in /proc/self/mountinfo, again after CACHE_SECONDS
+    (a device number may be reused by a later mount)."""
+    known = _remote.get(device)
+    if known is None or clock() - known[1] > CACHE_SECONDS:
+        key, remote = f"{os.major(device)}:{os.minor(device)}", False
+        try:
+            with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as file:
+                for line in file:
+                    fields = line.split()
+                    if fields[2] == key:
+                        remote = fields[fields.index("-") + 1].split(".")[0] in REMOTE
+                        break
+        except (OSError, ValueError, IndexError):
+            remote = True  # cannot tell: take the careful side
+        known = _remote[device] = (remote, clock())
+    return known[0]
+
+
+_remote = {}  # st_dev -> (remote?, clock() when looked up)
+CACHE_SECONDS = 30.0
 
 
 def choose_mode(path, configured="auto"):

@@ -115,6 +115,7 @@ def test_a_folder_of_class_folders_trains_and_labels_with_its_names(tmp_path, da
                      daemon.log), daemon.log
     assert daemon.log.count("broken.png: skipped") == 1
     assert "loose.png: skipped" in daemon.log
+    assert "is missing" not in daemon.log  # a first start has no version to miss
     assert re.search(r"epoch 2/2: .* validation loss [\d.]+ accuracy [\d.]+", daemon.log)
     # live.json, which status reads while the daemon runs, follows within a second
     report = wait_until(lambda: (lambda r: r if r["training"] is False else None)(

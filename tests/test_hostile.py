@@ -172,6 +172,25 @@ def test_a_share_whose_clock_runs_ahead_is_labelled(tmp_path, trained, daemons, 
     assert daemon.stop() == 0
 
 
+def test_a_download_that_pauses_on_a_share_never_gets_an_error(tmp_path, trained, daemons,
+                                                              crops, share):
+    """Written on another machine: no lease can tell that it is still open. Half an image
+    then a pause: it waits, never written down as bad, and is labelled once complete."""
+    backing, _ = share
+    daemon = daemons(with_settings(trained, watch={"poll_seconds": 0.5}))
+    daemon.wait_for_log(r"ready")
+    data = png(crops[3])
+    image = backing / "download.png"
+    with open(image, "wb") as file:
+        file.write(data[: len(data) // 2])
+        file.flush()
+        early = _poll(lambda: sidecar(image), 8.0)  # the download pauses for 8 s
+        assert early is None, f"a sidecar for half a file: {early}"
+        file.write(data[len(data) // 2:])
+    wait_until(lambda: labelled(image), 30, message="labelled once complete")
+    assert daemon.stop() == 0
+
+
 def test_a_file_open_for_writing_at_start_is_read_only_once_closed(tmp_path, trained, daemons,
                                                                    crops):
     """Its first part is a whole image (what a decoder makes of a truncated file, or a PNG
@@ -212,23 +231,30 @@ def other_daemon(tmp_path, config, **sections):
     return with_settings(second, **sections)
 
 
-def test_a_second_daemon_on_the_same_inbox_is_refused(tmp_path, trained, daemons):
-    inbox = tmp_path / "inbox"
-    first = daemons(trained)
+def refused(config):
+    """`wardrobe run` with `config`, which must exit 1 at once: its stderr."""
+    result = subprocess.run([sys.executable, "-m", "daemon", "run", "--config", str(config)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    return result.stderr
+
+
+def test_a_second_daemon_on_the_same_inbox_is_refused(tmp_path, trained, daemons, crops):
+    inbox = tmp_path / "top" / "inbox"
+    inbox.mkdir(parents=True)
+    first = daemons(with_settings(trained, inbox=str(inbox)))
     first.wait_for_log(r"ready")
+    (inbox / "mine.png").write_bytes(png(crops[0]))
+    record = wait_until(lambda: labelled(inbox / "mine.png"), 30, message="labelled")
     second_config = other_daemon(tmp_path, trained, inbox=str(inbox))
-    second = subprocess.run(
-        [sys.executable, "-m", "daemon", "run", "--config", str(second_config)],
-        capture_output=True, text=True, timeout=60)
-    assert second.returncode == 1, second.stderr[-2000:]
-    assert f"pid {first.pid}" in second.stderr and str(tmp_path / "save") in second.stderr
+    said = refused(second_config)
+    assert f"pid {first.pid}" in said and str(tmp_path / "save") in said
     (inbox / "sub").mkdir()
-    inside = with_settings(second_config, inbox=str(inbox / "sub"))
-    third = subprocess.run(
-        [sys.executable, "-m", "daemon", "run", "--config", str(inside)],
-        capture_output=True, text=True, timeout=60)
-    assert third.returncode == 1, third.stderr[-2000:]
-    assert f"pid {first.pid}" in third.stderr and "inside" in third.stderr
+    said = refused(with_settings(second_config, inbox=str(inbox / "sub")))
+    assert f"pid {first.pid}" in said and "inside" in said
+    said = refused(with_settings(second_config, inbox=str(tmp_path / "top")))  # around it
+    assert f"pid {first.pid}" in said and "inside" in said
+    assert labelled(inbox / "mine.png") == record, "relabelled by another daemon"
     first.kill()  # a crash leaves no lock behind
     again = daemons(with_settings(second_config, inbox=str(inbox)))
     again.wait_for_log(r"ready")

@@ -313,7 +313,11 @@ class Share:
         self.resume()  # an unmount waits for a stopped file system process
         subprocess.run([FUSERMOUNT, "-u", "-z", str(self.mount)], check=False)
         subprocess.run(["umount", "-l", str(self.mount)], check=False, stderr=subprocess.DEVNULL)
-        self.process.wait(10)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:  # still in use (a failed test's daemon, say)
+            self.process.kill()
+            self.process.wait(10)
 
 
 @pytest.fixture
