@@ -45,19 +45,24 @@ def _poll(predicate, seconds):
     return None
 
 
+def burst(tmp_path, inbox, crops, count=3000):
+    """`count` small PNGs moved into `inbox` at once; returns `count`."""
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    for index in range(count):
+        (staging / f"{index:05d}.png").write_bytes(png(crops[index % len(crops)]))
+    for index in range(count):
+        os.rename(staging / f"{index:05d}.png", inbox / f"{index:05d}.png")
+    return count
+
+
 def test_decode_workers_killed_during_a_burst_are_replaced(tmp_path, trained, daemons, crops):
     """What the OOM killer does: SIGKILL a decode worker, again and again, while a burst is
     labelled. Each is replaced, its work redone: every image gets its label, none an error."""
     inbox = tmp_path / "inbox"
     daemon = daemons(trained)
     daemon.wait_for_log(r"labelling with checkpoint|ready")
-    staging = tmp_path / "staging"
-    staging.mkdir()
-    count = 3000
-    for index in range(count):
-        (staging / f"{index:05d}.png").write_bytes(png(crops[index % len(crops)]))
-    for index in range(count):
-        os.rename(staging / f"{index:05d}.png", inbox / f"{index:05d}.png")
+    count = burst(tmp_path, inbox, crops)
     kills = 0
     for _ in range(5):  # a kill, then some progress by the new workers, and again
         done = len(list(inbox.glob("*.json")))
@@ -89,13 +94,7 @@ def test_a_worker_killed_while_sending_its_results_is_replaced(tmp_path, trained
     inbox = tmp_path / "inbox"
     daemon = daemons(trained)
     daemon.wait_for_log(r"ready")
-    staging = tmp_path / "staging"
-    staging.mkdir()
-    count = 3000
-    for index in range(count):
-        (staging / f"{index:05d}.png").write_bytes(png(crops[index % len(crops)]))
-    for index in range(count):
-        os.rename(staging / f"{index:05d}.png", inbox / f"{index:05d}.png")
+    count = burst(tmp_path, inbox, crops)
     wait_until(lambda: any(inbox.glob("*.json")), 60, message="labelling under way")
     pid = daemon.pid
 
