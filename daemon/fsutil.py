@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import os
 import re
+import stat
 import time
 
 from daemon import mounts
@@ -136,6 +137,8 @@ class Settling:
         except OSError:
             self._seen.pop(path, None)
             return 0.0, None
+        if not stat.S_ISREG(info.st_mode):
+            return 0.0, None  # a symlink, a FIFO: nothing in it is being written
         writing = None if mounts.is_remote(info.st_dev) else being_written(path)
         if writing is False:
             self._seen.pop(path, None)
