@@ -40,7 +40,9 @@ class Classifier:
 
     def refresh(self):
         """Load the labelling generation if it changed; True if we have one."""
-        numbers = self.store.numbers()
+        # Committed ones only: a state file seen before its manifest, then committed, is no
+        # change of listing, and that generation (the only one, say) would never be taken
+        numbers = self.store.committed()
         if numbers != self._seen or (self.generation is not None and
                                      self._prefer != self.config.classify.checkpoint):
             chosen = self.store.labelling(self.config.classify.checkpoint)

@@ -121,6 +121,22 @@ def test_drop_storms_with_kill_9_and_restarts_label_each_image_once(tmp_path, tr
         assert set(record) >= {"label", "class", "confidence", "epoch", "model", "classified_at"}
 
 
+def test_images_waiting_for_the_first_checkpoint_are_labelled_with_it(tmp_path, small_data,
+                                                                      daemons, crops):
+    """One epoch, checkpointed at its end only: the one generation there is labels what
+    waited for it (its state file seen before its manifest once hid it for good)."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    images = [inbox / f"early-{index}.png" for index in range(5)]
+    for index, image in enumerate(images):
+        image.write_bytes(png(crops[0][index]))
+    daemon = daemons(write_config(tmp_path, small_data, epochs=1, checkpoint_every="epoch"))
+    daemon.wait_for_log(r"training complete", 120)
+    wait_until(lambda: all(sidecar(p) and "label" in sidecar(p) for p in images), 30,
+               message="labelled with the first checkpoint")
+    assert daemon.stop() == 0
+
+
 def test_bad_input_gets_error_sidecars_and_the_daemon_lives_on(tmp_path, trained, daemons,
                                                                crops):
     inbox = tmp_path / "inbox"
