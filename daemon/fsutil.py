@@ -182,6 +182,20 @@ def lock_file(path, says):
     return file, None
 
 
+def lock_holder(path):
+    """What the process holding the lock_file() at `path` wrote there, or None if no
+    process holds it (or there is none)."""
+    try:
+        with open(path) as file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return file.read().strip()
+    except OSError:
+        pass
+    return None
+
+
 def utc_timestamp():
     """Now, as ISO 8601 UTC with milliseconds, for what we write into files."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")

@@ -8,7 +8,6 @@ folder a slice at a time, so a huge tree never holds up labelling: the first ima
 are labelled while the walk goes on. Decodes nothing. Runs in the labeller's thread.
 """
 
-import fcntl
 import logging
 import os
 import queue
@@ -211,7 +210,7 @@ class Inbox:
                 continue
             names = {entry.name for entry in entries}
             if LOCK_NAME in names and current != self.root:
-                holder = _holder(os.path.join(current, LOCK_NAME))
+                holder = fsutil.lock_holder(os.path.join(current, LOCK_NAME))
                 if holder is not None:  # started before us, on a folder inside ours
                     raise AlreadyRunning(f"{current}, inside {self.path}, is the inbox of "
                                          f"another wardrobe ({_owner(holder)}); give each "
@@ -241,7 +240,7 @@ def _lock(inbox, owner):
     parent = os.path.dirname(folder)
     while parent != folder:  # an inbox inside another daemon's inbox is that inbox too
         folder, parent = parent, os.path.dirname(parent)
-        holder = _holder(os.path.join(folder, LOCK_NAME))
+        holder = fsutil.lock_holder(os.path.join(folder, LOCK_NAME))
         if holder is not None:
             raise AlreadyRunning(f"{inbox} is inside {folder}, the inbox of another wardrobe "
                                  f"({_owner(holder)}); give each daemon an inbox of its own")
@@ -255,19 +254,6 @@ def _lock(inbox, owner):
         raise AlreadyRunning(f"{inbox} is the inbox of another wardrobe ({_owner(holder)}); "
                              "give each daemon an inbox of its own")
     return file
-
-
-def _holder(path):
-    """What the process holding the lock at `path` wrote there, or None if none holds it."""
-    try:
-        with open(path) as file:
-            try:
-                fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return file.read().strip()
-    except OSError:
-        pass
-    return None
 
 
 def _owner(holder):

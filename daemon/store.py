@@ -12,7 +12,6 @@ temporaries, exports written before the first manifest) is a write cut short, no
 it is removed. Only a committed generation that fails verification is quarantined.
 """
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -363,14 +362,9 @@ def lock(folder):
 def running_pid(folder):
     """The pid of the daemon holding save/.lock, or None."""
     try:
-        with open(Path(folder) / ".lock") as file:
-            try:
-                fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return int(file.read().strip() or 0) or None
-    except (OSError, ValueError):
-        pass
-    return None
+        return int(fsutil.lock_holder(Path(folder) / ".lock") or 0) or None
+    except ValueError:
+        return None
 
 
 class _Damaged(Exception):
