@@ -12,6 +12,7 @@ import logging
 import os
 import queue
 import stat
+import threading
 import time
 
 from daemon import fsutil, metrics
@@ -36,6 +37,7 @@ class Inbox:
         self.settling = fsutil.Settling(SETTLE_SECONDS, clock)
         self._unreadable = {}  # folder that could not be listed -> (when to try, delay)
         self._lock = None  # inbox/.wardrobe.lock, held while running
+        self._locking = threading.Lock()  # one taker at a time (see service: two threads try)
 
     @property
     def root(self):
@@ -50,10 +52,10 @@ class Inbox:
     def lock(self, owner):
         """Make the inbox and hold its lock for `owner` ("PID SAVE", for the message a second
         daemon gets): AlreadyRunning if another daemon holds it."""
-        os.makedirs(self.path, exist_ok=True)
-        if self._lock is None:
-            file = _lock(self.path, owner)
-            self._lock = self._lock or file  # kept: another thread's call may have taken it
+        with self._locking:  # the main thread's try may still be under way (a share hung)
+            os.makedirs(self.path, exist_ok=True)
+            if self._lock is None:
+                self._lock = _lock(self.path, owner)
 
     def start(self, owner):
         self.lock(owner)
