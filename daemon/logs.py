@@ -75,9 +75,10 @@ def import_tensorflow():
 
 
 @contextlib.contextmanager
-def captured(logger, level, prefix=""):
+def captured(logger, level, prefix="", highest=logging.CRITICAL):
     """Within: what native code writes to fd 2 is kept, then logged by `logger`, a record a
-    line, at the line's own glog severity or else `level`, after `prefix`."""
+    line, at the line's own glog severity (at most `highest`) or else `level`, after
+    `prefix`."""
     global _buffer
     with _capturing:
         if _buffer is None:
@@ -96,16 +97,16 @@ def captured(logger, level, prefix=""):
                 text = os.pread(_buffer, written, 0).decode(errors="replace")
                 os.ftruncate(_buffer, 0)
                 os.lseek(_buffer, 0, os.SEEK_SET)
-                _log_lines(logger, level, prefix, text)
+                _log_lines(logger, level, prefix, text, highest)
 
 
-def _log_lines(logger, level, prefix, text):
+def _log_lines(logger, level, prefix, text, highest):
     for line in text.splitlines():
         if not line.strip():
             continue
         native = NATIVE.match(line)
         if native:  # a continuation line keeps the level of the line it continues
-            level = NATIVE_LEVELS[native.group(1)]
+            level = min(NATIVE_LEVELS[native.group(1)], highest)
             line = f"{native.group(2)}: {native.group(3)}"
         logger.log(logging.DEBUG if line.startswith(ABSL_NOTICE) else level, "%s%s", prefix,
                    line)
