@@ -1,5 +1,5 @@
 """The in-process ceiling a daemon's throughput is compared with: the same files, one
-process doing only the work itself -- decode (daemon.images.load, in a pool of one process
+process doing only the work itself -- decode (daemon.data.images.load, in a pool of one process
 per core), one batched predict, a small file written per image. Nothing watched, nothing
 checked, nothing queued.
 """
@@ -16,7 +16,7 @@ from daemonproc import REPO
 
 
 def _load(path):
-    from daemon import images  # the tree's code (REPO is on sys.path)
+    from daemon.data import images  # the tree's code (REPO is on sys.path)
 
     return images.load(path)
 

@@ -28,8 +28,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from daemon import dataset, models  # noqa: E402
-from daemon.checkpoints import Checkpoint  # noqa: E402
+from daemon.data import dataset  # noqa: E402
+from daemon.training import models  # noqa: E402
+from daemon.training.checkpoints import Checkpoint  # noqa: E402
 
 FULL = 60_000
 

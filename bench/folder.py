@@ -32,8 +32,8 @@ from daemonproc import READY, REPO, Daemon, environment
 from report import OtherLoad, code_version, machine
 
 sys.path.insert(0, str(REPO))
-from daemon import dataset  # noqa: E402  (first: it sets OpenCV's pixel cap)
-from daemon.config import DEFAULT_LABELS  # noqa: E402
+from daemon.data import dataset  # noqa: E402  (first: it sets OpenCV's pixel cap)
+from daemon.service.config import DEFAULT_LABELS  # noqa: E402
 
 import cv2  # noqa: E402
 
@@ -130,9 +130,9 @@ def median(values):
 def build(ctx, rounds):
     """A fresh save/: spawn -> "data version 1" on the 60,000 PNGs; next to it, the same
     sync in this process (the daemon's DataSource and Decoder, no TensorFlow alongside)."""
-    from daemon.config import load
-    from daemon.datasource import DataSource
-    from daemon.decoding import Decoder
+    from daemon.service.config import load
+    from daemon.data.datasource import DataSource
+    from daemon.inbox.decoding import Decoder
     rows = []
     for number in range(rounds):
         run = ctx.folder(f"build-{number}")

@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from daemon import dataset  # noqa: E402
+from daemon.data import dataset  # noqa: E402
 
 
 class Daemon:

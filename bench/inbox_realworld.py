@@ -29,8 +29,8 @@ from daemonproc import (READY, REPO, Daemon, config_error, copy_save, sidecar_ti
 from report import OtherLoad, code_version, machine, summary
 
 sys.path.insert(0, str(REPO))
-from daemon import dataset  # noqa: E402
-from daemon.config import DEFAULT_LABELS  # noqa: E402
+from daemon.data import dataset  # noqa: E402
+from daemon.service.config import DEFAULT_LABELS  # noqa: E402
 
 BENCHMARKS = ("burst", "photos", "poll", "startup")
 OUT = REPO / "docs" / "bench-inbox-realworld.json"

@@ -38,7 +38,7 @@ from daemonproc import REPO, Daemon, wait_for_sidecars
 from report import OtherLoad, code_version, machine
 
 sys.path.insert(0, str(REPO))
-from daemon import dataset  # noqa: E402
+from daemon.data import dataset  # noqa: E402
 
 OUT = REPO / "docs" / "bench-metrics.json"
 SAMPLE_BATCHES = 232  # an epoch of the sample: 7,413 training images, 32 a batch
@@ -366,7 +366,7 @@ def tensorboard(ctx, epochs, epoch_s):
     loaded, on epochs shaped like the sample run's; epoch 1 (first use of tf.summary) apart."""
     from unittest import mock
 
-    from daemon.curves import Curves, confusion_image
+    from daemon.training.curves import Curves, confusion_image
 
     save, unsynced = ctx.folder("tensorboard") / "save", ctx.folder("unsynced") / "save"
     curves, without_fsync = Curves(save), Curves(unsynced)
@@ -455,7 +455,7 @@ class Context:
 def feeding(calls, labelling_rate, epoch_s, batches):
     """What the parts pay to feed the metrics, whether or not anyone serves them: each
     feeding function timed in this process, against the time an image or a batch takes."""
-    from daemon import metrics
+    from daemon.service import metrics
 
     def per_call(function):
         started = time.perf_counter()

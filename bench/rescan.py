@@ -19,9 +19,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from daemon.config import Watch  # noqa: E402
-from daemon.inbox import Inbox  # noqa: E402
-from daemon.sidecars import Sidecars  # noqa: E402
+from daemon.service.config import Watch  # noqa: E402
+from daemon.inbox.inbox import Inbox  # noqa: E402
+from daemon.inbox.sidecars import Sidecars  # noqa: E402
 
 RESULT = {"label": "Sneaker", "class": 7, "confidence": 0.98, "epoch": 1, "model": "1@bench"}
 

@@ -29,8 +29,8 @@ sys.path.insert(0, str(REPO))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from daemon import dataset  # noqa: E402
-from daemon.store import CheckpointStore  # noqa: E402
+from daemon.data import dataset  # noqa: E402
+from daemon.training.store import CheckpointStore  # noqa: E402
 
 # moment -> (log line to wait for, extra seconds of random delay at most)
 MOMENTS = {

@@ -7,8 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from daemon import config as config_module
 from daemon.errors import EXIT_FATAL, EXIT_OK, WardrobeError
+from daemon.service import config as config_module
 
 log = logging.getLogger("daemon")
 
@@ -64,32 +64,32 @@ def main(argv=None):
 
 def dispatch(args):
     if args.command == "run":
-        from daemon import logs, service
+        from daemon.service import logs, service
 
         logs.setup()
     try:
         config = load_config(args.config)
         if args.command == "status":
-            from daemon import status
+            from daemon.service import status
 
             print(status.render(status.report(config), args.json))
             return 0
         if args.command == "unit":
-            from daemon import systemd
+            from daemon.service import systemd
 
             for folder in (config.inbox, config.save):  # systemd needs ReadWritePaths to exist
                 folder.mkdir(parents=True, exist_ok=True)
             print(systemd.unit_file(config, user=args.user), end="")
             return 0
         if args.command == "relabel":
-            from daemon import relabel
+            from daemon.inbox import relabel
 
             return relabel.run(config, args.all, sys.stdout, sys.stderr)
         if args.command == "classify":
-            from daemon import logs
+            from daemon.service import logs
 
             logs.import_tensorflow()
-            from daemon import classifier
+            from daemon.inbox import classifier
 
             return classifier.classify_files(config, args.files, sys.stdout, sys.stderr)
         return service.Service(config).run()

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
-from daemon import dataset
-from daemon.store import CheckpointStore
+from daemon.data import dataset
+from daemon.training.store import CheckpointStore
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_IMAGES, TEST_IMAGES = 1024, 256

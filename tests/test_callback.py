@@ -1,12 +1,13 @@
-"""daemon.checkpoints.Checkpoint in anyone's model.fit, in this process."""
+"""daemon.training.checkpoints.Checkpoint in anyone's model.fit, in this process."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from daemon import dataset, models
-from daemon.checkpoints import Checkpoint
+from daemon.data import dataset
+from daemon.training import models
+from daemon.training.checkpoints import Checkpoint
 
 
 @pytest.fixture(scope="module")

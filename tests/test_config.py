@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from conftest import REPO
-from daemon import config as config_module
 from daemon.errors import ConfigError
+from daemon.service import config as config_module
 
 BAD = [
     ("inbox: [a, b]\n", "inbox", "expected a path"),

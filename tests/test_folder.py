@@ -16,10 +16,10 @@ import pytest
 import yaml
 
 from conftest import NO_DAC, REPO, assert_loadable, newest_state, sidecar, status, wait_until
-from daemon import dataset
-from daemon.config import DEFAULT_LABELS
-from daemon.store import CheckpointStore
-from daemon.versions import VersionStore
+from daemon.data import dataset
+from daemon.data.versions import VersionStore
+from daemon.service.config import DEFAULT_LABELS
+from daemon.training.store import CheckpointStore
 
 TROUSER, DRESS, SNEAKER, BAG = 1, 3, 7, 8
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from daemon import dataset, images
-from daemon.images import BadImage, Unreadable
+from daemon.data import dataset, images
+from daemon.data.images import BadImage, Unreadable
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +196,7 @@ def test_a_400_megapixel_png_is_refused(bomb):
 PEAK_AFTER_TENSORFLOW = """
 import sys
 import tensorflow  # loads cv2 before daemon does
-from daemon import images
+from daemon.data import images
 try:
     images.load(sys.argv[1])
 except images.BadImage as error:

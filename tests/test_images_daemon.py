@@ -6,7 +6,7 @@ import cv2
 import pytest
 
 from conftest import sidecar, wait_until, write_config
-from daemon import dataset
+from daemon.data import dataset
 from test_images import STORED, bomb, phone_photo, with_orientation  # noqa: F401 - a fixture
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TEST_IMAGES, run_to_completion, sidecar, wait_until, write_config
-from daemon import dataset
+from daemon.data import dataset
 
 
 @pytest.fixture(scope="module")
@@ -299,10 +299,10 @@ def test_a_replaced_image_is_labelled_again_even_while_down(tmp_path, trained, d
 def test_an_observer_killed_by_a_raising_handler_is_replaced(tmp_path, monkeypatch):
     """watchdog's observer thread dies silently when a handler raises; take() notices,
     starts a new observer and rescans. In-process, with the real observer."""
-    from daemon import watch
-    from daemon.config import Watch
-    from daemon.inbox import Inbox
-    from daemon.sidecars import Sidecars
+    from daemon.inbox import watch
+    from daemon.service.config import Watch
+    from daemon.inbox.inbox import Inbox
+    from daemon.inbox.sidecars import Sidecars
 
     root = tmp_path / "inbox"
     inbox = Inbox(root, Sidecars("json", ["png"]), Watch(mode="inotify"))

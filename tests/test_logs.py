@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import sidecar, wait_until, write_config
-from daemon import images
+from daemon.data import images
 
 PLAIN = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) "
                    r"[\w.]+: ")

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import newest_state, status, wait_until, write_config
-from daemon import dataset
+from daemon.data import dataset
 
 RUNS = {"train": ["epoch_loss", "epoch_accuracy", "checkpoint_seconds", "images_labelled"],
         "validation": ["epoch_loss", "epoch_accuracy", "confusion_matrix/10 classes"]}

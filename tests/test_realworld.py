@@ -20,7 +20,8 @@ import yaml
 
 from conftest import NO_DAC, REPO, TEST_IMAGES, sidecar, status, wait_until, write_config
 from test_systemd import FakeNotifySocket, gaps
-from daemon import dataset, shares
+from daemon import shares
+from daemon.data import dataset
 
 BINDFS = shutil.which("bindfs")
 FUSERMOUNT = shutil.which("fusermount") or shutil.which("fusermount3") or "fusermount"

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, assert_loadable, status, wait_until, write_config
 from daemon import fsutil
-from daemon.store import CheckpointStore, manifest_name, state_name
+from daemon.training.store import CheckpointStore, manifest_name, state_name
 
 STARTED = r"(no checkpoint in|resuming from) .*: epoch (\d+)/\d+, batch (\d+)"
 
@@ -119,8 +119,8 @@ def test_no_committed_generation_is_a_fresh_start_not_a_quarantine(tmp_path, sma
 @pytest.mark.parametrize("case", ["uncommitted newest", "nothing committed", "flipped byte"])
 def test_open_store_removes_the_uncommitted_and_quarantines_the_damaged(tmp_path, save, case):
     """store.open_store, the start-up repair, on its own (no daemon, no TensorFlow)."""
-    from daemon import config as config_module
-    from daemon.store import open_store
+    from daemon.service import config as config_module
+    from daemon.training.store import open_store
 
     config = config_module.parse({"save": str(save), "inbox": str(tmp_path / "inbox")}, tmp_path)
     newest, previous = generations(save)[:2]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import Daemon, assert_loadable, newest_state, run_to_completion, status, wait_until, write_config
-from daemon.store import CheckpointStore
+from daemon.training.store import CheckpointStore
 
 _references = {}
 

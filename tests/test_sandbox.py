@@ -15,9 +15,9 @@ import cv2
 import pytest
 
 from conftest import REPO, status, wait_until, write_config
-from daemon import dataset
-from daemon.config import DEFAULT_LABELS
-from daemon.systemd import reload_lines
+from daemon.data import dataset
+from daemon.service.config import DEFAULT_LABELS
+from daemon.service.systemd import reload_lines
 
 SANDBOX = REPO.parent / "shared" / "tools" / "systemd-sandbox"
 # systemd's debug log of the daemon's answer to a reload: "Got notification message from

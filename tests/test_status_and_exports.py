@@ -39,7 +39,7 @@ def test_status_into_a_pipe_closed_early_exits_0_quietly(tmp_path, small_data):
     """`status | head -1`: head exits after the first line and the rest meets a closed pipe.
     A checkpoint naming a model with a megabyte-long name makes the lines after the first
     longer than a pipe holds, so the error happens every time, not by chance."""
-    from daemon.store import CheckpointStore
+    from daemon.training.store import CheckpointStore
 
     config = write_config(tmp_path, small_data, epochs=5)
     CheckpointStore(tmp_path / "save").write(
@@ -54,7 +54,7 @@ def test_status_into_a_pipe_closed_early_exits_0_quietly(tmp_path, small_data):
 
 TUTORIAL = """
 import sys, numpy as np, keras
-from daemon import dataset
+from daemon.data import dataset
 model = keras.models.model_from_json(open('save/model.json').read())
 model.load_weights('save/model.h5')
 model.compile(loss='sparse_categorical_crossentropy', metrics=['accuracy'])

@@ -15,9 +15,9 @@ import pytest
 
 from conftest import REPO, wait_until, write_config
 from test_sandbox import sandbox  # noqa: F401  (the fixture)
-from daemon import config as config_module
-from daemon import systemd
 from daemon.errors import WardrobeError
+from daemon.service import config as config_module
+from daemon.service import systemd
 
 STRACE = shutil.which("strace")
 ANALYZE = shutil.which("systemd-analyze")

@@ -8,11 +8,12 @@ import shutil
 import numpy as np
 import pytest
 
-from daemon import fsutil, versions
-from daemon.dataset import list_folder
-from daemon.sidecars import Sidecars
-from daemon.store import CheckpointStore
-from daemon.versions import VersionStore, is_validation
+from daemon import fsutil
+from daemon.data import versions
+from daemon.data.dataset import list_folder
+from daemon.data.versions import VersionStore, is_validation
+from daemon.inbox.sidecars import Sidecars
+from daemon.training.store import CheckpointStore
 
 is_image = Sidecars("json", ["png", "jpg"]).is_image_name
 
@@ -130,7 +131,7 @@ def test_the_best_is_a_contest_within_the_newest_scored_data_version(tmp_path):
 def test_widen_keeps_every_old_weight_and_the_optimizer_state():
     import keras
 
-    from daemon import models
+    from daemon.training import models
 
     model = models.build("mlp", seed=1, num_classes=3)
     x = np.random.default_rng(0).random((64, 28, 28), dtype=np.float32)
@@ -176,7 +177,7 @@ def test_decode_all_survives_a_worker_killed_under_it(tmp_path, caplog):
     import cv2
 
     from conftest import wait_until
-    from daemon.decoding import Decoder
+    from daemon.inbox.decoding import Decoder
 
     rng = np.random.default_rng(1)
     paths = []

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from daemon.errors import ConfigError, WardrobeError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("daemon.systemd")  # the name users see: daemon.service.logs
 
 # journald reads "<N>" at the start of a line as its priority (sd-daemon(3)).
 PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
@@ -141,7 +141,8 @@ def unit_file(config, user=False, version=None):
     # systemd wants these normalized ("path is not normalized" for a "..").
     writable = sorted({os.path.realpath(config.inbox), os.path.realpath(config.save)})
     used = [interpreter, Path(os.path.realpath(interpreter)), Path(sys.prefix),
-            Path(sys.base_prefix), Path(__file__).resolve().parent, config.inbox, config.save]
+            Path(sys.base_prefix), Path(__file__).resolve().parents[1], config.inbox,
+            config.save]  # parents[1]: the daemon package
     used += [p for p in (config_path, config.data.path) if p]
     under = lambda roots: any(str(p) == r or str(p).startswith(r + "/")  # noqa: E731
                               for p in used for r in roots)

@@ -17,7 +17,7 @@ import time
 
 from daemon import fsutil
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("daemon.sidecars")  # the name users see: daemon.service.logs
 NAME_MAX = 255
 # Errors written by versions that took an unreadable file for a bad one: look again.
 _TRANSIENT_ERRORS = ("cannot open: ", "cannot read: ")

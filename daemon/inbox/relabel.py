@@ -15,12 +15,13 @@ import os
 import time
 import uuid
 
-from daemon import fsutil, logs
+from daemon import fsutil
 from daemon.errors import AlreadyRunning
-from daemon.sidecars import Sidecars
-from daemon.store import CheckpointStore, lock, running_pid
+from daemon.inbox.sidecars import Sidecars
+from daemon.service import logs
+from daemon.training.store import CheckpointStore, lock, running_pid
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("daemon.relabel")  # the name users see: daemon.service.logs
 
 REQUEST = "relabel-request-{}.json"
 ANSWER = "relabel-answer-{}.json"
@@ -65,8 +66,8 @@ def run(config, everything, out, err, timeout=None):
 def _here(config, sidecars, everything, out, err):
     """The daemon is down: relabel in this process."""
     logs.import_tensorflow()
-    from daemon import images
-    from daemon.classifier import Classifier
+    from daemon.data import images
+    from daemon.inbox.classifier import Classifier
 
     classifier = Classifier(config)
     if not classifier.refresh():

@@ -13,9 +13,9 @@ import numpy as np
 from daemon import fsutil
 from daemon.errors import ConfigError, WardrobeError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("daemon.dataset")  # the name users see: daemon.service.logs
 
-SAMPLE = Path(__file__).parent / "data" / "fashion-mnist-sample"
+SAMPLE = Path(__file__).parent / "fashion-mnist-sample"  # package data of daemon.data
 FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",

@@ -12,10 +12,10 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from daemon.config import show_listen
 from daemon.errors import WardrobeError
+from daemon.service.config import show_listen
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("daemon.metrics")  # the name users see: daemon.service.logs
 
 LABELLED = Counter("wardrobe_images_labelled", "Sidecars written, by outcome: a label, or an "
                    "error for a file that is not an image we can read", ["outcome"])

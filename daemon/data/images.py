@@ -20,10 +20,10 @@ import cv2
 import numpy as np
 
 from daemon import MAX_IMAGE_PIXELS as MAX_PIXELS  # sets OpenCV's cap before cv2 loads
-from daemon import logs
 from daemon.errors import WardrobeError
+from daemon.service import logs
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("daemon.images")  # the name users see: daemon.service.logs
 
 MAX_FILE_BYTES = 64 * 1024 * 1024
 SIDE = 28

@@ -14,14 +14,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from daemon import metrics, models
-from daemon.checkpoints import Checkpoint
-from daemon.curves import Curves, confusion
-from daemon.config import NUM_CLASSES
-from daemon.store import data_kind
-from daemon.versions import Data, VersionStore
+from daemon.data.versions import Data, VersionStore
+from daemon.service import metrics
+from daemon.service.config import NUM_CLASSES
+from daemon.training import models
+from daemon.training.checkpoints import Checkpoint
+from daemon.training.curves import Curves, confusion
+from daemon.training.store import data_kind
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("daemon.training")  # the name users see: daemon.service.logs
 
 BOUNDARY_WAIT_SECONDS = 10.0  # at most, for a data version being made
 
@@ -77,14 +78,14 @@ class Trainer:
         self._phase = "loading"
         self.epoch = self.step = 0
         self.checkpoint = None
-        self.data = None  # the data version in use (daemon.versions.Data)
+        self.data = None  # the data version in use (daemon.data.versions.Data)
         self.validation_accuracy = None  # the last epoch's
         self.trained_once = False  # for one log line: the first batch of this run
         self.data_pending = lambda: False  # is a data version being made? (the service's)
         self.data_damaged = lambda number: None  # tell the data source a version is unusable
         self.labelled = lambda: 0  # images labelled so far by this process (the service's)
         self._labelled_before = 0  # ... when the last epoch ended
-        self.curves = None  # TensorBoard (daemon.curves)
+        self.curves = None  # TensorBoard (daemon.training.curves)
         self.unusable = set()  # data versions that could not be read
         self.taking = None  # the data version being taken into use
         self.missing = 0  # the checkpoint's data version, missing at start: wait for above it

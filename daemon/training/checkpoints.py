@@ -1,12 +1,12 @@
 """A Keras callback that checkpoints to the crash-safe store and resumes exactly.
 
-    model.fit(x, y, callbacks=[daemon.checkpoints.Checkpoint("save/")])
+    model.fit(x, y, callbacks=[daemon.training.checkpoints.Checkpoint("save/")])
 
 Like keras.callbacks.BackupAndRestore, but a kill at any instant leaves save/ loadable, and
 a resumed run continues at the saved batch with the optimizer, the layers' RNG state (Dropout)
 and the epoch's metric accumulators restored, so it ends bit-identical to a run never
 interrupted -- provided each epoch's batch order depends only on the epoch number (pass
-shuffle=False and order the data per epoch from a seed, as daemon.training does) and
+shuffle=False and order the data per epoch from a seed, as daemon.training.training does) and
 steps_per_execution is 1. `save/model.json` + `save/model.h5` always load with the
 tutorial's `model_from_json(...)` then `load_weights("save/model.h5")`.
 """
@@ -19,11 +19,11 @@ import time
 import keras
 import numpy as np
 
-from daemon import metrics
 from daemon.errors import IncompatibleCheckpoint
-from daemon.store import CheckpointStore
+from daemon.service import metrics
+from daemon.training.store import CheckpointStore
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("daemon.checkpoints")  # the name users see: daemon.service.logs
 
 # Groups of variables a generation holds, in a fixed order.
 _GROUPS = ("model", "optimizer", "metrics")

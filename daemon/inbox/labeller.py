@@ -1,4 +1,4 @@
-"""Turns image paths into sidecars: stat, decode on every core (daemon.decoding), one batched
+"""Turns image paths into sidecars: stat, decode on every core (daemon.inbox.decoding), one batched
 predict, sidecars rendered here and written atomically by the same worker processes. Runs
 in one thread, the service's.
 
@@ -22,10 +22,11 @@ import os
 import time
 from concurrent.futures.process import BrokenProcessPool
 
-from daemon import fsutil, metrics
-from daemon.relabel import stale
+from daemon import fsutil
+from daemon.inbox.relabel import stale
+from daemon.service import metrics
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("daemon.labeller")  # the name users see: daemon.service.logs
 
 STEP_SECONDS = 0.5
 QUIET_SECONDS = 30.0  # where the kernel cannot tell: unchanged this long before an error

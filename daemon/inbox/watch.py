@@ -28,7 +28,7 @@ from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGroupe
 from daemon import fsutil
 from daemon.mounts import choose_mode
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("daemon.watch")  # the name users see: daemon.service.logs
 
 EVENTS = [FileClosedEvent, FileCreatedEvent, FileDeletedEvent, FileMovedEvent,
           DirMovedEvent, DirCreatedEvent]

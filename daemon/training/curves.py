@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from daemon import fsutil
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("daemon.curves")  # the name users see: daemon.service.logs
 
 RUNS = ("train", "validation")
 _NAME = re.compile(r"^events\.out\.tfevents\.(\d{10})\.wardrobe$")

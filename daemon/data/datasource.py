@@ -18,13 +18,14 @@ import time
 
 import numpy as np
 
-from daemon import dataset, fsutil
-from daemon.sidecars import Sidecars
-from daemon.store import CheckpointStore
-from daemon.versions import VersionStore, content, content_digest, is_validation
-from daemon.watch import Watcher
+from daemon import fsutil
+from daemon.data import dataset
+from daemon.data.versions import VersionStore, content, content_digest, is_validation
+from daemon.inbox.sidecars import Sidecars
+from daemon.inbox.watch import Watcher
+from daemon.training.store import CheckpointStore
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("daemon.datasource")  # the name users see: daemon.service.logs
 
 SETTLE_SECONDS = 2.0  # where the kernel cannot tell: unchanged this long, it is complete
 VERDICT_SECONDS = 30.0  # ... and this long before it is skipped as not an image
@@ -47,7 +48,7 @@ class DataSource:
         self.config = config  # replaced by a reload (see the setter)
         self.store = VersionStore(config.save)
         self.checkpoints = CheckpointStore(config.save)
-        self.decoder = decoder  # daemon.decoding.Decoder, for folder sources
+        self.decoder = decoder  # daemon.inbox.decoding.Decoder, for folder sources
         self._settling = fsutil.Settling(SETTLE_SECONDS, clock)
         self._warned = set()  # (path, size, mtime_ns) of bad images already reported
         self._gone_classes = set()

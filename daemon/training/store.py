@@ -25,7 +25,7 @@ from daemon import fsutil
 from daemon.errors import AlreadyRunning, IncompatibleCheckpoint
 from daemon.sequence import Sequence
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("daemon.store")  # the name users see: daemon.service.logs
 
 FORMAT = 1
 _GENERATION = re.compile(r"^ckpt-(\d{8})\.(json|npz)$")

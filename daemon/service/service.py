@@ -28,17 +28,20 @@ import tempfile
 import threading
 import time
 
-from daemon import config as config_module
-from daemon import dataset, fsutil, logs, metrics, relabel, shares
-from daemon.decoding import Decoder
+from daemon import fsutil, shares
+from daemon.data import dataset
+from daemon.data.datasource import DataSource, follow
 from daemon.errors import EXIT_FATAL, EXIT_OK, ConfigError
-from daemon.inbox import Inbox
-from daemon.sidecars import Sidecars
-from daemon.datasource import DataSource, follow
-from daemon.store import CheckpointStore, lock as lock_save, open_store
-from daemon.systemd import Notifier
+from daemon.inbox import relabel
+from daemon.inbox.decoding import Decoder
+from daemon.inbox.inbox import Inbox
+from daemon.inbox.sidecars import Sidecars
+from daemon.service import config as config_module
+from daemon.service import logs, metrics
+from daemon.service.systemd import Notifier
+from daemon.training.store import CheckpointStore, lock as lock_save, open_store
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("daemon.service")  # the name users see: daemon.service.logs
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGXCPU)
 # Default action: terminate. Handled so that none of them ends the daemon without a word.
@@ -358,8 +361,8 @@ class Service:
         # TensorFlow is imported here, off the main thread, and by one thread only (two
         # threads importing it at once deadlock)
         logs.import_tensorflow()
-        from daemon.training import Trainer
-        from daemon.classifier import Classifier  # noqa: F401
+        from daemon.training.training import Trainer
+        from daemon.inbox.classifier import Classifier  # noqa: F401
 
         self._imported.set()
         trainer = Trainer(self.config, generation, self.stop_event)
@@ -389,8 +392,8 @@ class Service:
             self._labeller_beat = time.monotonic()
             if self.stop_event.is_set():
                 return
-        from daemon.classifier import Classifier
-        from daemon.labeller import Labeller
+        from daemon.inbox.classifier import Classifier
+        from daemon.inbox.labeller import Labeller
 
         config = self.config
         sidecars = self.inbox.sidecars

@@ -12,11 +12,12 @@ import logging
 import numpy as np
 import tensorflow as tf
 
-from daemon import images, models
-from daemon.config import NUM_CLASSES
-from daemon.store import CheckpointStore
+from daemon.data import images
+from daemon.service.config import NUM_CLASSES
+from daemon.training import models
+from daemon.training.store import CheckpointStore
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("daemon.classifier")  # the name users see: daemon.service.logs
 
 
 class Classifier:

@@ -7,6 +7,11 @@ TensorFlow's C++ start-up lines (absl logs them before anything could set its le
 TF_CPP_MIN_LOG_LEVEL does not reach them), libpng's warnings and errors about a file --
 are caught where they speak, around the import and around each decode, and logged here;
 Python warnings (Keras's) become WARNING records.
+
+A record's name is its module's name as it was before daemon/ had subpackages
+(`daemon.service`, `daemon.watch`, `daemon.images`, not `daemon.service.service`...): the
+names users already filter the journal on and the README quotes. Each module names its
+logger so, explicitly.
 """
 
 import contextlib
@@ -17,7 +22,7 @@ import sys
 import threading
 import warnings
 
-from daemon.systemd import JournalFormatter, stderr_is_journal
+from daemon.service.systemd import JournalFormatter, stderr_is_journal
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # glog/absl: "I0000 00:00:1716000000.123456    3865 port.cc:153] text"
@@ -27,7 +32,7 @@ NATIVE_LEVELS = {"I": logging.DEBUG, "W": logging.WARNING, "E": logging.ERROR,
 # absl's notice that it has no log file yet: about absl, not about us
 ABSL_NOTICE = "WARNING: All log messages before absl::InitializeLog() is called"
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("daemon.logs")  # the name users see: daemon.service.logs
 
 _capturing = threading.Lock()  # file descriptor 2 is one per process
 _buffer = None  # the memfd that stands in for fd 2 during a capture, made once
@@ -46,7 +51,8 @@ def setup(level=logging.INFO):
 
 def _log_thread_exception(args):
     # A library's thread that dies (concurrent.futures' pool manager, racing a killed
-    # worker) would print its traceback raw; ours never end this way (service.py keeps them)
+    # worker) would print its traceback raw; ours never end this way (daemon.service.service
+    # keeps them)
     if args.exc_type is not SystemExit:
         log.error("thread %s ended: %s", args.thread.name if args.thread else "?",
                   args.exc_value, exc_info=(args.exc_type, args.exc_value, args.exc_traceback))

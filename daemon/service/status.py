@@ -6,8 +6,8 @@ import datetime
 import json
 
 from daemon import shares
-from daemon.store import CheckpointStore, running_pid
-from daemon.versions import VersionStore
+from daemon.data.versions import VersionStore
+from daemon.training.store import CheckpointStore, running_pid
 
 
 def report(config):

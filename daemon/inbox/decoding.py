@@ -21,9 +21,11 @@ import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
 
-from daemon import fsutil, images, logs
+from daemon import fsutil
+from daemon.data import images
+from daemon.service import logs
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("daemon.decoding")  # the name users see: daemon.service.logs
 
 # After a kill -9, multiprocessing's resource tracker (a process of its own, started with
 # the pool, that outlives the daemon) unlinks the pool's semaphores and warns about them on

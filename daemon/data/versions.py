@@ -27,9 +27,9 @@ import numpy as np
 
 from daemon import fsutil
 from daemon.sequence import Sequence
-from daemon.store import CheckpointStore
+from daemon.training.store import CheckpointStore
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("daemon.versions")  # the name users see: daemon.service.logs
 
 FORMAT = 1
 VALIDATION_SHARE = 10  # one image in ten validates

@@ -1,6 +1,6 @@
 """Finds the images in inbox/ that need a label, and keeps each sidecar with its image.
 
-Changes come from the watcher (daemon.watch): inotify or polling, start-up and safety-net
+Changes come from the watcher (daemon.inbox.watch): inotify or polling, start-up and safety-net
 scans. An image closed after writing, moved in, linked in or seen changed is offered to the
 labeller once it has settled; one renamed inside the tree takes its sidecar along (same
 content, no relabelling); one deleted or moved out takes its sidecar with it. Scans walk a
@@ -15,11 +15,12 @@ import stat
 import threading
 import time
 
-from daemon import fsutil, metrics
+from daemon import fsutil
 from daemon.errors import AlreadyRunning
-from daemon.watch import RESCANS, Watcher
+from daemon.inbox.watch import RESCANS, Watcher
+from daemon.service import metrics
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("daemon.inbox")  # the name users see: daemon.service.logs
 
 LOCK_NAME = ".wardrobe.lock"  # in the inbox: held by the daemon watching it
 SETTLE_SECONDS = 1.0  # where the kernel cannot tell: unchanged this long, it is complete
