@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon import fsutil, logs
+from daemon import fsutil
+from daemon.service import logs
 from daemon.backbone import efficientnet, torchfile
 from daemon.errors import ConfigError
 
