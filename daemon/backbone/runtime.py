@@ -148,15 +148,17 @@ def convert(weights):
     image = probe_image()
     expected = model(image[None], training=False).numpy()[0]
     features = Featurizer(blob)(image)
+    # Exit 2 (no restart loop): this TensorFlow cannot make this backbone, start after start
     if not np.all(np.isfinite(features)) or np.abs(features - expected).max() > TOLERANCE:
-        raise RuntimeError(f"the converted {NAME} backbone does not compute what Keras does "
-                           f"(largest difference {np.abs(features - expected).max():.3g})")
+        raise ConfigError(weights.key, f"{NAME} converted to TensorFlow Lite does not compute "
+                          "what Keras does (largest difference "
+                          f"{np.abs(features - expected).max():.3g}); weights {weights.path}")
     if weights.sha256 == WHEEL_SHA256:
         wrong = {i: float(features[i]) for i, value in WHEEL_PROBE.items()
                  if abs(features[i] - value) > TOLERANCE}
         if wrong:
-            raise RuntimeError(f"the {NAME} backbone does not give its known features on the "
-                               f"probe image (feature: value {wrong})")
+            raise ConfigError(weights.key, f"{NAME} does not give its known features on the "
+                              f"probe image (feature: value {wrong}); weights {weights.path}")
     return blob, f"{weights.sha256[:16]}-{hashlib.sha256(features.tobytes()).hexdigest()[:16]}"
 
 

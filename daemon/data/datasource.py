@@ -62,6 +62,14 @@ class DataSource:
         self._made, self._classes = 0, []  # the newest version made or found; its classes
         self._said_missing = None
         self.decoding = False  # the decode workers are busy (a stop need not wait for them)
+        self.feature_id = None  # a backbone model's: versions hold its features (see featurize)
+
+    def featurize(self, runtime):
+        """A backbone model: versions hold the features `runtime` (daemon.backbone.runtime.
+        Runtime) computes in the decode workers, not pixels; versions of other features (or
+        of pixels) are not built upon. Before the first sync."""
+        self.decoder.featurizer = runtime.path
+        self.feature_id = runtime.feature_id
 
     @property
     def config(self):
@@ -169,8 +177,7 @@ class DataSource:
                             "image outside a class folder)", root, name)
         newest = self._newest()
         known = {}  # path -> entry (decoded or skipped) as the newest version has them
-        if newest is not None and newest["origin"] == "folder" and \
-                newest.number not in self._damaged:
+        if self._builds_on(newest):
             known = {item["path"]: item for item in newest.get("skipped", [])}
             known.update(newest.entries())
             if self._refreshed[0] == newest.number:
@@ -312,7 +319,7 @@ class DataSource:
             log.warning("class %r has no images in %s any more: it keeps its output unit "
                         "but gets no training data", name, root)
         self._gone_classes = set(classes) - set(present)
-        if newest is not None and newest.number not in self._damaged and not new and \
+        if self._builds_on(newest) and not new and \
                 content(entries) == content(newest.entries().values()):
             self._remember_touched(newest, entries, skipped)
             self._decoded.clear()
@@ -324,14 +331,20 @@ class DataSource:
         if all(val):  # tiny: every image fell in the validation tenth
             raise Later(f"waiting for more images in {root}: all {len(val)} are held out "
                         "for validation", 10)
-        version = self.store.write("folder", classes, np.array(images, np.uint8).reshape(
-            -1, 28, 28), y, val, entries=entries, skipped=skipped)
+        version = self.store.write("folder", classes, images, y, val, entries=entries,
+                                   skipped=skipped, features=self.feature_id)
         self._decoded.clear()
         log.info("data version %d: %d images (%d validation) in %d classes%s%s",
                  version.number, version.images, version["counts"]["validation"],
                  len(classes), f"; new: {', '.join(new)}" if new and newest else "",
                  f"; {len(skipped)} skipped" if skipped else "")
         return version
+
+    def _builds_on(self, newest):
+        """Can a new version reuse what `newest` holds (a sound folder version of the same
+        kind: pixels, or this backbone's features)?"""
+        return newest is not None and newest["origin"] == "folder" and \
+            newest.number not in self._damaged and newest.get("features") == self.feature_id
 
     def _warn_of_twins(self, entries):
         """The same image in two classes teaches both labels: say so (once per example)."""

@@ -1,6 +1,7 @@
 """Data versions: the immutable, numbered sets of training images, kept in save/data/.
 
-Version N is `version-N.npz` (the decoded 28x28 images `x`, their class `y`, which of them
+Version N is `version-N.npz` (the decoded 28x28 images `x` -- or for a backbone model their
+features, the manifest naming the backbone runtime's `features` id --, their class `y`, which of them
 validate `val`, and for the Fashion-MNIST sources the test set) and `version-N.json`, the
 manifest: the classes in output order, one entry per source image (path, size, mtime, inode,
 sha256 of its bytes, class), what was skipped and why, and the sha256 of the npz. Written as
@@ -69,7 +70,7 @@ class Version:
     def same_images(self, other):
         """Does `other` train on just what this one does (whatever the files are called)?"""
         return self.classes == other.classes and self.get("digest") == other.get("digest") \
-            and content(self.entries().values()) == content(other.entries().values())
+            and self.get("features") == other.get("features") and content(self.entries().values()) == content(other.entries().values())
 
     def entries(self):
         """{relative path: entry} of a folder version (entries hold size, mtime_ns, ino,
@@ -175,13 +176,16 @@ class VersionStore:
         return None
 
     def write(self, origin, classes, x, y, val, entries=(), skipped=(), extra_arrays=None,
-              digest=None):
-        """Commit a new version; returns it. `entries[i]` describes row i of x, y, val."""
+              digest=None, features=None):
+        """Commit a new version; returns it. `entries[i]` describes row i of x, y, val; x is
+        28x28 images, or with `features` (the backbone runtime's feature_id) features."""
         if not self.folder.is_dir():
             self.folder.mkdir(parents=True, exist_ok=True)
             fsutil.fsync_folder(self.folder.parent)  # the new folder's own entry
         number = self.sequence.next(self.numbers())  # durable with the npz's folder fsync
-        arrays = dict(x=np.asarray(x, np.uint8).reshape(-1, 28, 28), y=np.asarray(y, np.int32),
+        x = np.asarray(x, np.uint8).reshape(-1, 28, 28) if features is None else \
+            np.asarray(x, np.float32).reshape(len(y), -1)
+        arrays = dict(x=x, y=np.asarray(y, np.int32),
                       val=np.asarray(val, bool), **(extra_arrays or {}))
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
@@ -200,6 +204,8 @@ class VersionStore:
                     "classes": list(classes), "counts": counts, "npz": hashlib.sha256(data)
                     .hexdigest(), "digest": digest, "entries": list(entries),
                     "skipped": list(skipped), "written_at": fsutil.utc_timestamp()}
+        if features is not None:
+            manifest["features"] = features
         fsutil.write_new(self.folder / manifest_name(number),
                          json.dumps(manifest, separators=(",", ":")).encode(), sync_folder=True)
         _remember((str(self.folder), number), arrays)

@@ -62,10 +62,10 @@ class Classifier:
         if self.model is None or int(self.model.outputs[0].shape[-1]) != width:
             self.model = models.build(self.config.model, num_classes=width)
             model = self.model
-            self._predict = tf.function(  # scaled to [0, 1] as in training
-                lambda batch: model(tf.cast(batch, tf.float32) / 255.0, training=False),
-                input_signature=[tf.TensorSpec([None, images.SIDE, images.SIDE], tf.uint8)],
-                reduce_retracing=True)
+            shape, dtype = models.input_spec(self.config.model)
+            self._predict = tf.function(  # as in training
+                lambda batch: model(models.as_input(batch), training=False),
+                input_signature=[tf.TensorSpec([None, *shape], dtype)], reduce_retracing=True)
         with np.load(io.BytesIO(generation.read_state()), allow_pickle=False) as arrays:
             for index, variable in enumerate(self.model.variables):
                 variable.assign(arrays[f"model.{index}"])

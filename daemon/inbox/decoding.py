@@ -1,5 +1,7 @@
-"""Decoding on every core: worker processes turn image files into 28x28 arrays, and write
-the sidecars the daemon has rendered.
+"""Decoding on every core: worker processes turn image files into what the model takes --
+28x28 arrays, or for a backbone model the photo's features (daemon.data.photos, then the
+backbone's TensorFlow Lite runtime, loaded once per worker) -- and write the sidecars the
+daemon has rendered.
 
 Processes, not threads: preprocessing many small images is Python work that one GIL would
 serialise, and a decoder that crashes or runs out of memory on a hostile file takes down a
@@ -22,7 +24,7 @@ import time
 from concurrent.futures.process import BrokenProcessPool
 
 from daemon import fsutil
-from daemon.data import images
+from daemon.data import images, photos
 from daemon.service import logs
 
 log = logging.getLogger("daemon.decoding")  # the name users see: daemon.service.logs
@@ -38,33 +40,54 @@ CHUNK_SECONDS = 0.1
 MAX_CHUNK = 256
 
 
-def decode_chunk(paths):
-    """In a worker: [(path, kind, payload, seconds)] with kind "image" (a 28x28 array),
-    "bad" (final: the content cannot be labelled) or "unreadable" (may go away)."""
+_featurizers = {}  # in a worker: .tflite path -> daemon.backbone.runtime.Featurizer
+
+
+def decode_chunk(paths, featurizer=None):
+    """In a worker: [(path, kind, payload, seconds)] with kind "image" (a 28x28 array, or
+    with `featurizer`, the path of a backbone's .tflite, the photo's features), "bad"
+    (final: the content cannot be labelled) or "unreadable" (may go away)."""
     results = []
     for path in paths:
         started = time.perf_counter()
-        kind, payload = _attempt(images.load, path)
+        if featurizer is None:
+            kind, payload = _attempt(images.load, path)
+        else:
+            kind, payload = _attempt(photos.load, path)
+            if kind == "image":
+                payload = _featurizer(featurizer)(payload)
         results.append((path, kind, payload, time.perf_counter() - started))
     return results
 
 
-def decode_training_chunk(paths):
+def decode_training_chunk(paths, featurizer=None):
     """In a worker, for a data version: [(path, kind, payload)]; an image's payload is
-    (28x28, sha256, (size, mtime_ns, ino)) of the file as read."""
-    return [(path, *_attempt(_for_training, path)) for path in paths]
+    (28x28 or features, sha256, (size, mtime_ns, ino)) of the file as read."""
+    return [(path, *_attempt(_for_training, path, featurizer)) for path in paths]
 
 
-def _for_training(path):
-    image, digest, info = images.load_for_training(path)
+def _for_training(path, featurizer):
+    if featurizer is None:
+        image, digest, info = images.load_for_training(path)
+    else:
+        image, digest, info = photos.load_for_training(path)
+        image = _featurizer(featurizer)(image)
     return image, digest, (info.st_size, info.st_mtime_ns, info.st_ino)
 
 
-def _attempt(load, path):
-    """("image", load(path)), or ("bad", why) for a verdict on the content, or
+def _featurizer(path):
+    if path not in _featurizers:
+        from daemon.backbone.runtime import Featurizer  # the workers of a backbone model only
+
+        _featurizers[path] = Featurizer(path)
+    return _featurizers[path]
+
+
+def _attempt(load, *args):
+    """("image", load(*args)), or ("bad", why) for a verdict on the content, or
     ("unreadable", why) for what may go away."""
     try:
-        return "image", load(path)
+        return "image", load(*args)
     except images.BadImage as error:
         return "bad", str(error)
     except images.Unreadable as error:
@@ -116,6 +139,9 @@ class Decoder:
 
     def __init__(self, workers=None):
         self.workers = workers or max(1, min(len(os.sched_getaffinity(0)), 8))
+        # A backbone model's .tflite (daemon.backbone.runtime.Runtime.path): images become
+        # features in the workers. None: 28x28 arrays.
+        self.featurizer = None
         self._seconds_per_image = CHUNK_SECONDS  # one image a chunk until measured
         self._pool = None
 
@@ -161,28 +187,33 @@ class Decoder:
         return max(1, min(MAX_CHUNK, int(CHUNK_SECONDS / self._seconds_per_image)))
 
     def submit(self, paths):
-        return self._submit(decode_chunk, paths)
+        return self._submit(decode_chunk, paths, self._featurizer_path())
 
-    def _submit(self, function, argument):
+    def _featurizer_path(self):
+        return None if self.featurizer is None else os.fspath(self.featurizer)
+
+    def _submit(self, function, *arguments):
         try:
             # submit() starts the workers: not while the TensorFlow import's output is
             # captured (a few seconds at start), or they would inherit the capture as stderr
             with logs.uncaptured():
-                return self._pool.submit(function, argument)
+                return self._pool.submit(function, *arguments)
         except OSError as error:
             # A worker died while the pool was starting its replacement ("handle is
             # closed"): the pool is broken, it just does not know it yet.
             raise BrokenProcessPool(f"a decode worker died: {error}") from error
 
-    def decode_all(self, paths, chunk=256):
+    def decode_all(self, paths, chunk=None):
         """decode_training_chunk over many paths on every worker; results in order. A file
         that kills a worker (a decoder crash, memory) is found by decoding what was in
         flight again one task at a time, then alone: it comes back "bad"."""
+        featurizer = self._featurizer_path()
+        chunk = chunk or (256 if featurizer is None else 16)  # a photo's features: ~20 ms
         parts = [paths[i: i + chunk] for i in range(0, len(paths), chunk)]
         futures, results, again = [], {}, []
         for part in parts:
             try:
-                futures.append((part, self._submit(decode_training_chunk, part)))
+                futures.append((part, self._submit(decode_training_chunk, part, featurizer)))
             except BrokenProcessPool:  # broke while we were handing out work
                 again.append(part)
         for part, future in futures:
@@ -195,7 +226,7 @@ class Decoder:
         while again:
             part = again.pop(0)
             try:
-                done = self._result(self._submit(decode_training_chunk, part))
+                done = self._result(self._submit(decode_training_chunk, part, featurizer))
                 results.update((result[0], result) for result in done)
             except BrokenProcessPool:
                 self.restart()

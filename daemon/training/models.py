@@ -1,4 +1,6 @@
-"""Model presets. Layer names are fixed so model.json does not depend on what else the
+"""Model presets. `mlp` and `cnn` learn from 28x28 gray images; a backbone preset
+(`efficientnet_lite0`) trains only its head, on the features its frozen backbone computed
+(daemon.backbone), and is exported whole (backbone + head) by whole(). Layer names are fixed so model.json does not depend on what else the
 process built before (Keras numbers unnamed layers from a global counter), and every random
 initial value comes from `seed`, not from global state another thread may be using."""
 
@@ -6,9 +8,29 @@ import keras
 import numpy as np
 from keras import initializers, layers
 
+from daemon.backbone import efficientnet
+from daemon.service.config import BACKBONE_MODELS as BACKBONES  # trained on features
+
+
+def input_spec(name):
+    """(shape of one input, dtype) of the model `build(name)` trains: a 28x28 uint8 image,
+    or a backbone's float32 features."""
+    if name in BACKBONES:
+        return (efficientnet.FEATURES,), "float32"
+    return (28, 28), "uint8"
+
+
+def as_input(batch):
+    """What the models take: uint8 pixels scaled to [0, 1] as the tutorial does; features
+    as they are. Works on numpy arrays and tensors alike."""
+    if batch.dtype == np.uint8 or getattr(batch.dtype, "name", None) == "uint8":
+        return keras.ops.cast(batch, "float32") / 255.0
+    return keras.ops.cast(batch, "float32")
+
 
 def build(name, seed=0, num_classes=10):
-    """A compiled model: `mlp` (the tutorial's network) or `cnn` (a small convnet)."""
+    """A compiled model: `mlp` (the tutorial's network), `cnn` (a small convnet), or a
+    backbone preset's head: one softmax layer on its features (a linear probe)."""
     seeds = iter(range(seed * 1000, seed * 1000 + 1000))
 
     def dense(units, activation, layer_name):
@@ -40,6 +62,11 @@ def build(name, seed=0, num_classes=10):
             dense(128, "relu", "hidden"),
             dense(num_classes, "softmax", "output"),
         ], name="cnn")
+    elif name in BACKBONES:
+        model = keras.Sequential([
+            keras.Input((efficientnet.FEATURES,), name="features"),
+            dense(num_classes, "softmax", "output"),
+        ], name=f"{name}_head")
     else:
         raise ValueError(f"unknown model preset {name!r}")
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy",
@@ -72,3 +99,11 @@ def widen(model, name, num_classes, seed=0):
                 value = grown
             new.assign(value)
     return wider
+
+
+def whole(backbone, head):
+    """The backbone preset as one model, RGB 0..255 image in, classes out: `backbone`'s
+    layers and `head`'s output layer, shared (not copied): it is what model.json and
+    model.h5 hold, and follows the head's weights as they train."""
+    return keras.Model(backbone.input, head.get_layer("output")(backbone.output),
+                       name=head.name.removesuffix("_head"))

@@ -12,6 +12,7 @@ temporaries, exports written before the first manifest) is a write cut short, no
 it is removed. Only a committed generation that fails verification is quarantined.
 """
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 
 from daemon import fsutil
-from daemon.errors import AlreadyRunning, IncompatibleCheckpoint
+from daemon.errors import AlreadyRunning, ConfigError, IncompatibleCheckpoint
 from daemon.sequence import Sequence
 
 log = logging.getLogger("daemon.store")  # the name users see: daemon.service.logs
@@ -308,13 +309,45 @@ class CheckpointStore:
                 if match and match.group(2) == "json"}
 
 
-def open_store(config):
+CHOICE = "model-choice.json"  # save/'s model, as `model: auto` resolved at its first start
+
+
+def resolve_model(config, record=False):
+    """`config` with `model: auto` made concrete, once per save/ and for good: the model of
+    its newest checkpoint (a save/ from before `auto` keeps its model), else the choice
+    recorded at its first start, else efficientnet_lite0 for a folder source and the
+    tutorial's mlp for Fashion-MNIST. With `record` (the daemon, holding save/'s lock) the
+    choice is written down; readers (status, classify) only look. No TensorFlow."""
+    if config.model != "auto":
+        return config
+    folder = Path(config.save)
+    newest, _ = CheckpointStore(folder).scan()
+    model = newest.get("fingerprint", {}).get("model") if newest is not None else None
+    if model is None:
+        try:
+            model = json.loads((folder / CHOICE).read_bytes()).get("model")
+        except (OSError, ValueError, AttributeError):
+            model = None
+    if model is None:
+        model = "efficientnet_lite0" if config.data.source == "folder" else "mlp"
+        if record:
+            fsutil.write_new(folder / CHOICE, json.dumps({"model": model}).encode())
+        log.info("model: auto is %s for this save/ (data.source %s)", model,
+                 config.data.source)
+    if config.weights is not None and model in ("mlp", "cnn"):
+        raise ConfigError("weights", f"a backbone's weights file, but model: auto is {model} "
+                          f"for {config.save} (a backbone's model is efficientnet_lite0)")
+    return dataclasses.replace(config, model=model)
+
+
+def open_store(config, weights=None):
     """Pick the generation to resume from; quarantine what is damaged. No TensorFlow.
 
     A damaged newest generation falls back to the previous one (WARNING); if nothing
     committed is loadable, every checkpoint file moves to save/corrupt-<time>/ (ERROR) and
     training starts afresh; what was never committed is removed (INFO); a checkpoint of
-    another model is refused (exit 2) and left untouched.
+    another model, or of a backbone with other `weights` (a daemon.backbone.runtime.Weights),
+    is refused (exit 2) and left untouched.
     """
     store = CheckpointStore(config.save)
     newest, damaged = store.scan()
@@ -324,6 +357,12 @@ def open_store(config):
             raise IncompatibleCheckpoint(
                 f"{config.save} holds a checkpoint of model {made_for!r} but the config asks "
                 f"for {config.model!r}; set `model: {made_for}` or point `save` elsewhere")
+        made_with = newest.get("fingerprint", {}).get("weights")
+        if weights is not None and made_with != weights.sha256:
+            raise IncompatibleCheckpoint(
+                f"weights: {config.save} holds a head trained on other backbone weights "
+                f"(sha256 {str(made_with)[:16]}…, now {weights.sha256[:16]}… from "
+                f"{weights.path}); set `weights` back or point `save` elsewhere")
         # Its output units mean its classes: Fashion-MNIST's ten, or a folder's own.
         trained_on = newest.get("data_kind", "fashion-mnist")
         if trained_on != data_kind(config):

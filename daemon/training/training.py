@@ -34,7 +34,7 @@ def epoch_order(seed, epoch, count):
 
 class EpochBatches:
     """The training set, held once as tensors; of_epoch(e) yields its batches in the order
-    of epoch_order(seed, e), scaled to [0, 1] as the tutorial does."""
+    of epoch_order(seed, e), as the model takes them (models.as_input)."""
 
     def __init__(self, images, labels, batch_size, seed):
         self.images = tf.constant(images)
@@ -49,8 +49,7 @@ class EpochBatches:
                 .prefetch(2))
 
     def _gather(self, indices):
-        images = tf.cast(tf.gather(self.images, indices), tf.float32) / 255.0
-        return images, tf.gather(self.labels, indices)
+        return models.as_input(tf.gather(self.images, indices)), tf.gather(self.labels, indices)
 
 
 class Trainer:
@@ -67,8 +66,13 @@ class Trainer:
     trained since the last checkpoint (unsaved()) must it wait; "loading", "waiting" (for
     data), "evaluating" and "idle" have everything on disk already."""
 
-    def __init__(self, config, generation, stop_event):
+    def __init__(self, config, generation, stop_event, backbone=None):
         self.config = config
+        # a backbone model's (daemon.backbone.runtime.Weights, .Runtime): the head trains
+        # on the features of data versions made with this runtime, and is exported whole
+        self.backbone = backbone
+        self.feature_id = backbone[1].feature_id if backbone else None
+        self._whole = (None, None)  # (head, whole model around it)
         self.generation = generation  # verified checkpoint to resume from, or None
         self.stop_event = stop_event
         self.configured = config.train.epochs  # train.epochs, live
@@ -142,6 +146,8 @@ class Trainer:
         checkpoint.validate = self._validate
         checkpoint.measure = self._measure
         checkpoint.after_epoch = self._draw
+        if self.backbone is not None:
+            checkpoint.exported = self._whole_model
         self.epoch, self.step = checkpoint.restore(generation, inside_epoch=inside_epoch)
         if generation is not None and generation["step"] and not inside_epoch:
             log.warning("checkpoint %d stopped inside epoch %d, on data not at hand (a data "
@@ -206,7 +212,27 @@ class Trainer:
         """What a checkpoint must share with this run for the resume to be exact (the data
         is named by version, with each checkpoint)."""
         train = self.config.train
-        return {"model": self.config.model, "batch_size": train.batch_size, "seed": train.seed}
+        fingerprint = {"model": self.config.model, "batch_size": train.batch_size,
+                       "seed": train.seed}
+        if self.backbone is not None:
+            fingerprint["weights"] = self.backbone[0].sha256
+        return fingerprint
+
+    def _whole_model(self, head):
+        """The backbone with `head` on top, for model.json + model.h5 (built once per head:
+        a widened head is a new model)."""
+        if self._whole[0] is not head:
+            from daemon.backbone import efficientnet
+
+            backbone = efficientnet.build()
+            efficientnet.assign(backbone, self.backbone[0].state())
+            self._whole = (head, models.whole(backbone, head))
+        return self._whole[1]
+
+    def _usable(self, version):
+        """Does `version` hold what this model trains on: features of this backbone's
+        runtime, or pixels for a model without one?"""
+        return version.get("features") == self.feature_id
 
     # ---- data versions -------------------------------------------------------------------------
 
@@ -215,6 +241,11 @@ class Trainer:
         if generation is None or generation.get("data_version") is None:
             return None
         version = self.versions.get(generation["data_version"])
+        if version is not None and not self._usable(version):
+            log.warning("data version %d, named by checkpoint %d, holds other features than "
+                        "this backbone computes now; a new version is being made",
+                        version.number, generation.number)
+            return None
         if version is None:
             self.missing = generation["data_version"]
             log.warning("data version %d, named by checkpoint %d, is missing from %s; it is "
@@ -242,7 +273,9 @@ class Trainer:
         the checkpoint names: one older than what the model was trained on), or None."""
         for number in self.versions.numbers():
             if number not in self.unusable and number > self.missing:
-                return self.versions.get(number)
+                version = self.versions.get(number)
+                if version is not None and self._usable(version):
+                    return version
         return None
 
     def _wait_for_data(self):
@@ -258,7 +291,10 @@ class Trainer:
 
     def _newer_version(self):
         numbers = [n for n in self.versions.numbers() if n not in self.unusable]
-        return bool(numbers) and numbers[0] > self.data.version.number
+        if not numbers or numbers[0] <= self.data.version.number:
+            return False  # (one listing: no manifest read per epoch)
+        newest = self._newest()
+        return newest is not None and newest.number > self.data.version.number
 
     def _take_newest_data(self):
         """At an epoch boundary: move to the newest data version, if there is a newer one.
@@ -342,7 +378,7 @@ class Trainer:
             return
         started = time.monotonic()
         loss, accuracy = self.model.evaluate(
-            data.x_test.astype("float32") / 255.0, data.y_test, batch_size=256, verbose=0,
+            models.as_input(data.x_test), data.y_test, batch_size=256, verbose=0,
             callbacks=[_Progress(self)])
         log.info("training done: %d epochs; test loss %.4f accuracy %.4f on %d images "
                  "(%.1f s)", self.epoch, loss, accuracy, len(data.x_test),
@@ -350,7 +386,7 @@ class Trainer:
 
 
 def evaluate(model, images, labels, batch_size=1024):
-    """(cross-entropy loss, accuracy, confusion matrix) of `model` on uint8 images, or
+    """(cross-entropy loss, accuracy, confusion matrix) of `model` on its inputs, or
     (None, None, None) for none; plain inference, so it leaves no trace in the model's
     metrics or RNG state."""
     if len(images) == 0:
@@ -358,7 +394,7 @@ def evaluate(model, images, labels, batch_size=1024):
     width = int(model.outputs[0].shape[-1])
     losses, matrix = 0.0, np.zeros((width, width), dtype=np.int64)
     for start in range(0, len(images), batch_size):
-        batch = images[start: start + batch_size].astype(np.float32) / 255.0
+        batch = models.as_input(images[start: start + batch_size])
         truth = labels[start: start + batch_size].astype(np.int64)
         probabilities = model(batch, training=False).numpy()
         picked = np.clip(probabilities[np.arange(len(truth)), truth], 1e-7, 1.0)
