@@ -13,6 +13,7 @@ measured it against padding: see ASPECTS). A JPEG is decoded reduced, at the coa
 
 import hashlib
 import logging
+import re
 
 import cv2
 import numpy as np
@@ -29,6 +30,9 @@ JPEG_COLOUR = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
 ASPECTS = {"crop": None, "pad-gray": (cv2.BORDER_CONSTANT, 128),
            "pad-black": (cv2.BORDER_CONSTANT, 0), "pad-edge": (cv2.BORDER_REPLICATE, 0)}
 ASPECT = "crop"
+# A marker in a JPEG's entropy-coded data: 0xFF followed by neither a stuffed 0x00, a restart
+# marker (they sit inside scans) nor another 0xFF (fill bytes before a marker).
+_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 
 
 def load(path, size=SIZE):
@@ -81,6 +85,8 @@ def _jpeg(data, size):
     """A JPEG at the coarsest reduction whose short side is at least `size`: 1/8 first
     (cheap), then, if that is too small, the reduction its size says is enough. OpenCV
     applies the EXIF orientation with the reduced flags too."""
+    if not _reaches_its_end(data):
+        raise images.BadImage("truncated JPEG: it ends before its end-of-image marker")
     image = images._imdecode(data, JPEG_COLOUR[8])
     short = min(image.shape[:2])
     if short >= size:
@@ -98,3 +104,30 @@ def _resized(image, width, height):
     shrinking = width * height < image.shape[0] * image.shape[1]
     return cv2.resize(image, (width, height),
                       interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def _reaches_its_end(data):
+    """Whether a JPEG's segments and scans lead to its end-of-image marker. libjpeg decodes a
+    truncated file without an error, its missing rows gray: a photo silently wrong. Segments
+    are skipped by their lengths (an EXIF thumbnail has an end marker of its own), scans up to
+    their next marker; data after the end (a phone's motion photo) is not looked at."""
+    position, end = 2, len(data)
+    while position + 4 <= end:
+        marker = data[position + 1] if data[position] == 0xFF else None
+        if marker is None or marker == 0xFF:  # stray bytes or fill: on to the next marker
+            found = _MARKER.search(data, position + 1)
+            if found is None:
+                return False
+            position = found.start()
+        elif marker == 0xD9:
+            return True
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length
+            position += 2
+        else:
+            position += 2 + int.from_bytes(data[position + 2: position + 4], "big")
+            if marker == 0xDA:  # a scan: its entropy-coded data runs to the next marker
+                found = _MARKER.search(data, position)
+                if found is None:
+                    return False
+                position = found.start()
+    return data[position: position + 2] == b"\xff\xd9"
