@@ -8,7 +8,7 @@ three channels, alpha is composited over white, 16-bit and float images are scal
 Aspect kept: the centred square of the short side, resized to SIZE (bench/photo_aspect.py
 measured it against padding: see ASPECTS). A JPEG is decoded reduced, at the coarsest of
 1/8, 1/4 and 1/2 that leaves its short side at least SIZE: libjpeg scales in the DCT, and a
-12-megapixel phone photo decodes several times faster at 1/8 than whole.
+12-megapixel phone photo decodes in half the time at 1/8 (bench/photo_decode.py).
 """
 
 import hashlib
@@ -32,6 +32,8 @@ ASPECTS = {"crop": None, "pad-gray": (cv2.BORDER_CONSTANT, 128),
 ASPECT = "crop"
 # A marker in a JPEG's entropy-coded data: 0xFF followed by neither a stuffed 0x00, a restart
 # marker (they sit inside scans) nor another 0xFF (fill bytes before a marker).
+# Start of frame: baseline, extended, progressive, lossless... (not DHT C4, JPG C8, DAC CC).
+SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 
 
@@ -82,20 +84,12 @@ def fit(rgb, size=SIZE, aspect=ASPECT):
 
 
 def _jpeg(data, size):
-    """A JPEG at the coarsest reduction whose short side is at least `size`: 1/8 first
-    (cheap), then, if that is too small, the reduction its size says is enough. OpenCV
-    applies the EXIF orientation with the reduced flags too."""
-    if not _reaches_its_end(data):
-        raise images.BadImage("truncated JPEG: it ends before its end-of-image marker")
-    image = images._imdecode(data, JPEG_COLOUR[8])
-    short = min(image.shape[:2])
-    if short >= size:
-        return image
-    least = (short - 1) * 8 + 1  # the full short side, at least: reduced sides round up
-    for reduction in (4, 2):
-        if -(-least // reduction) >= size:
-            return images._imdecode(data, JPEG_COLOUR[reduction])
-    return images._imdecode(data, JPEG_COLOUR[1])
+    """A JPEG at the coarsest reduction whose short side is at least `size`, known from its
+    frame header (libjpeg's reduced sides round up). OpenCV applies the EXIF orientation
+    with the reduced flags too."""
+    short = min(_frame_size(data)) or 1
+    reduction = next(r for r in (8, 4, 2, 1) if r == 1 or -(-short // r) >= size)
+    return images._imdecode(data, JPEG_COLOUR[reduction])
 
 
 def _resized(image, width, height):
@@ -106,28 +100,34 @@ def _resized(image, width, height):
                       interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
 
-def _reaches_its_end(data):
-    """Whether a JPEG's segments and scans lead to its end-of-image marker. libjpeg decodes a
-    truncated file without an error, its missing rows gray: a photo silently wrong. Segments
-    are skipped by their lengths (an EXIF thumbnail has an end marker of its own), scans up to
-    their next marker; data after the end (a phone's motion photo) is not looked at."""
-    position, end = 2, len(data)
+def _frame_size(data):
+    """(height, width) of a JPEG as stored, from its frame header ((0, 0) if it has none);
+    BadImage if its segments and scans do not lead to its end-of-image marker. libjpeg
+    decodes a truncated file without an error, its missing rows gray: a photo silently wrong.
+    Segments are skipped by their lengths (an EXIF thumbnail has markers of its own), scans
+    up to their next marker; data after the end (a phone's motion photo) is not looked at."""
+    position, end, frame = 2, len(data), (0, 0)
     while position + 4 <= end:
         marker = data[position + 1] if data[position] == 0xFF else None
         if marker is None or marker == 0xFF:  # stray bytes or fill: on to the next marker
             found = _MARKER.search(data, position + 1)
             if found is None:
-                return False
+                break
             position = found.start()
         elif marker == 0xD9:
-            return True
+            return frame
         elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length
             position += 2
         else:
+            if marker in SOF_MARKERS and frame == (0, 0) and position + 9 <= end:
+                frame = (int.from_bytes(data[position + 5: position + 7], "big"),
+                         int.from_bytes(data[position + 7: position + 9], "big"))
             position += 2 + int.from_bytes(data[position + 2: position + 4], "big")
             if marker == 0xDA:  # a scan: its entropy-coded data runs to the next marker
                 found = _MARKER.search(data, position)
                 if found is None:
-                    return False
+                    break
                 position = found.start()
-    return data[position: position + 2] == b"\xff\xd9"
+    if data[position: position + 2] == b"\xff\xd9":
+        return frame
+    raise images.BadImage("truncated JPEG: it ends before its end-of-image marker")
