@@ -290,3 +290,17 @@ def test_phone_formats_are_watched_by_default():
     from daemon import config
 
     assert {"heic", "heif", "avif"} <= set(config.DEFAULT_EXTENSIONS)
+
+
+def test_a_worker_process_loads_photos_without_tensorflow(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    path = write(tmp_path / "photo.heic", scene(), "HEIF")
+    code = ("import sys; from daemon import photos; x = photos.load(sys.argv[1]); "
+            "print(x.shape, sorted({'tensorflow', 'keras'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert result.stdout.strip() == "(224, 224, 3) []", result.stderr
