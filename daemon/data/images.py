@@ -1,4 +1,5 @@
-"""Decode any image OpenCV reads and make it look like a Fashion-MNIST example.
+"""Decode any image OpenCV reads (and phones' HEIC and AVIF, through Pillow) and make it look
+like a Fashion-MNIST example.
 
 Fashion-MNIST was made from product photos on light backgrounds by trimming the background,
 resizing the longest edge to 28, centring on a 28x28 canvas, negating (light object on
@@ -8,7 +9,9 @@ Images are taken as seen, not as stored: the EXIF Orientation tag of a phone pho
 """
 
 import errno
+import functools
 import hashlib
+import io
 import logging
 import math
 import os
@@ -43,6 +46,10 @@ STRIP_PIXELS = 1 << 20  # colour, alpha and deep images become gray a strip of r
 AS_SEEN = cv2.IMREAD_COLOR | cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH
 JPEG_GRAY = {1: cv2.IMREAD_GRAYSCALE, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
              4: cv2.IMREAD_REDUCED_GRAYSCALE_4, 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
+# Phones' formats, read through Pillow (OpenCV reads no HEIF, and AVIF without its rotation),
+# known by the brands in their `ftyp` box, not by their names.
+HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
+AVIF_BRANDS = {b"avif", b"avis"}
 # Kinds of file and failures that are verdicts; any other OSError can go away by itself.
 FINAL_ERRNOS = {errno.ELOOP: "symbolic link: not followed",
                 errno.EISDIR: "a directory, not an image file"}
@@ -128,15 +135,43 @@ def decode(data):
 def decode_full(data):
     """Bytes -> 2-D uint8 gray image as seen, full size; alpha is composited over white (a
     product photo's background), 16-bit and float images are scaled to 8 bits."""
-    image = _imdecode(data, AS_SEEN)
+    image = decode_as_seen(data)
     if image.ndim == 2 and image.dtype == np.uint8:
         return image  # already 8-bit gray: the common case, kept cheap
+    return to_8bit(image)
+
+
+def decode_as_seen(data):
+    """Bytes -> the image as seen (EXIF orientation, or HEIF's rotation and mirroring,
+    applied), as stored otherwise: 8/16-bit or float, gray (2-D), BGR or BGRA as OpenCV
+    gives them. HEIF/HEIC and AVIF (phones' formats, known by their `ftyp` brands) through
+    Pillow, everything else through OpenCV."""
+    kind = container_format(data)
+    return _imdecode(data, AS_SEEN) if kind is None else _pillow_decode(data, kind)
+
+
+def to_8bit(image, colour=False):
+    """A decoded image -> uint8 gray (2-D) or, with `colour`, BGR: alpha composited over
+    white (a product photo's background), 16-bit and float scaled to 8 bits, a strip of rows
+    at a time (a float copy of a whole 40-megapixel image would take 640 MB)."""
     offset, scale = _unit_scale(image)
-    gray = np.empty(image.shape[:2], np.uint8)
+    out = np.empty(image.shape[:2] + ((3,) if colour else ()), np.uint8)
     rows = max(1, STRIP_PIXELS // image.shape[1])
     for top in range(0, image.shape[0], rows):
-        gray[top: top + rows] = _gray_strip(image[top: top + rows], offset, scale)
-    return gray
+        out[top: top + rows] = _strip_8bit(image[top: top + rows], offset, scale, colour)
+    return out
+
+
+def container_format(data):
+    """"HEIF" or "AVIF" for an ISO base media file of one by its `ftyp` box's major and
+    compatible brands (an AVIF may name "mif1", HEIF's, beside "avif"), else None."""
+    if len(data) < 16 or data[4:8] != b"ftyp":
+        return None
+    end = min(int.from_bytes(data[:4], "big"), len(data), 256)
+    brands = {data[8:12]} | {data[i: i + 4] for i in range(16, end - 3, 4)}
+    if brands & AVIF_BRANDS:
+        return "AVIF"
+    return "HEIF" if brands & HEIF_BRANDS else None
 
 
 def to_dataset_style(gray):
@@ -233,7 +268,7 @@ def _unit_scale(image):
     raise BadImage(f"unsupported pixel type {image.dtype}")
 
 
-def _gray_strip(strip, offset, scale):
+def _strip_8bit(strip, offset, scale, colour):
     unit = np.clip(np.nan_to_num((strip.astype(np.float32) - offset) * scale), 0.0, 1.0)
     if unit.ndim == 3 and unit.shape[2] == 4:
         alpha = unit[:, :, 3:4]
@@ -241,11 +276,57 @@ def _gray_strip(strip, offset, scale):
     elif unit.ndim == 3 and unit.shape[2] == 2:  # gray + alpha
         alpha = unit[:, :, 1]
         unit = unit[:, :, 0] * alpha + (1.0 - alpha)
-    if unit.ndim == 3 and unit.shape[2] == 3:
+    if colour and unit.ndim == 2:
+        unit = cv2.cvtColor(unit, cv2.COLOR_GRAY2BGR)
+    elif colour and unit.shape[2] != 3:
+        unit = np.repeat(unit[:, :, :1], 3, axis=2)
+    elif not colour and unit.ndim == 3 and unit.shape[2] == 3:
         unit = cv2.cvtColor(unit, cv2.COLOR_BGR2GRAY)
-    elif unit.ndim == 3:
+    elif not colour and unit.ndim == 3:
         unit = unit[:, :, 0]
     return np.rint(unit * 255.0)
+
+
+@functools.cache
+def _pillow():
+    """Pillow, with the HEIF opener of pillow-heif registered (AVIF is Pillow's own) and the
+    daemon's pixel cap; imported at the first phone-format image, not at every start."""
+    from PIL import Image, ImageOps
+    import pillow_heif
+
+    pillow_heif.register_heif_opener(thumbnails=False)
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow warns above, refuses above twice that
+    return Image, ImageOps
+
+
+def _pillow_decode(data, kind):
+    """A HEIF or AVIF file -> as `decode_as_seen`. Its size is checked before its pixels are
+    decoded. libheif applies HEIF's irot/imir itself and pillow-heif then resets the EXIF
+    Orientation to 1; Pillow's AVIF turns irot/imir into an EXIF Orientation instead: so
+    exif_transpose turns each exactly once."""
+    Image, ImageOps = _pillow()
+    try:
+        with Image.open(io.BytesIO(data), formats=[kind]) as image:
+            if image.width * image.height > MAX_PIXELS:
+                raise BadImage(f"image too large: over {MAX_PIXELS} pixels")
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            if image.mode not in ("L", "RGB", "RGBA"):
+                image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+            pixels = np.asarray(image)
+    except Image.DecompressionBombError:
+        raise BadImage(f"image too large: over {MAX_PIXELS} pixels") from None
+    except MemoryError:
+        raise Unreadable("out of memory while decoding") from None
+    except (OSError, ValueError, RuntimeError, SyntaxError, EOFError, struct.error) as error:
+        # the bytes are in memory: no OSError here is the file system's
+        message = str(error).strip().splitlines()[-1][:200] if str(error).strip() else type(
+            error).__name__
+        raise BadImage(f"cannot decode {kind}: {message}") from None
+    if pixels.size == 0:
+        raise BadImage("not a decodable image")
+    code = {3: cv2.COLOR_RGB2BGR, 4: cv2.COLOR_RGBA2BGRA}.get(pixels.shape[2] if pixels.ndim == 3 else 0)
+    return cv2.cvtColor(pixels, code) if code is not None else np.ascontiguousarray(pixels)
 
 
 def _png_header(width, height):
