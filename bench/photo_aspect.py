@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 import daemon  # noqa: F401  (sets the pixel cap before cv2 loads)
-from daemon import images, photos
+from daemon.data import images, photos
 
 REPO = Path(__file__).resolve().parent.parent
 FOLDS, SEEDS = 5, (0, 1, 2, 3, 4)

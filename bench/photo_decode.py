@@ -14,7 +14,7 @@ import daemon  # noqa: F401, I001  (sets the pixel cap before cv2 loads)
 import cv2
 import numpy as np
 
-from daemon import images, photos
+from daemon.data import images, photos
 
 SAMPLE = Path(__file__).resolve().parent.parent.parent / "shared/data/photos-sample"
 

@@ -23,7 +23,7 @@ BAD = [
     ("classify: {checkpoint: worst}\n", "classify.checkpoint", "one of best, newest"),
     ("data: {source: path}\n", "data.path", "expected a folder"),
     ("data: {path: 3}\n", "data.path", "expected a path or null"),
-    ("model: resnet\n", "model", "one of mlp, cnn"),
+    ("model: resnet\n", "model", "one of auto, mlp, cnn, efficientnet_lite0"),
     ("train: {epochs: ten}\n", "train.epochs", "expected a whole number of at least 1, got 'ten'"),
     ("train: {epochs: 0}\n", "train.epochs", "of at least 1"),
     ("train: {epochs: 2.5}\n", "train.epochs", "whole number"),

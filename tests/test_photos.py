@@ -10,10 +10,10 @@ import pytest
 import pillow_heif
 from PIL import Image
 
-from daemon import images, photos
+from daemon.data import images, photos
 
 pillow_heif.register_heif_opener()  # to write HEIC here; photos reads it without this
-from daemon.images import BadImage
+from daemon.data.images import BadImage
 
 SIZE = photos.SIZE
 # What a viewer shows of stored pixels `a` tagged with each EXIF Orientation (EXIF 2.32).
@@ -287,7 +287,7 @@ def test_the_old_28x28_path_reads_heic_and_avif_too(tmp_path):
 
 
 def test_phone_formats_are_watched_by_default():
-    from daemon import config
+    from daemon.service import config
 
     assert {"heic", "heif", "avif"} <= set(config.DEFAULT_EXTENSIONS)
 
@@ -299,7 +299,7 @@ def test_a_worker_process_loads_photos_without_tensorflow(tmp_path):
     from conftest import REPO
 
     path = write(tmp_path / "photo.heic", scene(), "HEIF")
-    code = ("import sys; from daemon import photos; x = photos.load(sys.argv[1]); "
+    code = ("import sys; from daemon.data import photos; x = photos.load(sys.argv[1]); "
             "print(x.shape, sorted({'tensorflow', 'keras'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)

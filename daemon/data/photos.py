@@ -1,6 +1,6 @@
 """Photos as photos: any image file -> SIZE x SIZE x 3 uint8 RGB, as a pretrained backbone
 wants it. The one preprocessing for a backbone model, of training and inbox images alike; a
-plain function with picklable exceptions (those of daemon.images), no TensorFlow: it runs in
+plain function with picklable exceptions (those of daemon.data.images), no TensorFlow: it runs in
 the decode worker processes.
 
 As seen: EXIF orientation applied (HEIF's rotation and mirroring too). Colour: gray becomes
@@ -18,9 +18,10 @@ import re
 import cv2
 import numpy as np
 
-from daemon import images, logs
+from daemon.data import images
+from daemon.service import logs
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("daemon.photos")  # the name users see: daemon.service.logs
 
 SIZE = 224  # EfficientNet-Lite0's input
 JPEG_COLOUR = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
