@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from daemon import fsutil
-from daemon.data import dataset
+from daemon.data import dataset, features
 from daemon.data.versions import VersionStore, content, content_digest, is_validation
 from daemon.inbox.sidecars import Sidecars
 from daemon.inbox.watch import Watcher
@@ -63,6 +63,7 @@ class DataSource:
         self._said_missing = None
         self.decoding = False  # the decode workers are busy (a stop need not wait for them)
         self.feature_id = None  # a backbone model's: versions hold its features (see featurize)
+        self.features = None  # ... and its daemon.data.features.FeatureStore
 
     def featurize(self, runtime):
         """A backbone model: versions hold the features `runtime` (daemon.backbone.runtime.
@@ -70,6 +71,7 @@ class DataSource:
         of pixels) are not built upon. Before the first sync."""
         self.decoder.featurizer = runtime.path
         self.feature_id = runtime.feature_id
+        self.features = features.store(self.config.save, runtime.feature_id)
 
     @property
     def config(self):
@@ -198,11 +200,18 @@ class DataSource:
         else:
             self._said_unlisted = None
         reuse, decode = {}, []
+        moved = {(e["ino"], e["size"], e["mtime_ns"]): e for e in known.values() if "sha256" in e}
         for path, (cls, size, mtime, ino) in found.items():
             old = known.get(path)
             if old and (old["class"], old["size"], old["mtime_ns"], old["ino"]) == (
-                    cls, size, mtime, ino):
+                    cls, size, mtime, ino) and self._kept(old):
                 reuse[path] = old
+                continue
+            twin = moved.get((ino, size, mtime))
+            if twin is not None and self.features is not None and self._kept(twin):
+                # moved or renamed (same inode, size and mtime): the same content, whose
+                # features are kept; a folder reorganised is not featurized again
+                reuse[path] = dict(twin, path=path, **{"class": cls})
                 continue
             full = os.path.join(root, path)
             wait, why = self._settling.check(full)
@@ -239,7 +248,8 @@ class DataSource:
         if not decoded and unchanged:
             return None  # only files that could not be read: nothing new yet
         try:
-            rows = newest.arrays() if newest is not None and known else []
+            rows = newest.arrays() if newest is not None and known and \
+                self.features is None else []
         except (OSError, ValueError) as error:
             log.error("data version %d cannot be read (%s); making a new one from %s",
                       newest.number, error, root)
@@ -300,7 +310,8 @@ class DataSource:
                 if "error" in entry:
                     skipped.append(entry)
                     continue
-                images.append(old_arrays["x"][entry["row"]])
+                if self.features is None:
+                    images.append(old_arrays["x"][entry["row"]])
             elif path in decoded and decoded[path][0] is not None:
                 images.append(decoded[path][0])
                 entry = decoded[path][1]
@@ -331,8 +342,15 @@ class DataSource:
         if all(val):  # tiny: every image fell in the validation tenth
             raise Later(f"waiting for more images in {root}: all {len(val)} are held out "
                         "for validation", 10)
-        version = self.store.write("folder", classes, images, y, val, entries=entries,
-                                   skipped=skipped, features=self.feature_id)
+        if self.features is not None:
+            fresh = {decoded[path][1]["sha256"]: decoded[path][0] for path in decoded
+                     if decoded[path][0] is not None}
+            version = self.store.write_features("folder", classes, entries, skipped,
+                                                self.feature_id, newest, fresh)
+            self.features.merge(self._held)
+        else:
+            version = self.store.write("folder", classes, np.array(images, np.uint8).reshape(
+                -1, 28, 28), y, val, entries=entries, skipped=skipped)
         self._decoded.clear()
         log.info("data version %d: %d images (%d validation) in %d classes%s%s",
                  version.number, version.images, version["counts"]["validation"],
@@ -340,11 +358,26 @@ class DataSource:
                  f"; {len(skipped)} skipped" if skipped else "")
         return version
 
+    def _kept(self, entry):
+        """Is what a version holds of this entry still at hand (a backbone's features may
+        have been lost with a damaged chunk: then the image is featurized again)?"""
+        return self.features is None or "sha256" not in entry or \
+            self.features.has(entry["sha256"])
+
     def _builds_on(self, newest):
         """Can a new version reuse what `newest` holds (a sound folder version of the same
         kind: pixels, or this backbone's features)?"""
         return newest is not None and newest["origin"] == "folder" and \
             newest.number not in self._damaged and newest.get("features") == self.feature_id
+
+    def _held(self):
+        """The content digests every version in save/data/ holds (their features stay)."""
+        held = set()
+        for number in self.store.numbers():
+            version = self.store.get(number)
+            if version is not None and version.get("features") == self.feature_id:
+                held.update(entry["sha256"] for entry in version.entries().values())
+        return held
 
     def _warn_of_twins(self, entries):
         """The same image in two classes teaches both labels: say so (once per example)."""
@@ -363,10 +396,11 @@ class DataSource:
         mtimes and paths are kept here so they are not decoded again."""
         rows = {}
         for entry in newest.entries().values():
-            rows.setdefault((entry["class"], entry["sha256"]), []).append(entry["row"])
+            rows.setdefault((entry["class"], entry["sha256"]), []).append(entry.get("row"))
         known = {entry["path"]: entry for entry in skipped}
         for entry in entries:
-            known[entry["path"]] = dict(entry, row=rows[entry["class"], entry["sha256"]].pop())
+            row = rows[entry["class"], entry["sha256"]].pop()
+            known[entry["path"]] = dict(entry, row=row) if row is not None else entry
         self._refreshed = (newest.number, known)
         log.info("data: files changed but no image or class did; data version %d stays",
                  newest.number)
