@@ -69,6 +69,10 @@ def dispatch(args):
         logs.setup()
     try:
         config = load_config(args.config)
+        if args.command in ("status", "classify", "relabel"):
+            from daemon.training.store import resolve_model
+
+            config = resolve_model(config)  # what save/ was made with (`model: auto`)
         if args.command == "status":
             from daemon.service import status
 

@@ -12,7 +12,7 @@ import logging
 import numpy as np
 import tensorflow as tf
 
-from daemon.data import images
+from daemon.data import images, photos
 from daemon.service.config import NUM_CLASSES
 from daemon.training import models
 from daemon.training.store import CheckpointStore
@@ -32,6 +32,7 @@ class Classifier:
         self.generation = None
         self._seen = None  # the generation numbers in save/ when we last chose
         self._prefer = config.classify.checkpoint
+        self._featurizer = None  # a backbone model's, for files read in this process
 
     @property
     def labels(self):
@@ -86,6 +87,20 @@ class Classifier:
                 for row, cls in zip(probabilities, probabilities.argmax(axis=1))]
 
 
+    def read(self, path):
+        """A file -> what results() takes, in this process (`classify`, and `relabel` while
+        the daemon is down): a 28x28 image, or a photo's features from the backbone's
+        runtime (as the decode workers compute them). Raises images.BadImage/Unreadable."""
+        if self.config.model not in models.BACKBONES:
+            return images.load(path)
+        if self._featurizer is None:
+            from daemon.backbone import runtime
+
+            prepared = runtime.prepare(self.config.save, runtime.locate(self.config.weights))
+            self._featurizer = runtime.Featurizer(prepared.path)
+        return self._featurizer(photos.load(path))
+
+
 def classify_files(config, paths, out, err):
     """`wardrobe classify FILE...`: print FILE<TAB>label<TAB>confidence; 1 if any failed."""
     classifier = Classifier(config)
@@ -95,7 +110,7 @@ def classify_files(config, paths, out, err):
     loaded, failed = [], 0
     for path in paths:
         try:
-            loaded.append((path, images.load(path)))
+            loaded.append((path, classifier.read(path)))
         except (images.BadImage, images.Unreadable) as error:
             print(f"{path}: {error}", file=err)
             failed += 1

@@ -81,7 +81,7 @@ def _here(config, sidecars, everything, out, err):
         for path in paths[start: start + BATCH]:
             try:
                 info = os.stat(path, follow_symlinks=False)
-                batch.append((path, info, {"image": images.load(path)}))
+                batch.append((path, info, {"image": classifier.read(path)}))
             except images.BadImage as error:
                 batch.append((path, info, {"error": str(error)}))
             except (images.Unreadable, OSError) as error:
