@@ -136,7 +136,8 @@ def build(ctx, rounds):
     rows = []
     for number in range(rounds):
         run = ctx.folder(f"build-{number}")
-        daemon = Daemon(run, epochs=1, data={"source": "folder", "path": str(ctx.images)})
+        daemon = Daemon(run, epochs=1, data={"source": "folder", "path": str(ctx.images)},
+                        model="mlp")  # the 28x28 data path this bench measures
         try:
             daemon.wait_for(r"data version 1: ", timeout=300)
             daemon.wait_for(r"first batch trained", timeout=300)
@@ -194,7 +195,7 @@ def restart(ctx, rounds):
     rows = []
     for number in range(rounds + 1):  # round 0 makes the first checkpoint
         for kind in ctx.kinds[::1 if number % 2 else -1]:
-            daemon = Daemon(runs[kind], epochs=100, data=ctx.data[kind])
+            daemon = Daemon(runs[kind], epochs=100, data=ctx.data[kind], model="mlp")
             try:
                 daemon.wait_for(r"first batch trained", timeout=300)
                 time.sleep(3)  # into the epoch
@@ -298,7 +299,7 @@ def throughput(ctx, rounds, epochs=3):
     for number in range(rounds):
         for kind in ctx.kinds[::1 if number % 2 else -1]:
             run = prepared(ctx, f"throughput-{kind}-{number}", kind)
-            daemon = Daemon(run, epochs=epochs, data=ctx.data[kind])
+            daemon = Daemon(run, epochs=epochs, data=ctx.data[kind], model="mlp")
             try:
                 daemon.wait_for(r"training complete", timeout=900)
             finally:

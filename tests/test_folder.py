@@ -57,11 +57,13 @@ def arrive(root, sample, label, count, start=0):
 
 
 def folder_config(tmp_path, root, **train):
+    """A folder source with the 28x28 tutorial model (`model: auto` would pick the backbone:
+    tests/test_photos_daemon.py): these tests are about the data side, on Fashion-MNIST crops."""
     settings = {"epochs": 2, "batch_size": 16, "seed": 3, "epochs_per_update": 2}
     settings.update(train)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"data": {"source": "folder", "path": str(root)},
-                                    "train": settings}))
+                                    "model": "mlp", "train": settings}))
     return path
 
 
