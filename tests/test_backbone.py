@@ -593,3 +593,16 @@ def test_a_head_trained_on_other_weights_is_exit_2_naming_weights(tmp_path, trai
     daemon = Daemon(config, env={"PYTHONPROFILEIMPORTTIME": "1"})
     refused(daemon, "weights", "other backbone weights", str(tmp_path / "mine.pth"))
     assert tree(save) == before
+
+
+def test_weights_that_change_while_running_are_refused_not_used(tmp_path, wheel_state):
+    """The weights are read again for the conversion and the exported model: other bytes
+    under the checksum found at start would be a backbone that silently computes other
+    features than the head learnt."""
+    path = torch_save_zip(tmp_path / "mine.pth", wheel_state)
+    found = runtime.locate(path)
+    assert found.key == "weights" and found.state()["_fc.bias"].shape == (1000,)
+    torch_save_zip(path, changed_copy(wheel_state, "_bn0.bias", lambda a: a + 0.01))
+    with pytest.raises(ConfigError, match="changed while the daemon ran") as raised:
+        found.state()
+    assert raised.value.key == "weights" and str(path) in str(raised.value)
