@@ -31,7 +31,7 @@ from daemon.data import photos
 from daemon.errors import ConfigError
 from tests.conftest import REPO, Daemon, write_config
 
-PHOTOS = Path("/work/shared/data/photos-sample")
+PHOTOS = REPO.parent / "shared/data/photos-sample"  # as bench/ finds it
 ANT, BEE = 310, 309  # ImageNet classes
 WHEEL_TENSORS, WHEEL_PARAMETERS = 296, 4_694_024  # issue 14
 
