@@ -52,11 +52,17 @@ class Weights:
         self.path, self.sha256, self.key = Path(path), sha256, key
 
     def state(self):
-        """{torch name: array}, checked again (the file may have changed since)."""
+        """{torch name: array}, checked again: the file may have changed since it was found,
+        and other weights under this one's sha256 would be a backbone that silently
+        computes other features than its head was trained on."""
         try:
             state = torchfile.read(self.path)
+            digest = _sha256(self.path)  # after: a change during the read shows too
         except (OSError, torchfile.BadTorchFile) as error:
             raise ConfigError(self.key, f"{self.path}: {_reason(error)}") from None
+        if digest != self.sha256:
+            raise ConfigError(self.key, f"{self.path} changed while the daemon ran (sha256 "
+                              f"{digest[:16]}…, {self.sha256[:16]}… at start); start it again")
         why = efficientnet.mismatch(state)
         if why:
             raise ConfigError(self.key, f"{self.path}: {why}")

@@ -8,6 +8,7 @@ run code as a plain pickle.load would.
 """
 
 import collections
+import os
 import pickle
 import struct
 import zipfile
@@ -40,6 +41,14 @@ def _rebuild_tensor(storage, offset, size, stride, *_):
 
 def _rebuild_parameter(tensor, *_):
     return tensor
+
+
+class _Plain(pickle.Unpickler):
+    """Numbers, strings, lists and dicts only: the legacy layout's header and storage keys
+    (a plain pickle.load would run whatever global they name)."""
+
+    def find_class(self, module, name):
+        raise BadTorchFile(f"holds {module}.{name} where a torch file has plain data")
 
 
 class _Unpickler(pickle.Unpickler):
@@ -75,27 +84,31 @@ def read(path):
         with open(path, "rb") as file:
             return _read_legacy(file)
     except (pickle.UnpicklingError, EOFError, struct.error, KeyError, IndexError,
-            TypeError, AttributeError, zipfile.BadZipFile) as error:
+            TypeError, AttributeError, OverflowError, ValueError, zipfile.BadZipFile) as error:
+        if isinstance(error, BadTorchFile):
+            raise
         raise BadTorchFile(f"not a readable PyTorch state dict ({type(error).__name__}: "
                            f"{str(error)[:120]})") from None
 
 
 def _read_legacy(file):
-    if pickle.load(file) != LEGACY_MAGIC:
+    if _Plain(file).load() != LEGACY_MAGIC:
         raise BadTorchFile("not a PyTorch file (no magic number)")
-    pickle.load(file)  # protocol version
-    info = pickle.load(file)
+    _Plain(file).load()  # protocol version
+    info = _Plain(file).load()
     if isinstance(info, dict) and not info.get("little_endian", True):
         raise BadTorchFile("written big-endian")
     unpickler = _Unpickler(file)
     state = unpickler.load()
     storages = {}
-    for key in pickle.load(file):
+    size = os.fstat(file.fileno()).st_size
+    for key in _Plain(file).load():
         count, = struct.unpack("<q", file.read(8))
         dtype = unpickler.dtypes[str(key)]
+        if not 0 <= count * dtype.itemsize <= size - file.tell():  # not read: it may be huge
+            raise BadTorchFile(f"a storage of {count} numbers where the file has "
+                               f"{size - file.tell()} bytes left (truncated?)")
         data = file.read(count * dtype.itemsize)
-        if len(data) != count * dtype.itemsize:
-            raise BadTorchFile("truncated")
         storages[str(key)] = np.frombuffer(data, dtype)
     return _tensors(state, storages)
 
@@ -123,8 +136,12 @@ def _tensors(state, storages):
         if not isinstance(ref, _TensorRef):
             continue  # e.g. a state dict's _metadata
         flat = storages[ref.key]
+        # as_strided reads wherever it is told: the view must lie inside its storage
+        if len(ref.size) != len(ref.stride) or min(ref.size + ref.stride + (ref.offset,),
+                                                   default=0) < 0:
+            raise BadTorchFile(f"{name}: a negative size, stride or offset")
         end = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride)) + 1
-        if ref.offset < 0 or (0 not in ref.size and end > flat.size):
+        if 0 not in ref.size and end > flat.size:
             raise BadTorchFile(f"{name}: its storage is too short (truncated?)")
         tensors[str(name)] = np.lib.stride_tricks.as_strided(
             flat[ref.offset:], ref.size, [s * flat.itemsize for s in ref.stride]).copy()
