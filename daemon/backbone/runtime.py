@@ -113,6 +113,8 @@ def prepare(save, weights):
     stem = f"{NAME}-{weights.sha256[:16]}"
     model_path, record_path = folder / f"{stem}.tflite", folder / f"{stem}.json"
     record = _read_record(record_path)
+    if record is None and record_path.exists():
+        log.warning("%s is unreadable (damaged?); converting the backbone again", record_path)
     if record is not None:
         try:
             if _sha256(model_path) == record["tflite_sha256"]:

@@ -59,6 +59,7 @@ class DataSource:
         self._refreshed = (None, {})  # (version, entries): its files touched, not changed
         self._decoded = {}  # path -> (listing, (image, entry)): decoded, in no version yet
         self._damaged = set()  # versions whose arrays cannot be read: not built upon
+        self._unreadable = set()  # features versions whose list of images cannot be read
         self._made, self._classes = 0, []  # the newest version made or found; its classes
         self._said_missing = None
         self.decoding = False  # the decode workers are busy (a stop need not wait for them)
@@ -330,7 +331,7 @@ class DataSource:
             log.warning("class %r has no images in %s any more: it keeps its output unit "
                         "but gets no training data", name, root)
         self._gone_classes = set(classes) - set(present)
-        if self._builds_on(newest) and not new and \
+        if self._builds_on(newest) and newest.number not in self._damaged and not new and \
                 content(entries) == content(newest.entries().values()):
             self._remember_touched(newest, entries, skipped)
             self._decoded.clear()
@@ -365,10 +366,24 @@ class DataSource:
             self.features.has(entry["sha256"])
 
     def _builds_on(self, newest):
-        """Can a new version reuse what `newest` holds (a sound folder version of the same
-        kind: pixels, or this backbone's features)?"""
-        return newest is not None and newest["origin"] == "folder" and \
-            newest.number not in self._damaged and newest.get("features") == self.feature_id
+        """Can a new version reuse what `newest` holds: a sound folder version of the same
+        kind (pixels, or this backbone's features)? A features version the trainer could not
+        use may have lost only features (a damaged chunk): its list of images is still good
+        to build on, and what is missing is featurized again (see _kept)."""
+        if newest is None or newest["origin"] != "folder" or \
+                newest.get("features") != self.feature_id:
+            return False
+        if self.features is None:
+            return newest.number not in self._damaged
+        try:
+            newest.entries()  # resolved along its chain of bases, once
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            if newest.number not in self._unreadable:
+                self._unreadable.add(newest.number)
+                log.error("data version %d cannot be read (%s); making a new one from %s",
+                          newest.number, error, self.config.data.path)
+            return False
+        return True
 
     def _held(self):
         """The content digests every version in save/data/ holds (their features stay)."""
@@ -376,7 +391,10 @@ class DataSource:
         for number in self.store.numbers():
             version = self.store.get(number)
             if version is not None and version.get("features") == self.feature_id:
-                held.update(entry["sha256"] for entry in version.entries().values())
+                try:
+                    held.update(entry["sha256"] for entry in version.entries().values())
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue  # unreadable: nothing can be trained on it any more
         return held
 
     def _warn_of_twins(self, entries):

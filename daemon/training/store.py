@@ -312,12 +312,11 @@ class CheckpointStore:
 CHOICE = "model-choice.json"  # save/'s model, as `model: auto` resolved at its first start
 
 
-def resolve_model(config, record=False):
+def resolve_model(config):
     """`config` with `model: auto` made concrete, once per save/ and for good: the model of
     its newest checkpoint (a save/ from before `auto` keeps its model), else the choice
-    recorded at its first start, else efficientnet_lite0 for a folder source and the
-    tutorial's mlp for Fashion-MNIST. With `record` (the daemon, holding save/'s lock) the
-    choice is written down; readers (status, classify) only look. No TensorFlow."""
+    recorded at its first start (record_model), else efficientnet_lite0 for a folder source
+    and the tutorial's mlp for Fashion-MNIST. No TensorFlow."""
     if config.model != "auto":
         return config
     folder = Path(config.save)
@@ -330,14 +329,20 @@ def resolve_model(config, record=False):
             model = None
     if model is None:
         model = "efficientnet_lite0" if config.data.source == "folder" else "mlp"
-        if record:
-            fsutil.write_new(folder / CHOICE, json.dumps({"model": model}).encode())
-        log.info("model: auto is %s for this save/ (data.source %s)", model,
-                 config.data.source)
     if config.weights is not None and model in ("mlp", "cnn"):
         raise ConfigError("weights", f"a backbone's weights file, but model: auto is {model} "
                           f"for {config.save} (a backbone's model is efficientnet_lite0)")
     return dataclasses.replace(config, model=model)
+
+
+def record_model(config):
+    """Write down what `model: auto` chose for save/ at its first start (the daemon, holding
+    save/'s lock, once the config was found sound), so that it stays."""
+    path = Path(config.save) / CHOICE
+    if not path.exists() and not CheckpointStore(config.save).numbers():
+        fsutil.write_new(path, json.dumps({"model": config.model}).encode())
+        log.info("model: auto is %s for this save/ (data.source %s)", config.model,
+                 config.data.source)
 
 
 def open_store(config, weights=None):
