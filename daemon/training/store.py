@@ -323,17 +323,19 @@ def resolve_model(config, record=False):
     folder = Path(config.save)
     newest, _ = CheckpointStore(folder).scan()
     model = newest.get("fingerprint", {}).get("model") if newest is not None else None
+    why = "its checkpoints' model"  # an upgraded save/ says which model it kept
     if model is None:
         try:
             model = json.loads((folder / CHOICE).read_bytes()).get("model")
         except (OSError, ValueError, AttributeError):
             model = None
+        why = f"chosen at its first start, {CHOICE}"
     if model is None:
         model = "efficientnet_lite0" if config.data.source == "folder" else "mlp"
         if record:
             fsutil.write_new(folder / CHOICE, json.dumps({"model": model}).encode())
-        log.info("model: auto is %s for this save/ (data.source %s)", model,
-                 config.data.source)
+        why = f"data.source {config.data.source}"
+    log.info("model: auto is %s for this save/ (%s)", model, why)
     if config.weights is not None and model in ("mlp", "cnn"):
         raise ConfigError("weights", f"a backbone's weights file, but model: auto is {model} "
                           f"for {config.save} (a backbone's model is efficientnet_lite0)")
