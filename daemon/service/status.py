@@ -7,7 +7,7 @@ import json
 
 from daemon import shares
 from daemon.data.versions import VersionStore
-from daemon.training.store import CheckpointStore, running_pid
+from daemon.training.store import CheckpointStore, resolve_model, running_pid
 
 
 def report(config):
@@ -15,7 +15,7 @@ def report(config):
     newest, _ = CheckpointStore(config.save).scan()
     result = {"epoch": 0, "step": 0, "epochs": config.train.epochs, "loss": None,
               "accuracy": None, "checkpoint": None, "checkpoint_time": None,
-              "model": config.model, "save": str(config.save),
+              "model": resolve_model(config).model, "save": str(config.save),
               "running_pid": running_pid(config.save)}
     if newest is not None:
         result.update(epoch=newest["epoch"], step=newest["step"], loss=newest.get("loss"),

@@ -322,13 +322,17 @@ def resolve_model(config):
     folder = Path(config.save)
     newest, _ = CheckpointStore(folder).scan()
     model = newest.get("fingerprint", {}).get("model") if newest is not None else None
+    why = "its checkpoints' model"  # an upgraded save/ says which model it kept
     if model is None:
         try:
             model = json.loads((folder / CHOICE).read_bytes()).get("model")
         except (OSError, ValueError, AttributeError):
             model = None
+        why = f"chosen at its first start, {CHOICE}"
     if model is None:
         model = "efficientnet_lite0" if config.data.source == "folder" else "mlp"
+        why = f"data.source {config.data.source}"
+    log.info("model: auto is %s for this save/ (%s)", model, why)
     if config.weights is not None and model in ("mlp", "cnn"):
         raise ConfigError("weights", f"a backbone's weights file, but model: auto is {model} "
                           f"for {config.save} (a backbone's model is efficientnet_lite0)")
@@ -341,8 +345,6 @@ def record_model(config):
     path = Path(config.save) / CHOICE
     if not path.exists() and not CheckpointStore(config.save).numbers():
         fsutil.write_new(path, json.dumps({"model": config.model}).encode())
-        log.info("model: auto is %s for this save/ (data.source %s)", config.model,
-                 config.data.source)
 
 
 def open_store(config, weights=None):
