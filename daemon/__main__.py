@@ -69,7 +69,7 @@ def dispatch(args):
         logs.setup()
     try:
         config = load_config(args.config)
-        if args.command in ("status", "classify", "relabel"):
+        if args.command in ("classify", "relabel"):  # (status resolves it itself)
             from daemon.training.store import resolve_model
 
             config = resolve_model(config)  # what save/ was made with (`model: auto`)
