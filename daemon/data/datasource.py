@@ -238,7 +238,7 @@ class DataSource:
         unchanged = set(reuse) == {p for p, e in known.items() if "error" not in e or p in found}
         if not decode and unchanged:
             return None
-        decoded, later = self._decode(root, decode, found)
+        decoded, later = self._decode(root, decode, found, known)
         if later:
             said = (len(later), later[0][0])
             if said != self._said_later:  # not the same WARNING every 30 s
@@ -258,20 +258,31 @@ class DataSource:
             raise Later("rebuilding the data version", 0) from None
         return self._commit(root, newest, found, reuse, decoded, rows)
 
-    def _decode(self, root, paths, found):
+    def _decode(self, root, paths, found, known):
         """{path: (image or None if bad, entry)} for the files decoded; [(path, why)] of
         those that could not be read now. What was decoded stays at hand until a version
-        holds it (a version that could not be written is not decoded again)."""
+        holds it (a version that could not be written is not decoded again). With a
+        backbone, a file of the size of a `known` entry whose features are kept may be its
+        copy: the workers compare contents first and do not featurize it again."""
         later = []
         todo = [path for path in paths if self._decoded.get(path, (None,))[0] != found[path]]
         decoded = {path: self._decoded[path][1] for path in set(paths).difference(todo)}
+        copies = {}
+        if self.features is not None:
+            sizes = {}
+            for entry in known.values():
+                if "sha256" in entry and self.features.has(entry["sha256"]):
+                    sizes.setdefault(entry["size"], set()).add(entry["sha256"])
+            copies = {os.path.join(root, path): sizes[found[path][1]] for path in todo
+                      if found[path][1] in sizes}
         started = time.monotonic()
         self.decoding = True
         try:
-            results = self.decoder.decode_all([os.path.join(root, p) for p in todo]) \
-                if todo else []
+            results = self.decoder.decode_all([os.path.join(root, p) for p in todo],
+                                              known=copies) if todo else []
         finally:
             self.decoding = False
+        copied = 0
         for path, (full, kind, payload) in zip(todo, results):
             cls, size, mtime, ino = found[path]
             wait = self._settling.check(full, VERDICT_SECONDS)[0] if kind == "bad" else 0.0
@@ -283,6 +294,9 @@ class DataSource:
                 self._settling.forget(full)
             if kind == "image":
                 image, digest, (size, mtime, ino) = payload
+                if image is None:  # a copy of an image whose features are kept
+                    image = self.features.get([digest])[0]
+                    copied += 1
                 decoded[path] = (image, {"path": path, "class": cls, "size": size,
                                          "mtime_ns": mtime, "ino": ino, "sha256": digest})
             elif kind == "bad":
@@ -297,8 +311,10 @@ class DataSource:
             self._decoded[path] = (found[path], decoded[path])
         if todo:
             bad = sum(1 for path in todo if path in decoded and decoded[path][0] is None)
-            log.info("decoded %d training images in %.1f s%s%s", len(todo) - bad - len(later),
-                     time.monotonic() - started, f"; {bad} not usable" if bad else "",
+            log.info("decoded %d training images in %.1f s%s%s%s",
+                     len(todo) - bad - len(later) - copied, time.monotonic() - started,
+                     f"; {copied} copies of images featurized before" if copied else "",
+                     f"; {bad} not usable" if bad else "",
                      f"; {len(later)} cannot be read now" if later else "")
         return decoded, later
 

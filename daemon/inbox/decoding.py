@@ -15,6 +15,7 @@ here: the workers start from a clean interpreter (spawn).
 
 import concurrent.futures
 import ctypes
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -60,18 +61,24 @@ def decode_chunk(paths, featurizer=None):
     return results
 
 
-def decode_training_chunk(paths, featurizer=None):
+def decode_training_chunk(paths, featurizer=None, known=None):
     """In a worker, for a data version: [(path, kind, payload)]; an image's payload is
-    (28x28 or features, sha256, (size, mtime_ns, ino)) of the file as read."""
-    return [(path, *_attempt(_for_training, path, featurizer)) for path in paths]
+    (28x28 or features, sha256, (size, mtime_ns, ino)) of the file as read. `known`:
+    {path: sha256s whose features are kept already}: a file with one of those contents (a
+    copy) comes back with None for its features, not featurized again."""
+    known = known or {}
+    return [(path, *_attempt(_for_training, path, featurizer, known.get(path, ())))
+            for path in paths]
 
 
-def _for_training(path, featurizer):
+def _for_training(path, featurizer, known):
     if featurizer is None:
         image, digest, info = images.load_for_training(path)
     else:
-        image, digest, info = photos.load_for_training(path)
-        image = _featurizer(featurizer)(image)
+        data, info = images.read_file(path, with_info=True)
+        digest = hashlib.sha256(data).hexdigest()
+        image = None if digest in known else \
+            _featurizer(featurizer)(photos.fit(photos.decode(data, path=path)))
     return image, digest, (info.st_size, info.st_mtime_ns, info.st_ino)
 
 
@@ -203,17 +210,24 @@ class Decoder:
             # closed"): the pool is broken, it just does not know it yet.
             raise BrokenProcessPool(f"a decode worker died: {error}") from error
 
-    def decode_all(self, paths, chunk=None):
+    def decode_all(self, paths, chunk=None, known=None):
         """decode_training_chunk over many paths on every worker; results in order. A file
         that kills a worker (a decoder crash, memory) is found by decoding what was in
-        flight again one task at a time, then alone: it comes back "bad"."""
+        flight again one task at a time, then alone: it comes back "bad". `known`: see
+        decode_training_chunk."""
         featurizer = self._featurizer_path()
         chunk = chunk or (256 if featurizer is None else 16)  # a photo's features: ~20 ms
         parts = [paths[i: i + chunk] for i in range(0, len(paths), chunk)]
         futures, results, again = [], {}, []
+        known = known or {}
+
+        def submit(part):
+            return self._submit(decode_training_chunk, part, featurizer,
+                                {path: known[path] for path in part if path in known})
+
         for part in parts:
             try:
-                futures.append((part, self._submit(decode_training_chunk, part, featurizer)))
+                futures.append((part, submit(part)))
             except BrokenProcessPool:  # broke while we were handing out work
                 again.append(part)
         for part, future in futures:
@@ -226,7 +240,7 @@ class Decoder:
         while again:
             part = again.pop(0)
             try:
-                done = self._result(self._submit(decode_training_chunk, part, featurizer))
+                done = self._result(submit(part))
                 results.update((result[0], result) for result in done)
             except BrokenProcessPool:
                 self.restart()

@@ -103,7 +103,8 @@ def widen(model, name, num_classes, seed=0):
 
 def whole(backbone, head):
     """The backbone preset as one model, RGB 0..255 image in, classes out: `backbone`'s
-    layers and `head`'s output layer, shared (not copied): it is what model.json and
-    model.h5 hold, and follows the head's weights as they train."""
+    layers (frozen) and `head`'s output layer, shared (not copied): it is what model.json
+    and model.h5 hold, and follows the head's weights as they train."""
+    backbone.trainable = False
     return keras.Model(backbone.input, head.get_layer("output")(backbone.output),
                        name=head.name.removesuffix("_head"))
