@@ -55,10 +55,11 @@ def config_error(folder, watch):
 
 class Daemon:
     """Started at construction on `inbox` (default folder/inbox), with folder/save and
-    folder/daemon.log; `started` is the wall-clock time just before the spawn."""
+    folder/daemon.log; `started` is the wall-clock time just before the spawn. `env`: more
+    environment variables (e.g. systemd's NOTIFY_SOCKET and WATCHDOG_USEC)."""
 
     def __init__(self, folder, inbox=None, epochs=1, watch=None, data=None, model=None,
-                 metrics=None):
+                 metrics=None, env=None):
         self.folder = Path(folder)
         self.inbox = Path(inbox or self.folder / "inbox")
         self.inbox.mkdir(parents=True, exist_ok=True)
@@ -69,7 +70,8 @@ class Daemon:
         with open(self.log, "w") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "daemon", "run", "--config", str(config)],
-                stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=environment())
+                stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                env=dict(environment(), **(env or {})))
         self.pid = self.process.pid
         self._peak_kb, self._sampling = 0, True
         self._sampler = threading.Thread(target=self._sample_memory, daemon=True)
