@@ -18,6 +18,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 READY = r"\bready\b"
+LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \S+ \S+: (.*)$")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -182,3 +183,13 @@ def wait_for_sidecars(daemon, folders, count, timeout, every=0.2):
             done = count_sidecars(folders)
             raise TimeoutError(f"{done}/{count} sidecars after {timeout} s:\n{daemon.tail()}")
         time.sleep(every)
+
+
+def log_lines(daemon):
+    """[(wall-clock time, message)] of the daemon's log lines (millisecond stamps)."""
+    lines = []
+    for line in daemon.log.read_text(errors="replace").splitlines():
+        if match := LINE.match(line):
+            stamp = time.mktime(time.strptime(match[1], "%Y-%m-%d %H:%M:%S"))
+            lines.append((stamp + int(match[2]) / 1000, match[3]))
+    return lines

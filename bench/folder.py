@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from daemonproc import READY, REPO, Daemon, environment
+from daemonproc import READY, REPO, Daemon, environment, log_lines
 from report import OtherLoad, code_version, machine
 
 sys.path.insert(0, str(REPO))
@@ -42,7 +42,6 @@ OUT = REPO / "docs" / "bench-folder.json"
 CACHE = Path("/tmp/wardrobe-bench-folder")
 COUNT = 60_000
 SPARE = 20  # distinct images beyond COUNT, for the new-image benchmark
-LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \S+ \S+: (.*)$")
 EPOCH = re.compile(r"^epoch (\d+)/\d+: .*\(([\d.]+) s\); checkpoint")
 
 
@@ -96,16 +95,6 @@ def cached_images():
 
 
 # ---- reading the daemon's log ------------------------------------------------------------------
-
-def log_lines(daemon):
-    """[(wall-clock time, message)] of the daemon's log lines."""
-    lines = []
-    for line in daemon.log.read_text(errors="replace").splitlines():
-        if match := LINE.match(line):
-            stamp = time.mktime(time.strptime(match[1], "%Y-%m-%d %H:%M:%S"))
-            lines.append((stamp + int(match[2]) / 1000, match[3]))
-    return lines
-
 
 def since_spawn(daemon, pattern):
     """Seconds from the spawn to the first log line matching `pattern`, or None."""

@@ -20,13 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from daemonproc import REPO
+from daemonproc import REPO, log_lines
 
 SAMPLE = REPO.parent / "shared" / "data" / "photos-sample"
 CACHE = Path("/tmp/wardrobe-bench-backbone")
 VERSION = "v1"  # change when the photos' look changes: a new cache folder
 LONG, SHORT = 4032, 3024  # a 12-megapixel phone photo
-LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \S+ \S+: (.*)$")
 
 
 # ---- the photos --------------------------------------------------------------------------------
@@ -286,16 +285,6 @@ class NotifySocket:
         self._thread.join()
         self._socket.close()
         shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def log_lines(daemon):
-    """[(wall-clock time, message)] of the daemon's log lines (millisecond stamps)."""
-    lines = []
-    for line in daemon.log.read_text(errors="replace").splitlines():
-        if match := LINE.match(line):
-            stamp = time.mktime(time.strptime(match[1], "%Y-%m-%d %H:%M:%S"))
-            lines.append((stamp + int(match[2]) / 1000, match[3]))
-    return lines
 
 
 def first_line(daemon, pattern):

