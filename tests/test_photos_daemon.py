@@ -359,3 +359,52 @@ def test_odd_photos_in_the_inbox_get_one_sidecar_each(tmp_path, photos, trained,
     assert sorted(p.name for p in inbox[0].parent.iterdir() if p.name[0] != ".") == \
         sorted([*files, *(f"{name}.json" for name in files)])
     assert daemon.stop() == 0, daemon.log
+
+
+STRACE = shutil.which("strace")
+CALL = re.compile(r'^\d+\s+(fsync|rename)\((.*)\)\s+= 0$')
+
+
+@pytest.mark.skipif(STRACE is None, reason="strace is not installed (.ci/run installs it)")
+def test_every_file_of_a_backbone_save_is_durable_before_what_names_it(tmp_path, photos,
+                                                                       daemons):
+    """A power cut at any instant: the backbone's cache, the features, the data versions
+    and model-choice.json are each fsynced before their rename and their folder after it,
+    and a data version's features are durable before its manifest names them."""
+    trace = tmp_path / "strace.txt"
+    config = photo_config(tmp_path, photos.data, epochs=1)
+    daemon = daemons(config, wrapper=[STRACE, "-f", "-qq", "-y", "-o", str(trace),
+                                      "-e", "trace=fsync,rename"])
+    daemon.wait_for_log(r"training complete", 300)
+    assert daemon.stop() == 0, daemon.log
+    save = str(tmp_path / "save")
+    events = []
+    for line in trace.read_text().splitlines():
+        match = CALL.match(line)
+        if match and match.group(1) == "fsync":
+            events.append(("fsync", re.search(r"<(.*)>", match.group(2)).group(1)))
+        elif match:
+            source, target = re.findall(r'"([^"]*)"', match.group(2))
+            # (live.json: the running daemon's status; tmp/: scratch, the converter's)
+            if target.startswith(save + "/") and not target.endswith("/live.json") and \
+                    not target.startswith(save + "/tmp/"):
+                events.append(("rename", source, target))
+    renamed = {event[2]: i for i, event in enumerate(events) if event[0] == "rename"}
+    kinds = {"backbone": r"/backbone/efficientnet_lite0-\w+\.(tflite|json)$",
+             "features": r"/features/[\w-]+/chunk-\w+\.npz$",
+             "version": r"/data/version-\d+\.json$", "choice": r"/model-choice\.json$"}
+    for kind, pattern in kinds.items():
+        assert any(re.search(pattern, target) for target in renamed), f"no {kind} written"
+    for target, i in renamed.items():
+        source = events[i][1]
+        assert ("fsync", source) in events[:i], f"{target} renamed before its fsync"
+        folder = target.rsplit("/", 1)[0]
+        assert ("fsync", folder) in events[i + 1:], f"no fsync of {folder} after {target}"
+    for target, i in renamed.items():
+        if re.search(kinds["version"], target):
+            chunks = [j for name, j in renamed.items() if re.search(kinds["features"], name)
+                      and j < i]
+            assert chunks, "a data version named features not yet written"
+            folder = events[chunks[-1]][2].rsplit("/", 1)[0]
+            assert ("fsync", folder) in events[chunks[-1] + 1:i], \
+                "a data version committed before its features were durable"
