@@ -15,6 +15,7 @@ import cv2
 import pytest
 
 from conftest import REPO, status, wait_until, write_config
+from test_photos_daemon import backbone, photos  # noqa: F401  (session fixtures)
 from daemon.data import dataset
 from daemon.service.config import DEFAULT_LABELS
 from daemon.service.systemd import reload_lines
@@ -195,5 +196,31 @@ def test_metrics_under_systemd_on_loopback_only(tmp_path, small_data, sandbox):
 
     metrics = wait_until(scraped, 120, interval=0.5, message="epoch 2 scraped in the sandbox")
     assert re.search(r"^process_resident_memory_bytes \S+$", metrics, re.M)
+    sandbox("ctl", "stop", "wardrobe")
+    assert (sandbox.show("Result"), sandbox.show("ExecMainStatus")) == ("success", "0")
+
+
+def test_photos_with_the_backbone_under_the_hardened_unit(tmp_path, photos, backbone,
+                                                          sandbox):
+    """The backbone model under the unit `daemon unit` writes (no network, a read-only
+    system, no new privileges): its weights read from the installed package, its
+    TensorFlow Lite runtime in the spawned decode workers, a photo labelled."""
+    from test_photos_daemon import CLASSES, photo_config, with_backbone
+
+    data = shutil.copytree(photos.data, tmp_path / "data")
+    config = photo_config(tmp_path, data, epochs=3)
+    with_backbone(tmp_path / "save", backbone)
+    (tmp_path / "inbox").mkdir()
+    install_unit(sandbox, tmp_path, config)
+    sandbox("ctl", "start", "wardrobe")
+    assert sandbox.show("ActiveState") == "active", sandbox.journal()
+    wait_until(lambda: status(config)["epoch"] >= 3, 120, message="three epochs trained")
+    photo = tmp_path / "inbox" / photos.held[0].name
+    shutil.copyfile(photos.held[0], photo)
+    record = wait_until(lambda: _read_json(Path(f"{photo}.json")), 60, message="a sidecar")
+    assert record["label"] in CLASSES, record
+    journal = sandbox.journal()
+    assert "model: auto is efficientnet_lite0" in journal
+    assert "converting the efficientnet_lite0 backbone" not in journal  # the cache was used
     sandbox("ctl", "stop", "wardrobe")
     assert (sandbox.show("Result"), sandbox.show("ExecMainStatus")) == ("success", "0")
