@@ -1,6 +1,5 @@
 """photos.load: real files of every kind a phone or a user makes -> 224x224 RGB as seen."""
 
-import io
 import os
 import pickle
 

@@ -31,7 +31,8 @@ import time
 
 from daemon import fsutil, shares
 from daemon.data import dataset
-from daemon.data.datasource import DataSource, follow
+from daemon.data.datasource import DataSource
+from daemon.data.follow import follow
 from daemon.errors import EXIT_FATAL, EXIT_OK, ConfigError
 from daemon.inbox import relabel
 from daemon.inbox.decoding import Decoder
