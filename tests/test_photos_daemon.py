@@ -3,7 +3,6 @@ it for a folder source and keeps an old save/'s model; the tutorial's pair is th
 and labels as the sidecars do; an interrupted run ends bit-identical; a new class widens the
 head; the odd files phones and users make. Small copies of ../shared/data/photos-sample."""
 
-import hashlib
 import io
 import json
 import os
@@ -22,6 +21,7 @@ import yaml
 from PIL import Image
 
 from conftest import REPO, Daemon, newest_state, sidecar, status, wait_until
+from daemon import fsutil
 from daemon.data import dataset
 from daemon.training.store import CheckpointStore
 from test_resume import assert_same_final_state
@@ -198,7 +198,7 @@ def test_the_tutorials_pair_is_the_whole_model_and_labels_as_the_sidecars(traine
     assert all(sidecar(path)["model"] == newest.id for path in trained.inbox)
     # The pair on disk is that checkpoint's (training is over: nothing newer was written)
     for name, digest in newest["exports"].items():
-        assert hashlib.sha256((trained.save / name).read_bytes()).hexdigest() == digest, name
+        assert fsutil.file_digest(trained.save / name, like=digest) == digest, name
     done = subprocess.run([sys.executable, "-c", TUTORIAL, *map(str, trained.inbox)],
                           cwd=trained.save, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, PYTHONPATH=str(REPO)))

@@ -1,7 +1,8 @@
 """The checkpoint store: numbered generations in save/, written so a crash never loses both.
 
 A generation N is `ckpt-N.npz` (everything needed to resume) and `ckpt-N.json` (the
-manifest: progress, fingerprint, sha256 of the state file and of the exports). The manifest's
+manifest: progress, fingerprint, sha256 of the state file and a sha256 block digest of each
+export: fsutil.block_digest, cheap for a model.h5 whose head alone changed). The manifest's
 rename is the commit point: it is written last, after the state file and the exports
 (`model.json`, `model.h5`, the tutorial-facing pair; written at epoch ends and stops, not
 by mid-epoch generations) are complete, fsynced and renamed. The previous generation is kept.
@@ -69,7 +70,7 @@ class Generation:
         for name in EXPORTS:
             expected = self.manifest.get("exports", {}).get(name)
             try:
-                actual = fsutil.sha256_file(self.folder / name)
+                actual = fsutil.file_digest(self.folder / name, like=expected)
             except OSError:
                 actual = None
             if actual != expected:
@@ -80,7 +81,8 @@ class Generation:
 class CheckpointStore:
     def __init__(self, folder):
         self.folder = Path(folder)
-        self._export_digests = {}  # name -> sha256 of what we last wrote there
+        self._export_digests = {}  # name -> digest of what we last wrote there
+        self._exported = {}  # name -> (bytes, block digests) written last: see block_digest
         self.sequence = Sequence(self.folder, ".last-generation")
 
     # ---- reading ---------------------------------------------------------------------------
@@ -192,7 +194,8 @@ class CheckpointStore:
         fsutil.fsync_folder(self.folder)
 
     def _write_export(self, name, data):
-        digest = hashlib.sha256(data).hexdigest()
+        digest, blocks = fsutil.block_digest(data, self._exported.get(name))
+        self._exported[name] = (data, blocks)
         if self._export_digests.get(name) != digest:  # model.json rarely changes
             fsutil.write_new(self.folder / name, data, sync_folder=False)
             self._export_digests[name] = digest
