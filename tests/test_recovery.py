@@ -120,9 +120,10 @@ def test_no_committed_generation_is_a_fresh_start_not_a_quarantine(tmp_path, sma
 def test_open_store_removes_the_uncommitted_and_quarantines_the_damaged(tmp_path, save, case):
     """store.open_store, the start-up repair, on its own (no daemon, no TensorFlow)."""
     from daemon.service import config as config_module
-    from daemon.training.store import open_store
+    from daemon.training.store import open_store, resolve_model
 
-    config = config_module.parse({"save": str(save), "inbox": str(tmp_path / "inbox")}, tmp_path)
+    config = resolve_model(config_module.parse({"save": str(save),
+                                                "inbox": str(tmp_path / "inbox")}, tmp_path))
     newest, previous = generations(save)[:2]
     if case == "uncommitted newest":
         cut_short(save, newest)
