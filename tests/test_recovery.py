@@ -24,7 +24,7 @@ def save(tmp_path, one_epoch_save):
 # What a running daemon keeps in save/ besides checkpoints: its lock, its status for
 # `wardrobe status`, its private temporary folder.
 # data/: versions, tensorboard/: curves drawn from the checkpoints; neither is a checkpoint
-RUNTIME = {".lock", "live.json", "tmp", "data", "tensorboard"}
+RUNTIME = {".lock", "live.json", "tmp", "data", "tensorboard", "model-choice.json"}  # not checkpoints
 
 def start_and_stop(daemons, config):
     """Run the daemon until it has picked its resume point; returns (daemon, epoch, batch)."""
