@@ -82,7 +82,8 @@ def main():
         repeats, lambda: model.predict(pixels, batch_size=32, verbose=0))
     tflite = str(photobench.tflite_path())
     results = {"photos": n, "repeats": repeats,
-               "keras_batch32": {"photos_per_s": round(n / keras_s, 1), "seconds": round(keras_s, 3)}}
+               "keras_batch32": {"photos_per_s": round(n / keras_s, 1),
+                                 "seconds": round(keras_s, 3)}}
     tflite_features = {}
     for threads in (1, 2):
         featurizer = Featurizer(tflite, threads=threads)

