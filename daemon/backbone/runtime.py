@@ -28,7 +28,7 @@ import numpy as np
 from daemon import fsutil
 from daemon.service import logs
 from daemon.backbone import efficientnet, torchfile
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, WardrobeError
 
 log = logging.getLogger("daemon.backbone")  # the name users see: daemon.service.logs
 
@@ -100,10 +100,38 @@ def locate(weights=None):
 
 
 class Runtime:
-    """A converted backbone in save/backbone/: `path` of its .tflite, `feature_id`."""
+    """A converted backbone in save/backbone/: `path` of its .tflite, `feature_id`, and
+    `sha256`, the checksum it was trusted under (every later load checks it again)."""
 
-    def __init__(self, path, feature_id):
-        self.path, self.feature_id = Path(path), feature_id
+    def __init__(self, path, feature_id, sha256=None):
+        self.path, self.feature_id, self.sha256 = Path(path), feature_id, sha256
+
+    def load(self, threads=1):
+        """Its Featurizer, from the file's bytes as checked (see checked())."""
+        return checked(self.path, self.sha256, threads)
+
+
+class BackboneChanged(WardrobeError):
+    """save/backbone/'s .tflite was deleted or changed after it was checked at start."""
+
+
+def checked(path, sha256, threads=1):
+    """A Featurizer of the .tflite at `path` if its bytes still have `sha256` (None: no
+    check). The cache is checked at start, but a decode worker loads it later (at its first
+    photo, or when it replaces a worker that died): a file deleted or changed meanwhile
+    would crash the daemon or, worse, give other features than the head was trained on,
+    kept for good in save/features/ under this backbone's feature id."""
+    try:
+        blob = Path(path).read_bytes()
+    except OSError as error:
+        raise BackboneChanged(f"{path}: {error.strerror or error}; it was deleted or made "
+                              "unreadable while the daemon ran: start it again (it converts "
+                              "the backbone anew)") from None
+    if sha256 is not None and hashlib.sha256(blob).hexdigest() != sha256:
+        raise BackboneChanged(f"{path} changed while the daemon ran (it no longer matches "
+                              "its checksum); start it again (it converts the backbone "
+                              "anew)")
+    return Featurizer(blob, threads)
 
 
 def prepare(save, weights):
@@ -118,7 +146,7 @@ def prepare(save, weights):
     if record is not None:
         try:
             if fsutil.sha256_file(model_path) == record["tflite_sha256"]:
-                return Runtime(model_path, record["feature_id"])
+                return Runtime(model_path, record["feature_id"], record["tflite_sha256"])
             log.warning("%s does not match its checksum (damaged?); converting the backbone "
                         "again", model_path)
         except OSError as error:
@@ -130,7 +158,7 @@ def prepare(save, weights):
     record = {"format": FORMAT, "weights": str(weights.path), "weights_sha256": weights.sha256,
               "tflite_sha256": hashlib.sha256(blob).hexdigest(), "feature_id": feature_id}
     fsutil.write_new(record_path, json.dumps(record, indent=1).encode(), sync_folder=True)
-    return Runtime(model_path, feature_id)
+    return Runtime(model_path, feature_id, record["tflite_sha256"])
 
 
 def convert(weights):

@@ -71,7 +71,7 @@ class DataSource:
         """A backbone model: versions hold the features `runtime` (daemon.backbone.runtime.
         Runtime) computes in the decode workers, not pixels; versions of other features (or
         of pixels) are not built upon. Before the first sync."""
-        self.decoder.featurizer = runtime.path
+        self.decoder.featurizer = runtime
         self.feature_id = runtime.feature_id
         self.features = features.store(self.config.save, runtime.feature_id)
 

@@ -96,7 +96,7 @@ class Classifier:
             from daemon.backbone import runtime
 
             prepared = runtime.prepare(self.config.save, runtime.locate(self.config.weights))
-            self._featurizer = runtime.Featurizer(prepared.path)
+            self._featurizer = prepared.load()
         return self._featurizer(photos.load(path))
 
 

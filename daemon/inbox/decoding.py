@@ -82,12 +82,14 @@ def _for_training(path, featurizer, known):
     return image, digest, (info.st_size, info.st_mtime_ns, info.st_ino)
 
 
-def _featurizer(path):
-    if path not in _featurizers:
-        from daemon.backbone.runtime import Featurizer  # the workers of a backbone model only
+def _featurizer(spec):
+    """`spec`: a .tflite path, or (path, its sha256) to be checked as it is loaded."""
+    if spec not in _featurizers:
+        from daemon.backbone import runtime  # the workers of a backbone model only
 
-        _featurizers[path] = Featurizer(path)
-    return _featurizers[path]
+        path, sha256 = spec if isinstance(spec, tuple) else (spec, None)
+        _featurizers[spec] = runtime.checked(path, sha256)
+    return _featurizers[spec]
 
 
 def _attempt(load, *args):
@@ -146,8 +148,8 @@ class Decoder:
 
     def __init__(self, workers=None):
         self.workers = workers or max(1, min(len(os.sched_getaffinity(0)), 8))
-        # A backbone model's .tflite (daemon.backbone.runtime.Runtime.path): images become
-        # features in the workers. None: 28x28 arrays.
+        # A backbone model's daemon.backbone.runtime.Runtime (or its .tflite's path): images
+        # become features in the workers. None: 28x28 arrays.
         self.featurizer = None
         self._seconds_per_image = CHUNK_SECONDS  # one image a chunk until measured
         self._pool = None
@@ -197,7 +199,11 @@ class Decoder:
         return self._submit(decode_chunk, paths, self._featurizer_path())
 
     def _featurizer_path(self):
-        return None if self.featurizer is None else os.fspath(self.featurizer)
+        if self.featurizer is None:
+            return None
+        if hasattr(self.featurizer, "feature_id"):  # a Runtime: loaded checked in the workers
+            return (os.fspath(self.featurizer.path), self.featurizer.sha256)
+        return os.fspath(self.featurizer)
 
     def _submit(self, function, *arguments):
         try:

@@ -283,8 +283,11 @@ class _Handler(FileSystemEventHandler):
 
     def on_moved(self, event):
         if not event.dest_path:
-            if not event.is_directory:
-                self.put(("gone", event.src_path, None))  # moved out of the tree
+            # moved out of the tree; a folder too (its files raise no event of their own: a
+            # class folder moved out of data.path would otherwise stay in the data unnoticed)
+            if not event.is_directory or \
+                    os.path.normpath(event.src_path) != os.path.normpath(self.watcher.root):
+                self.put(("gone", event.src_path, None))
         elif event.is_directory:
             self.put(("scan", event.dest_path, "folder moved in"))
         elif not event.src_path:

@@ -387,7 +387,7 @@ class Service:
             if prepared is None:
                 return
             backbone = (self.weights, prepared)
-            self.decoder.featurizer = prepared.path
+            self.decoder.featurizer = prepared
             self.data_source.featurize(prepared)
         self._imported.set()
         trainer = Trainer(self.config, generation, self.stop_event, backbone)
