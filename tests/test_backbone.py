@@ -381,7 +381,7 @@ def test_a_photos_features_are_the_same_bits_from_any_featurizer(converted, tmp_
     assert {path: one(pixels[path]).tobytes() for path in paths[::-1]} == reference
     # in a decode worker (a spawned process): the inbox's chunks and a data version's
     decoder = Decoder(workers=1)
-    decoder.featurizer = converted.runtime.path
+    decoder.featurizer = converted.runtime
     decoder.start()
     try:
         labelled = decoder.submit(paths[::-1]).result(timeout=120)

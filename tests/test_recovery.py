@@ -1,5 +1,6 @@
 """Damaged save/ folders: fall back, repair, quarantine, or refuse -- never crash-loop."""
 
+import os
 import re
 import resource
 import shutil
@@ -7,10 +8,12 @@ import signal
 import subprocess
 import sys
 
+import cv2
 import pytest
 
-from conftest import REPO, assert_loadable, status, wait_until, write_config
+from conftest import NO_DAC, REPO, assert_loadable, sidecar, status, wait_until, write_config
 from daemon import fsutil
+from daemon.data import dataset
 from daemon.training.store import CheckpointStore, manifest_name, state_name
 
 STARTED = r"(no checkpoint in|resuming from) .*: epoch (\d+)/\d+, batch (\d+)"
@@ -229,3 +232,33 @@ def test_a_second_daemon_on_the_same_save_is_refused(tmp_path, small_data, daemo
     assert result.returncode == 1
     assert f"another wardrobe (pid {first.process.pid}) is running" in result.stderr
     assert first.stop() == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root and setpriv to drop the capability to write anywhere")
+def test_the_last_epochs_checkpoint_is_written_once_save_is_writable_again(tmp_path,
+                                                                          small_data, daemons):
+    """The checkpoint of the last epoch fails (save/ not writable: a permission, or a full
+    disk): it is tried again while the daemon idles, and written once it can be, with no
+    restart; nothing trained is lost and the inbox gets that model."""
+    save = tmp_path / "save"
+    daemon = daemons(write_config(tmp_path, small_data, epochs=1), wrapper=NO_DAC)
+    daemon.wait_for_log(r"training complete")
+    assert daemon.stop() == 0
+    save.chmod(0o555)  # no new file in save/ (the checkpoints), data/ and the rest writable
+    try:
+        config = write_config(tmp_path, small_data, epochs=2)
+        daemon = daemons(config, wrapper=NO_DAC)
+        daemon.wait_for_log(r"training complete \(2 epochs\)", 120)
+        assert re.search(r"ERROR daemon.checkpoints: checkpoint at epoch 2 batch 0 failed: "
+                         r".*Permission denied", daemon.log)
+        assert status(config)["epoch"] == 1
+    finally:
+        save.chmod(0o755)
+    daemon.wait_for_log(r"the checkpoint of epoch 2 is written at last", 90)
+    assert status(config)["epoch"] == 2
+    image = tmp_path / "inbox" / "late.png"
+    image.write_bytes(cv2.imencode(".png", dataset.load("sample").x_test[0])[1].tobytes())
+    record = wait_until(lambda: sidecar(image), 60, message="a sidecar")
+    assert record["epoch"] == 2
+    assert daemon.stop() == 0

@@ -46,7 +46,7 @@ _featurizers = {}  # in a worker: .tflite path -> daemon.backbone.runtime.Featur
 
 def decode_chunk(paths, featurizer=None):
     """In a worker: [(path, kind, payload, seconds)] with kind "image" (a 28x28 array, or
-    with `featurizer`, the path of a backbone's .tflite, the photo's features), "bad"
+    with `featurizer`, (a backbone's .tflite, its sha256), the photo's features), "bad"
     (final: the content cannot be labelled) or "unreadable" (may go away)."""
     results = []
     for path in paths:
@@ -83,12 +83,11 @@ def _for_training(path, featurizer, known):
 
 
 def _featurizer(spec):
-    """`spec`: a .tflite path, or (path, its sha256) to be checked as it is loaded."""
+    """`spec`: (a .tflite path, its sha256), checked as it is loaded, once per worker."""
     if spec not in _featurizers:
         from daemon.backbone import runtime  # the workers of a backbone model only
 
-        path, sha256 = spec if isinstance(spec, tuple) else (spec, None)
-        _featurizers[spec] = runtime.checked(path, sha256)
+        _featurizers[spec] = runtime.checked(*spec)
     return _featurizers[spec]
 
 
@@ -148,8 +147,8 @@ class Decoder:
 
     def __init__(self, workers=None):
         self.workers = workers or max(1, min(len(os.sched_getaffinity(0)), 8))
-        # A backbone model's daemon.backbone.runtime.Runtime (or its .tflite's path): images
-        # become features in the workers. None: 28x28 arrays.
+        # A backbone model's daemon.backbone.runtime.Runtime: images become features in the
+        # workers. None: 28x28 arrays.
         self.featurizer = None
         self._seconds_per_image = CHUNK_SECONDS  # one image a chunk until measured
         self._pool = None
@@ -199,11 +198,10 @@ class Decoder:
         return self._submit(decode_chunk, paths, self._featurizer_path())
 
     def _featurizer_path(self):
+        """What the workers load the featurizer from: (.tflite path, its sha256)."""
         if self.featurizer is None:
             return None
-        if hasattr(self.featurizer, "feature_id"):  # a Runtime: loaded checked in the workers
-            return (os.fspath(self.featurizer.path), self.featurizer.sha256)
-        return os.fspath(self.featurizer)
+        return (os.fspath(self.featurizer.path), self.featurizer.sha256)
 
     def _submit(self, function, *arguments):
         try:

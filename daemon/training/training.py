@@ -25,6 +25,7 @@ from daemon.training.store import data_kind
 log = logging.getLogger("daemon.training")  # the name users see: daemon.service.logs
 
 BOUNDARY_WAIT_SECONDS = 10.0  # at most, for a data version being made
+SAVE_AGAIN_SECONDS = 30.0  # an epoch's checkpoint that could not be written: tried again
 
 
 def epoch_order(seed, epoch, count):
@@ -106,7 +107,9 @@ class Trainer:
         metrics.training(value == "training")
 
     def unsaved(self):
-        return self.phase == "training" and self.checkpoint is not None and bool(
+        """Is there progress a stop would lose: batches trained since the last checkpoint
+        (in an epoch, or an epoch's end whose checkpoint could not be written)?"""
+        return self.phase in ("training", "idle") and self.checkpoint is not None and bool(
             self.checkpoint.unsaved)
 
     def set_target(self, epochs):
@@ -202,11 +205,27 @@ class Trainer:
             trained, announced = False, True
             self.phase = "idle"
             self.wake.clear()  # then look again: a target or data set just before is not lost
+            if self.checkpoint.unsaved:
+                self._save_again()
             if self.epoch >= self.epochs and not self.stop_event.is_set() and \
                     not self._newer_version():
-                self.wake.wait()
+                self.wake.wait(SAVE_AGAIN_SECONDS if self.checkpoint.unsaved else None)
             self.last_progress = time.monotonic()
+        if self.checkpoint.unsaved and not self.step:
+            self._save_again()  # stopping: a last try
         return self.model
+
+    def _save_again(self):
+        """The last epoch's checkpoint could not be written (a full disk, a permission):
+        write it now, with that epoch's validation (it competes for the best). Tried again
+        while idle, and at the stop, until it is written: nothing trained is lost, and the
+        inbox gets its model once the disk has room."""
+        last = self.checkpoint.history[-1] if self.checkpoint.history else {}
+        scores = {key: last[key] for key in ("val_loss", "val_accuracy")
+                  if last.get(key) is not None}
+        if self.checkpoint.save(self.epoch, 0, scores=scores) is not None:
+            log.info("the checkpoint of epoch %d is written at last", self.epoch)
+            self._draw(self.checkpoint.history)
 
     def fingerprint(self):
         """What a checkpoint must share with this run for the resume to be exact (the data
