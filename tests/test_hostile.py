@@ -258,3 +258,29 @@ def test_a_second_daemon_on_the_same_inbox_is_refused(tmp_path, trained, daemons
     again = daemons(with_settings(second_config, inbox=str(inbox)))
     again.wait_for_log(r"ready")
     assert again.stop() == 0
+
+
+def test_a_sighup_to_the_whole_process_group_reloads_and_kills_no_worker(tmp_path, trained,
+                                                                         crops):
+    """A terminal closed (or `timeout`, `kill -HUP -PGID`) sends SIGHUP to every process of
+    the group: the daemon reloads its config; its decode workers and multiprocessing's
+    resource tracker, which inherit SIGHUP blocked, live on (no tracebacks in the log)."""
+    from conftest import Daemon
+
+    daemon = Daemon(trained, start_new_session=True)  # a group of its own, as a terminal's
+    try:
+        inbox = tmp_path / "inbox"
+        (inbox / "one.png").write_bytes(png(crops[0]))
+        wait_until(lambda: labelled(inbox / "one.png"), 120, message="a first label")
+        workers = decode_workers(daemon.process.pid)
+        assert workers
+        os.killpg(daemon.process.pid, signal.SIGHUP)
+        daemon.wait_for_log(r"reloaded config")
+        (inbox / "two.png").write_bytes(png(crops[1]))
+        wait_until(lambda: labelled(inbox / "two.png"), 60, message="a label after SIGHUP")
+        assert decode_workers(daemon.process.pid) == workers  # the same, alive
+        assert "a decode worker died" not in daemon.log and "Traceback" not in daemon.log
+    finally:
+        code = daemon.stop()
+    assert code == 0, daemon.log
+    assert "Traceback" not in daemon.log

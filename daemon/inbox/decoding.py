@@ -14,6 +14,7 @@ here: the workers start from a clean interpreter (spawn).
 """
 
 import concurrent.futures
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -118,6 +119,20 @@ def _start_worker(parent, level):
         os._exit(1)
 
 
+@contextlib.contextmanager
+def _spawning():
+    """Around what may start processes (the pool's workers, multiprocessing's resource
+    tracker): fd 2 is the real stderr, and SIGHUP blocked, which they inherit. A SIGHUP to
+    the daemon's whole process group (a terminal closed, `timeout`) reloads the daemon's
+    config; it must not kill its workers and tracker (tracebacks in the log)."""
+    with logs.uncaptured():
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def _abandon(pool):
     """Free a pool whose reader waits for ever (see Decoder.lost): end its workers (they may
     hold its queues' locks) and close our copy of their results pipe's write end, so that
@@ -157,7 +172,7 @@ class Decoder:
         # spawn: a clean interpreter without TensorFlow's threads, and no socket path that a
         # deep save/ folder could make too long (forkserver's)
         context = multiprocessing.get_context("spawn")
-        with logs.uncaptured():
+        with _spawning():
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 self.workers, mp_context=context, initializer=_start_worker,
                 initargs=(os.getpid(), logging.getLogger().getEffectiveLevel()))
@@ -207,7 +222,7 @@ class Decoder:
         try:
             # submit() starts the workers: not while the TensorFlow import's output is
             # captured (a few seconds at start), or they would inherit the capture as stderr
-            with logs.uncaptured():
+            with _spawning():
                 return self._pool.submit(function, *arguments)
         except OSError as error:
             # A worker died while the pool was starting its replacement ("handle is

@@ -347,7 +347,11 @@ def record_model(config):
     save/'s lock, once the config was found sound), so that it stays."""
     path = Path(config.save) / CHOICE
     if not path.exists() and not CheckpointStore(config.save).numbers():
-        fsutil.write_new(path, json.dumps({"model": config.model}).encode())
+        try:
+            fsutil.write_new(path, json.dumps({"model": config.model}).encode())
+        except OSError as error:  # the first checkpoint records it too; next start again
+            log.warning("cannot write %s (%s); the model is recorded with the first "
+                        "checkpoint", path, error.strerror or error)
 
 
 def open_store(config, weights=None):
