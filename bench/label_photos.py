@@ -32,7 +32,7 @@ from daemonproc import READY, REPO, Daemon, copy_save, sidecar_times, wait_for_s
 from report import OtherLoad, code_version, machine
 
 OUT = REPO / "docs" / "bench-label-photos.json"
-TRAINED = photobench.CACHE / "trained-v1"
+TRAINED = photobench.CACHE / "trained-v2"  # v2: made with features kept apart (features.py)
 FIRST_PHOTO = 10_000  # the backlog's photos: other contents than featurize.py's
 NEW_PHOTOS = 8  # added to the data folder: a new data version to train on meanwhile
 EPOCHS = 3
