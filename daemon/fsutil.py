@@ -242,32 +242,34 @@ BLOCK = 1 << 20
 BLOCKS = "b1:"  # marks a block digest (below); a bare hex digest is one sha256 of the file
 
 
-def block_digest(data, previous=None):
-    """(digest, blocks) of `data`: BLOCKS + the sha256 of the sha256 of each BLOCK-sized
-    piece, as strong as one sha256 of the whole. With `previous`, the (data, blocks) of an
-    earlier version of the same file, pieces that are the same bytes are not hashed again:
-    a 14 MB model.h5 of which only the head's weights changed costs a compare, not a hash."""
-    old_data, old_blocks = previous or (b"", [])
-    blocks = []
-    for index, start in enumerate(range(0, len(data), BLOCK)):
-        piece = data[start: start + BLOCK]  # bytes, compared by memcmp (a memoryview is slow)
-        if index < len(old_blocks) and piece == old_data[start: start + BLOCK]:
-            blocks.append(old_blocks[index])
-        else:
-            blocks.append(hashlib.sha256(piece).digest())
-    return BLOCKS + hashlib.sha256(b"".join(blocks)).hexdigest(), blocks
+class BlockDigest:
+    """The digest of a bytes-like `data`: BLOCKS + the sha256 of the sha256 of each
+    BLOCK-sized piece, as strong as one sha256 of the whole. Kept beside a buffer that is
+    changed in place, it is brought up to date by rehashing the pieces that changed
+    (changed(start, end)): a 14 MB model.h5 whose head alone changed costs one piece."""
+
+    def __init__(self, data):
+        self.data = memoryview(data)
+        self.blocks = [self._hash(start) for start in range(0, len(data), BLOCK)]
+
+    def _hash(self, start):
+        return hashlib.sha256(self.data[start: start + BLOCK]).digest()
+
+    def changed(self, start, end):
+        for index in range(start // BLOCK, (max(end, start + 1) - 1) // BLOCK + 1):
+            self.blocks[index] = self._hash(index * BLOCK)
+
+    def hexdigest(self):
+        return BLOCKS + hashlib.sha256(b"".join(self.blocks)).hexdigest()
 
 
 def file_digest(path, like):
-    """The digest of the file at `path` in the kind of `like` (block_digest's, or a plain
+    """The digest of the file at `path` in the kind of `like` (a BlockDigest's, or a plain
     sha256 as older manifests recorded)."""
     if not (like or "").startswith(BLOCKS):
         return sha256_file(path)
-    blocks = []
     with open(path, "rb") as file:
-        for piece in iter(lambda: file.read(BLOCK), b""):
-            blocks.append(hashlib.sha256(piece).digest())
-    return BLOCKS + hashlib.sha256(b"".join(blocks)).hexdigest()
+        return BlockDigest(file.read()).hexdigest()
 
 
 def _remove_quietly(path):

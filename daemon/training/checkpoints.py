@@ -19,6 +19,7 @@ import time
 import keras
 import numpy as np
 
+from daemon import fsutil
 from daemon.errors import IncompatibleCheckpoint
 from daemon.service import metrics
 from daemon.training.store import CheckpointStore
@@ -95,7 +96,7 @@ class Checkpoint(keras.callbacks.Callback):
         if stale:
             log.warning("%s did not match checkpoint %d; rewriting from it",
                         ", ".join(stale), generation.number)
-            self.store.write_exports(self._exports())
+            self.store.write_exports(*self._exports())
         return self._resume
 
     def _check_compatible(self, generation):
@@ -200,9 +201,10 @@ class Checkpoint(keras.callbacks.Callback):
         # The first generation writes the tutorial's pair even inside an epoch: from the
         # first checkpoint on, save/ always holds a loadable model.json + model.h5.
         export = export or not self.store.has_exports()
+        exports, digests = self._exports() if export else ({}, {})
         try:
-            generation = self.store.write(meta, self._state_bytes(),
-                                          self._exports() if export else {}, started=started)
+            generation = self.store.write(meta, self._state_bytes(), exports, started=started,
+                                          digests=digests)
         except OSError as error:
             log.error("checkpoint at epoch %d batch %d failed: %s; the previous one stays",
                       epoch, step, error)
@@ -228,6 +230,7 @@ class Checkpoint(keras.callbacks.Callback):
         return buffer.getvalue()
 
     def _exports(self):
+        """({name: bytes}, {name: digest}) of model.json and model.h5."""
         model = self.exported(self.model) if self.exported else self.model
         if self._exporting is None or self._exporting.model is not model:
             self._exporting = _Exports(model)  # a new model (widened): made afresh
@@ -295,6 +298,8 @@ class _Exports:
                     group.create_dataset(name, data=weight.numpy())
             file.flush()
             self.image = bytearray(file.id.get_file_image())
+            self.digests = {"model.json": fsutil.BlockDigest(self.json),
+                            "model.h5": fsutil.BlockDigest(self.image)}
             self.changing = []  # (offset in the file, dtype, variable) of trainable weights
             for layer in model.layers:
                 for weight in _layer_weights(layer) if layer.trainable else ():
@@ -305,10 +310,14 @@ class _Exports:
                     self.changing.append((offset, dataset.dtype, weight))
 
     def files(self):
+        """({name: data}, {name: digest}); the data is this object's own buffer, valid until
+        the next call (the store writes it at once)."""
         for offset, dtype, weight in self.changing:
             value = np.ascontiguousarray(weight.numpy(), dtype=dtype)  # HDF5's own layout
             self.image[offset: offset + value.nbytes] = value.tobytes()
-        return {"model.json": self.json, "model.h5": bytes(self.image)}
+            self.digests["model.h5"].changed(offset, offset + value.nbytes)
+        return ({"model.json": self.json, "model.h5": self.image},
+                {name: digest.hexdigest() for name, digest in self.digests.items()})
 
 
 def _layer_weights(layer):
@@ -317,7 +326,7 @@ def _layer_weights(layer):
 
 def legacy_weights_h5(model):
     """The classic Keras HDF5 weights layout, which Keras 3 still loads from a `.h5` name."""
-    return _Exports(model).files()["model.h5"]
+    return bytes(_Exports(model).files()[0]["model.h5"])
 
 
 def _shapes(variables):

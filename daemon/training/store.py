@@ -2,7 +2,7 @@
 
 A generation N is `ckpt-N.npz` (everything needed to resume) and `ckpt-N.json` (the
 manifest: progress, fingerprint, sha256 of the state file and a sha256 block digest of each
-export: fsutil.block_digest, cheap for a model.h5 whose head alone changed). The manifest's
+export: fsutil.BlockDigest, cheap for a model.h5 whose head alone changed). The manifest's
 rename is the commit point: it is written last, after the state file and the exports
 (`model.json`, `model.h5`, the tutorial-facing pair; written at epoch ends and stops, not
 by mid-epoch generations) are complete, fsynced and renamed. The previous generation is kept.
@@ -82,7 +82,6 @@ class CheckpointStore:
     def __init__(self, folder):
         self.folder = Path(folder)
         self._export_digests = {}  # name -> digest of what we last wrote there
-        self._exported = {}  # name -> (bytes, block digests) written last: see block_digest
         self.sequence = Sequence(self.folder, ".last-generation")
 
     # ---- reading ---------------------------------------------------------------------------
@@ -142,9 +141,10 @@ class CheckpointStore:
 
     # ---- writing ---------------------------------------------------------------------------
 
-    def write(self, meta, state, exports, started=None):
+    def write(self, meta, state, exports, started=None, digests=None):
         """Write a new generation; returns it. `state` and each export are bytes; `exports`
-        may be empty (the files stay as they are, and the manifest records them as such).
+        may be empty (the files stay as they are, and the manifest records them as such);
+        `digests` may give an export's fsutil.BlockDigest, kept up to date by its maker.
         With `started` (a time.monotonic()), the manifest records `write_seconds`: the time
         from then until it is itself written.
 
@@ -159,7 +159,7 @@ class CheckpointStore:
             fsutil.write_new(self.folder / state_name(number), state, sync_folder=False)
             files = {state_name(number): hashlib.sha256(state).hexdigest()}
             for name, data in exports.items():
-                self._write_export(name, data)
+                self._write_export(name, data, (digests or {}).get(name))
             fsutil.fsync_folder(self.folder)
         except BaseException:
             # No manifest, no generation: drop the orphan so numbering stays meaningful.
@@ -187,15 +187,14 @@ class CheckpointStore:
         """Are model.json and model.h5 on disk, as this store wrote or adopted them?"""
         return all(name in self._export_digests for name in EXPORTS)
 
-    def write_exports(self, exports):
+    def write_exports(self, exports, digests=None):
         """Rewrite the exports alone (repairing them from a restored generation)."""
         for name, data in exports.items():
-            self._write_export(name, data)
+            self._write_export(name, data, (digests or {}).get(name))
         fsutil.fsync_folder(self.folder)
 
-    def _write_export(self, name, data):
-        digest, blocks = fsutil.block_digest(data, self._exported.get(name))
-        self._exported[name] = (data, blocks)
+    def _write_export(self, name, data, digest=None):
+        digest = digest or fsutil.BlockDigest(data).hexdigest()
         if self._export_digests.get(name) != digest:  # model.json rarely changes
             fsutil.write_new(self.folder / name, data, sync_folder=False)
             self._export_digests[name] = digest
