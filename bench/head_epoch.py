@@ -1,5 +1,5 @@
 """An epoch of a backbone model's head over 10,000 photos' features, as the daemon trains it
-(daemon.training.training.EpochBatches: the seeded per-epoch order, one tf.data pipeline,
+(daemon.training.epochs.EpochBatches: the seeded per-epoch order, one tf.data pipeline,
 the progress and stop callbacks), beside plain `model.fit` on the same arrays: issue 14
 asks for well under a second. Features are random (the cost does not depend on them).
 
@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from daemon.training import models  # noqa: E402
-from daemon.training.training import EpochBatches, _Progress, _StopOnEvent  # noqa: E402
+from daemon.training.epochs import EpochBatches, Progress, StopOnEvent  # noqa: E402
 from report import machine  # noqa: E402
 
 
@@ -50,7 +50,7 @@ def main():
 
     daemon_model = models.build("efficientnet_lite0", num_classes=args.classes)
     batches = EpochBatches(x, y, args.batch_size, seed=0)
-    callbacks = [_StopOnEvent(threading.Event()), _Progress(_Trainer())]
+    callbacks = [StopOnEvent(threading.Event()), Progress(_Trainer())]
     plain_model = models.build("efficientnet_lite0", num_classes=args.classes)
 
     def daemon_epoch(epoch):

@@ -1,9 +1,9 @@
-"""The trainer: seeded per-epoch order, exact resume point, cooperative stop.
+"""The trainer: the data version in use, exact resume point, cooperative stop.
 
-Each epoch's batch order is a permutation derived from (seed, epoch) alone, so a resumed run
-sees the very batches an uninterrupted one would. fit() runs one epoch at a time on a
-tf.data pipeline in that order; the Checkpoint callback restores state and skips the
-batches already trained on.
+fit() runs one epoch at a time on the batches of daemon.training.epochs (each epoch's order
+from seed and epoch alone); the Checkpoint callback restores state and skips the batches
+already trained on. A backbone model trains its head on the features of its data versions
+and is exported whole.
 """
 
 import logging
@@ -11,7 +11,6 @@ import threading
 import time
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from daemon.data.versions import Data, VersionStore
@@ -19,38 +18,15 @@ from daemon.service import metrics
 from daemon.service.config import NUM_CLASSES
 from daemon.training import models
 from daemon.training.checkpoints import Checkpoint
-from daemon.training.curves import Curves, confusion
+from daemon.training.curves import Curves
+from daemon.training.epochs import (EpochBatches, EpochLog, Progress, StopOnEvent, evaluate,
+                                    report_epoch)
 from daemon.training.store import data_kind
 
 log = logging.getLogger("daemon.training")  # the name users see: daemon.service.logs
 
 BOUNDARY_WAIT_SECONDS = 10.0  # at most, for a data version being made
 SAVE_AGAIN_SECONDS = 30.0  # an epoch's checkpoint that could not be written: tried again
-
-
-def epoch_order(seed, epoch, count):
-    """The permutation of training examples for `epoch`: a function of seed and epoch only."""
-    return np.random.default_rng([seed, epoch]).permutation(count)
-
-
-class EpochBatches:
-    """The training set, held once as tensors; of_epoch(e) yields its batches in the order
-    of epoch_order(seed, e), as the model takes them (models.as_input)."""
-
-    def __init__(self, images, labels, batch_size, seed):
-        self.images = tf.constant(images)
-        self.labels = tf.constant(labels)
-        self.batch_size, self.seed = batch_size, seed
-
-    def of_epoch(self, epoch):
-        order = epoch_order(self.seed, epoch, int(self.images.shape[0]))
-        return (tf.data.Dataset.from_tensor_slices(order)
-                .batch(self.batch_size)
-                .map(self._gather)
-                .prefetch(2))
-
-    def _gather(self, indices):
-        return models.as_input(tf.gather(self.images, indices)), tf.gather(self.labels, indices)
 
 
 class Trainer:
@@ -173,7 +149,7 @@ class Trainer:
         self.curves = Curves(self.config.save)
         self.curves.draw(checkpoint.history, generation and generation.get("confusion"))
         if checkpoint.history:
-            _report_epoch(checkpoint.history[-1])  # the metrics, from the checkpoint
+            report_epoch(checkpoint.history[-1])  # the metrics, from the checkpoint
         where = "resuming from" if checkpoint.restored else "no checkpoint in"
         log.info("%s %s: epoch %d/%d, batch %d", where, self.config.save, self.epoch,
                  self.epochs, self.step)
@@ -184,8 +160,8 @@ class Trainer:
             if self.epoch < self.epochs:
                 self.phase = "training"
                 epoch = self.epoch
-                callbacks = [_StopOnEvent(self.stop_event), _Progress(self), self.checkpoint,
-                             _EpochLog(self.checkpoint, self)]
+                callbacks = [StopOnEvent(self.stop_event), Progress(self), self.checkpoint,
+                             EpochLog(self.checkpoint, self)]
                 self.model.fit(self.batches.of_epoch(epoch), initial_epoch=epoch,
                                epochs=epoch + 1, shuffle=False, verbose=0, callbacks=callbacks)
                 trained = True
@@ -398,102 +374,7 @@ class Trainer:
         started = time.monotonic()
         loss, accuracy = self.model.evaluate(
             models.as_input(data.x_test), data.y_test, batch_size=256, verbose=0,
-            callbacks=[_Progress(self)])
+            callbacks=[Progress(self)])
         log.info("training done: %d epochs; test loss %.4f accuracy %.4f on %d images "
                  "(%.1f s)", self.epoch, loss, accuracy, len(data.x_test),
                  time.monotonic() - started)
-
-
-def evaluate(model, images, labels, batch_size=1024):
-    """(cross-entropy loss, accuracy, confusion matrix) of `model` on its inputs, or
-    (None, None, None) for none; plain inference, so it leaves no trace in the model's
-    metrics or RNG state."""
-    if len(images) == 0:
-        return None, None, None
-    width = int(model.outputs[0].shape[-1])
-    losses, matrix = 0.0, np.zeros((width, width), dtype=np.int64)
-    for start in range(0, len(images), batch_size):
-        batch = models.as_input(images[start: start + batch_size])
-        truth = labels[start: start + batch_size].astype(np.int64)
-        probabilities = model(batch, training=False).numpy()
-        picked = np.clip(probabilities[np.arange(len(truth)), truth], 1e-7, 1.0)
-        losses += float(-np.log(picked.astype(np.float64)).sum())
-        matrix += confusion(truth, probabilities.argmax(axis=1), width)
-    hits = int(np.trace(matrix))
-    return round(losses / len(images), 6), round(hits / len(images), 6), matrix
-
-
-class _StopOnEvent(keras.callbacks.Callback):
-    """Ends fit at the next batch boundary once the event is set (like TerminateOnNaN)."""
-
-    def __init__(self, event):
-        super().__init__()
-        self.event = event
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self.event.is_set():
-            self.model.stop_training = True
-
-
-class _Progress(keras.callbacks.Callback):
-    """Keeps trainer.epoch, .step and .last_progress current (status, watchdog)."""
-
-    def __init__(self, trainer):
-        super().__init__()
-        self.trainer = trainer
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.trainer.epoch = epoch
-        self.trainer.last_progress = time.monotonic()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.trainer.step = batch + 1
-        self.trainer.last_progress = time.monotonic()
-        logs = logs or {}
-        metrics.batch_trained(batch + 1, logs.get("loss"), logs.get("accuracy"))
-        if not self.trainer.trained_once:
-            self.trainer.trained_once = True
-            log.info("first batch trained (epoch %d, batch %d)", self.trainer.epoch + 1,
-                     batch + 1)
-
-    def on_test_batch_end(self, batch, logs=None):
-        self.trainer.last_progress = time.monotonic()
-
-    def on_epoch_end(self, epoch, logs=None):
-        if batch_count := self.params.get("steps"):
-            if self.trainer.step >= batch_count:
-                self.trainer.epoch, self.trainer.step = epoch + 1, 0
-
-
-class _EpochLog(keras.callbacks.Callback):
-    """One INFO line per completed epoch, with the cost of its checkpoints."""
-
-    def __init__(self, checkpoint, trainer):
-        super().__init__()
-        self.checkpoint, self.trainer = checkpoint, trainer
-
-    def on_epoch_end(self, epoch, logs=None):
-        history = self.checkpoint.history
-        if not history or history[-1]["epoch"] != epoch + 1:
-            return  # stopped mid-epoch
-        last, writes = history[-1], self.checkpoint.write_times_ms
-        _report_epoch(last)  # saved or not: the checkpoint failures have their own counter
-        if "checkpoint_seconds" in last:  # the epoch's own checkpoint was written
-            saved, middle = f"checkpoint {writes[-1]:.0f} ms", writes[:-1]
-        else:
-            saved, middle = "checkpoint failed", writes
-        extra = f" (+{len(middle)} mid-epoch, mean {np.mean(middle):.0f} ms)" if middle else ""
-        validation = ""
-        if last.get("val_accuracy") is not None:
-            validation = (f"; validation loss {last['val_loss']:.4f} accuracy "
-                          f"{last['val_accuracy']:.4f}")
-        log.info("epoch %d/%d: loss %.4f accuracy %.4f%s (%.1f s); %s%s",
-                 epoch + 1, self.trainer.epochs, last["loss"], last["accuracy"], validation,
-                 last["seconds"], saved, extra)
-        writes.clear()
-
-
-def _report_epoch(entry):
-    """A completed epoch's numbers to the metrics."""
-    metrics.epoch_ended(entry["epoch"], entry.get("loss"), entry.get("accuracy"),
-                        entry.get("val_accuracy"))
