@@ -24,6 +24,7 @@ from conftest import REPO, Daemon, newest_state, sidecar, status, wait_until
 from daemon import fsutil
 from daemon.data import dataset
 from daemon.training.store import CheckpointStore
+from test_protocol import STRACE, traced_writes
 from test_resume import assert_same_final_state
 
 PHOTOS = REPO.parent / "shared" / "data" / "photos-sample"
@@ -361,9 +362,6 @@ def test_odd_photos_in_the_inbox_get_one_sidecar_each(tmp_path, photos, trained,
     assert daemon.stop() == 0, daemon.log
 
 
-STRACE = shutil.which("strace")
-CALL = re.compile(r'^\d+\s+(fsync|rename)\((.*)\)\s+= 0$')
-
 
 @pytest.mark.skipif(STRACE is None, reason="strace is not installed (.ci/run installs it)")
 def test_every_file_of_a_backbone_save_is_durable_before_what_names_it(tmp_path, photos,
@@ -377,18 +375,7 @@ def test_every_file_of_a_backbone_save_is_durable_before_what_names_it(tmp_path,
                                       "-e", "trace=fsync,rename"])
     daemon.wait_for_log(r"training complete", 300)
     assert daemon.stop() == 0, daemon.log
-    save = str(tmp_path / "save")
-    events = []
-    for line in trace.read_text().splitlines():
-        match = CALL.match(line)
-        if match and match.group(1) == "fsync":
-            events.append(("fsync", re.search(r"<(.*)>", match.group(2)).group(1)))
-        elif match:
-            source, target = re.findall(r'"([^"]*)"', match.group(2))
-            # (live.json: the running daemon's status; tmp/: scratch, the converter's)
-            if target.startswith(save + "/") and not target.endswith("/live.json") and \
-                    not target.startswith(save + "/tmp/"):
-                events.append(("rename", source, target))
+    events = traced_writes(trace, str(tmp_path / "save"))
     renamed = {event[2]: i for i, event in enumerate(events) if event[0] == "rename"}
     kinds = {"backbone": r"/backbone/efficientnet_lite0-\w+\.(tflite|json)$",
              "features": r"/features/[\w-]+/chunk-\w+\.npz$",

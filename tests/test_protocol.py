@@ -11,6 +11,23 @@ STRACE = shutil.which("strace")
 CALL = re.compile(r'^\d+\s+(fsync|rename)\((.*)\)\s+= 0$')
 
 
+def traced_writes(trace, save):
+    """[("fsync", path) or ("rename", source, target)] of an strace log, in order: every
+    fsync, and the renames into `save`. Not live.json (the running daemon's status for
+    `status`: losing it in a power cut loses nothing) nor tmp/ (scratch)."""
+    events = []
+    for line in trace.read_text().splitlines():
+        match = CALL.match(line)
+        if match and match.group(1) == "fsync":
+            events.append(("fsync", re.search(r"<(.*)>", match.group(2)).group(1)))
+        elif match:
+            source, target = re.findall(r'"([^"]*)"', match.group(2))
+            if target.startswith(save + "/") and not target.endswith("/live.json") and \
+                    not target.startswith(save + "/tmp/"):
+                events.append(("rename", source, target))
+    return events
+
+
 @pytest.mark.skipif(STRACE is None, reason="strace is not installed (.ci/run installs it)")
 def test_each_file_is_fsynced_before_its_rename_and_the_folder_after(tmp_path, small_data,
                                                                     daemons):
@@ -20,18 +37,7 @@ def test_each_file_is_fsynced_before_its_rename_and_the_folder_after(tmp_path, s
                                       "-e", "trace=fsync,rename"])
     daemon.wait_for_log(r"training complete", 120)
     assert daemon.stop() == 0, daemon.log
-    save = str(tmp_path / "save")
-    events = []  # ("fsync", path) or ("rename", source, target)
-    for line in trace.read_text().splitlines():
-        match = CALL.match(line)
-        if match and match.group(1) == "fsync":
-            events.append(("fsync", re.search(r"<(.*)>", match.group(2)).group(1)))
-        elif match:
-            source, target = re.findall(r'"([^"]*)"', match.group(2))
-            # live.json is the running daemon's status for `status`, not a checkpoint:
-            # losing it in a power cut loses nothing
-            if target.startswith(save + "/") and not target.endswith("/live.json"):
-                events.append(("rename", source, target))
+    events = traced_writes(trace, str(tmp_path / "save"))
     renames = [i for i, event in enumerate(events) if event[0] == "rename"]
     commits = [i for i in renames if re.search(r"/ckpt-\d+\.json$", events[i][2])]
     # 58 batches (the 90% of 1,024 images that do not validate, 16 a batch): 11 inside, 1 end
