@@ -331,7 +331,8 @@ class DataSource:
                 if self.features is None:
                     images.append(old_arrays["x"][entry["row"]])
             elif path in decoded and decoded[path][0] is not None:
-                images.append(decoded[path][0])
+                if self.features is None:  # (features go to the feature store)
+                    images.append(decoded[path][0])
                 entry = decoded[path][1]
             else:
                 if path in decoded:

@@ -44,11 +44,13 @@ def load(path, size=SIZE):
     return fit(decode(images.read_file(path), size, path), size)
 
 
-def load_for_training(path, size=SIZE):
+def load_for_training(path, size=SIZE, known=()):
     """load(), plus what a data version records of the file: (pixels, sha256 of the bytes
-    read, os.stat_result of the file as read)."""
+    read, os.stat_result of the file as read). Pixels are None, not decoded, for content
+    whose sha256 is in `known` (a copy of an image already featurized)."""
     data, info = images.read_file(path, with_info=True)
-    return fit(decode(data, size, path), size), hashlib.sha256(data).hexdigest(), info
+    digest = hashlib.sha256(data).hexdigest()
+    return (None if digest in known else fit(decode(data, size, path), size)), digest, info
 
 
 def decode(data, size=SIZE, path=""):

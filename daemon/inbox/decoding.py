@@ -16,7 +16,6 @@ here: the workers start from a clean interpreter (spawn).
 import concurrent.futures
 import contextlib
 import ctypes
-import hashlib
 import logging
 import multiprocessing
 import os
@@ -76,10 +75,9 @@ def _for_training(path, featurizer, known):
     if featurizer is None:
         image, digest, info = images.load_for_training(path)
     else:
-        data, info = images.read_file(path, with_info=True)
-        digest = hashlib.sha256(data).hexdigest()
-        image = None if digest in known else \
-            _featurizer(featurizer)(photos.fit(photos.decode(data, path=path)))
+        image, digest, info = photos.load_for_training(path, known=known)
+        if image is not None:
+            image = _featurizer(featurizer)(image)
     return image, digest, (info.st_size, info.st_mtime_ns, info.st_ino)
 
 
@@ -210,9 +208,9 @@ class Decoder:
         return max(1, min(MAX_CHUNK, int(CHUNK_SECONDS / self._seconds_per_image)))
 
     def submit(self, paths):
-        return self._submit(decode_chunk, paths, self._featurizer_path())
+        return self._submit(decode_chunk, paths, self._featurizer_spec())
 
-    def _featurizer_path(self):
+    def _featurizer_spec(self):
         """What the workers load the featurizer from: (.tflite path, its sha256)."""
         if self.featurizer is None:
             return None
@@ -234,7 +232,7 @@ class Decoder:
         that kills a worker (a decoder crash, memory) is found by decoding what was in
         flight again one task at a time, then alone: it comes back "bad". `known`: see
         decode_training_chunk."""
-        featurizer = self._featurizer_path()
+        featurizer = self._featurizer_spec()
         chunk = chunk or (256 if featurizer is None else 16)  # a photo's features: ~20 ms
         parts = [paths[i: i + chunk] for i in range(0, len(paths), chunk)]
         futures, results, again = [], {}, []

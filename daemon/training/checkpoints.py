@@ -272,7 +272,8 @@ class Checkpoint(keras.callbacks.Callback):
 
 
 class _Exports:
-    """model.json + model.h5 of one model, made again at each save only where they can have
+    """model.json + model.h5 (the classic Keras HDF5 weights layout, which Keras 3 still
+    loads from a `.h5` name) of one model, made again at each save only where they can have
     changed: the JSON (the architecture) once; the HDF5 file built once, in memory, and at
     each save the trainable layers' weights written over their own bytes in it (datasets
     are stored contiguously, at fixed offsets). A frozen backbone's 3.4 M weights are not
@@ -322,11 +323,6 @@ class _Exports:
 
 def _layer_weights(layer):
     return layer.trainable_weights + layer.non_trainable_weights
-
-
-def legacy_weights_h5(model):
-    """The classic Keras HDF5 weights layout, which Keras 3 still loads from a `.h5` name."""
-    return bytes(_Exports(model).files()[0]["model.h5"])
 
 
 def _shapes(variables):
