@@ -98,7 +98,7 @@ def main():
             image = cv2.imread(str(path))
             cv2.imwrite(str(run / "data" / klass / f"mirrored-{path.stem}.jpg"), image[:, ::-1])
         inbox = root / "inbox"
-        placed = photobench.place(photos, inbox, by_class=False)
+        photobench.place(photos, inbox, by_class=False)
         daemon = Daemon(run, inbox=inbox, data=photobench.folder_data(run / "data"),
                         model="efficientnet_lite0", epochs=EPOCHS, env=notify.env())
         memory = photobench.TreeMemory(daemon.pid)
