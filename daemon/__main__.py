@@ -1,4 +1,4 @@
-"""Command line: `python -m daemon run|status|classify|unit|relabel [--config PATH]`. No TensorFlow
+"""Command line: `python -m daemon run|status|classify|unit|relabel|worker [--config PATH]`. No TensorFlow
 import here, so a bad config or argument exits 2 in well under a second."""
 
 import argparse
@@ -27,19 +27,23 @@ def parse_args(argv):
     classify.add_argument("files", nargs="+", metavar="FILE")
     unit = commands.add_parser("unit", help="print a systemd unit file for this installation")
     unit.add_argument("--user", action="store_true", help="a unit for `systemctl --user`")
+    unit.add_argument("--worker", action="store_true", help="a unit for `wardrobe worker` "
+                      "on this machine")
     relabel = commands.add_parser("relabel", help="rewrite the sidecars of inbox images "
                                   "labelled by another checkpoint than the one labelling now")
     relabel.add_argument("--all", action="store_true", help="every sidecar, whichever model "
                          "wrote it (error sidecars too)")
-    for command in (run, status, classify, unit, relabel):
+    worker = commands.add_parser("worker", help="featurize photos for a coordinator (a daemon "
+                                 "with cluster.broker) on this machine")
+    for command in (run, status, classify, unit, relabel, worker):
         command.add_argument("--config", type=Path, help=config_help)
     return parser.parse_args(argv)
 
 
-def load_config(path):
+def load_config(path, worker=False):
     if path is None and Path("config.yaml").is_file():
         path = Path("config.yaml")
-    return config_module.load(path)
+    return config_module.load(path, worker=worker)
 
 
 def main(argv=None):
@@ -53,7 +57,7 @@ def main(argv=None):
         # recipe in the Python docs, signal module, "Note on SIGPIPE").
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = EXIT_OK
-    if args.command == "run" and "tensorflow" in sys.modules:
+    if args.command in ("run", "worker") and "tensorflow" in sys.modules:
         # Everything is on disk and every thread joined: skip the interpreter's teardown
         # of TensorFlow, which takes most of a second and would delay a systemd stop.
         logging.shutdown()
@@ -63,12 +67,17 @@ def main(argv=None):
 
 
 def dispatch(args):
-    if args.command == "run":
+    if args.command in ("run", "worker"):
         from daemon.service import logs, service
 
         logs.setup()
     try:
-        config = load_config(args.config)
+        worker = args.command == "worker" or getattr(args, "worker", False)
+        config = load_config(args.config, worker=worker)
+        if args.command == "worker":
+            from daemon.cluster import worker
+
+            return worker.main(config)
         if args.command in ("classify", "relabel"):  # (status resolves it itself)
             from daemon.training.store import resolve_model
 
@@ -81,6 +90,9 @@ def dispatch(args):
         if args.command == "unit":
             from daemon.service import systemd
 
+            if args.worker:
+                print(systemd.worker_unit_file(config, user=args.user), end="")
+                return 0
             for folder in (config.inbox, config.save):  # systemd needs ReadWritePaths to exist
                 folder.mkdir(parents=True, exist_ok=True)
             print(systemd.unit_file(config, user=args.user), end="")

@@ -210,6 +210,10 @@ class Decoder:
     def submit(self, paths):
         return self._submit(decode_chunk, paths, self._featurizer_spec())
 
+    def submit_training(self, paths, known=None):
+        """A future of decode_training_chunk's list (see decode_all)."""
+        return self._submit(decode_training_chunk, paths, self._featurizer_spec(), known or {})
+
     def _featurizer_spec(self):
         """What the workers load the featurizer from: (.tflite path, its sha256)."""
         if self.featurizer is None:
@@ -232,15 +236,14 @@ class Decoder:
         that kills a worker (a decoder crash, memory) is found by decoding what was in
         flight again one task at a time, then alone: it comes back "bad". `known`: see
         decode_training_chunk."""
-        featurizer = self._featurizer_spec()
-        chunk = chunk or (256 if featurizer is None else 16)  # a photo's features: ~20 ms
+        chunk = chunk or (256 if self.featurizer is None else 16)  # a photo's features: ~20 ms
         parts = [paths[i: i + chunk] for i in range(0, len(paths), chunk)]
         futures, results, again = [], {}, []
         known = known or {}
 
         def submit(part):
-            return self._submit(decode_training_chunk, part, featurizer,
-                                {path: known[path] for path in part if path in known})
+            return self.submit_training(part, {path: known[path] for path in part
+                                               if path in known})
 
         for part in parts:
             try:
@@ -249,7 +252,7 @@ class Decoder:
                 again.append(part)
         for part, future in futures:
             try:
-                results.update((result[0], result) for result in self._result(future))
+                results.update((result[0], result) for result in self.result(future))
             except BrokenProcessPool:
                 again.append(part)
         if again:
@@ -257,7 +260,7 @@ class Decoder:
         while again:
             part = again.pop(0)
             try:
-                done = self._result(submit(part))
+                done = self.result(submit(part))
                 results.update((result[0], result) for result in done)
             except BrokenProcessPool:
                 self.restart()
@@ -267,7 +270,7 @@ class Decoder:
                     again[:0] = [[path] for path in part]
         return [results[path] for path in paths]
 
-    def _result(self, future):
+    def result(self, future):
         """future.result(), or BrokenProcessPool if the pool lost a worker unnoticed."""
         while True:
             try:

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import socket
+import urllib.parse
 from pathlib import Path
 
 import yaml
@@ -74,6 +75,13 @@ class Metrics:
 
 
 @dataclasses.dataclass(frozen=True)
+class Cluster:
+    broker: str = None  # "redis://[:PASSWORD@]HOST:PORT/DB": workers featurize; None: off
+    # A worker's view of the coordinator's paths: ((coordinator's prefix, this machine's), ...)
+    paths: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     inbox: Path
     save: Path
@@ -84,6 +92,7 @@ class Config:
     classify: Classify = Classify()
     watch: Watch = Watch()
     metrics: Metrics = Metrics()
+    cluster: Cluster = Cluster()
     source: Path = None  # the file this came from, None for built-in defaults
 
     def summary(self):
@@ -100,7 +109,8 @@ class Config:
             f"classify.extensions={','.join(self.classify.extensions)} "
             f"watch.mode={self.watch.mode} watch.poll_seconds={self.watch.poll_seconds} "
             f"watch.rescan_seconds={self.watch.rescan_seconds} "
-            f"metrics.listen={show_listen(self.metrics.listen)}"
+            f"metrics.listen={show_listen(self.metrics.listen)} "
+            f"cluster.broker={show_broker(self.cluster.broker)}"
         )
 
     def differences(self, other):
@@ -127,10 +137,11 @@ def _settings(config):
             for key, value in flat.items()}
 
 
-def load(path=None):
-    """Read and validate a config file; with no path, the defaults relative to the cwd."""
+def load(path=None, worker=False):
+    """Read and validate a config file; with no path, the defaults relative to the cwd.
+    `worker`: for `wardrobe worker` (see parse)."""
     if path is None:
-        return parse({}, Path.cwd())
+        return parse({}, Path.cwd(), worker)
     path = Path(path).absolute()
     try:
         text = path.read_text(encoding="utf-8")
@@ -144,17 +155,20 @@ def load(path=None):
         where = getattr(error, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         raise ConfigError("config", f"{path} is not valid YAML{at}") from None
-    return dataclasses.replace(parse(raw if raw is not None else {}, path.parent), source=path)
+    return dataclasses.replace(parse(raw if raw is not None else {}, path.parent, worker),
+                               source=path)
 
 
-def parse(raw, base):
-    """Validate a parsed YAML document; relative paths are taken from `base`."""
+def parse(raw, base, worker=False):
+    """Validate a parsed YAML document; relative paths are taken from `base`. For a
+    `worker`, the inbox, save and data folders are the coordinator's: not looked at here."""
     section = _Section(raw, "")
     data = section.section("data")
     train = section.section("train")
     classify = section.section("classify")
     watch = section.section("watch")
     metrics = section.section("metrics")
+    cluster = section.section("cluster")
     if data.raw.get("source") == "folder" and "labels" in classify.raw:
         raise ConfigError("classify.labels", "not with data.source 'folder': the class names "
                           "are the folder names in data.path")
@@ -187,8 +201,9 @@ def parse(raw, base):
             rescan_seconds=watch.number("rescan_seconds", 3600, at_least=0),
         ),
         metrics=Metrics(listen=metrics.listen("listen")),
+        cluster=Cluster(broker=cluster.broker("broker"), paths=cluster.prefixes("paths")),
     )
-    for each in (section, data, train, classify, watch, metrics):
+    for each in (section, data, train, classify, watch, metrics, cluster):
         each.reject_unknown()
     if config.data.source == "path" and config.data.path is None:
         raise ConfigError("data.path", "expected a folder holding the Fashion-MNIST IDX "
@@ -203,6 +218,8 @@ def parse(raw, base):
     if config.weights is not None and config.model not in BACKBONE_MODELS + ("auto",):
         raise ConfigError("weights", f"a backbone's weights file, for model "
                           f"{' or '.join(BACKBONE_MODELS)}; model {config.model!r} has none")
+    if worker:
+        return config
     _check_apart(config)
     if config.data.source == "folder":
         path = config.data.path
@@ -383,6 +400,44 @@ class _Section:
                                   f"{getattr(error, 'strerror', None) or error}") from None
         return host, port
 
+    def broker(self, key):
+        """A Redis URL, redis://[[USER]:PASSWORD@]HOST[:PORT][/DB] (rediss:// over TLS,
+        unix:///PATH?db=N); null: None. Only its form here: a broker that is down is not a
+        config error (it may come back)."""
+        value = self._get(key, None)
+        if value is None:
+            return None
+        expected = 'a Redis URL such as "redis://:PASSWORD@HOST:6379/0"'
+        if not isinstance(value, str):
+            self._fail(key, expected, value)
+        try:
+            url = urllib.parse.urlsplit(value)
+            port, db = url.port, url.path.strip("/")
+        except ValueError:
+            self._fail(key, expected, show_broker(value))
+        if url.scheme == "unix":
+            ok = bool(url.path)
+        else:
+            ok = url.scheme in ("redis", "rediss") and bool(url.hostname) and (
+                port is None or 1 <= port <= 65535) and (not db or db.isdigit())
+        if not ok:
+            self._fail(key, expected, show_broker(value))
+        return value
+
+    def prefixes(self, key):
+        """{coordinator's path prefix: this machine's}, both absolute -> sorted pairs,
+        longest prefix first (the most specific one wins)."""
+        value = self._get(key, None)
+        if value is None:
+            return ()
+        expected = "a mapping of absolute path prefixes, {COORDINATOR'S PATH: THIS MACHINE'S}"
+        if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and k.startswith("/")
+                and v.startswith("/") for k, v in value.items()):
+            self._fail(key, expected, value)
+        pairs = {os.path.normpath(k): os.path.normpath(v) for k, v in value.items()}
+        return tuple(sorted(pairs.items(), key=lambda pair: (-len(pair[0]), pair[0])))
+
     def reject_unknown(self):
         unknown = sorted(str(key) for key in self.raw if key not in self.known)
         if unknown:
@@ -403,6 +458,21 @@ def show_listen(listen):
         return "off"
     host, port = listen
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def show_broker(url):
+    """The broker's URL as it may be shown and logged: its password as ***; "off" for None."""
+    if url is None:
+        return "off"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.netloc.rpartition("@")[2]
+        return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    except ValueError:
+        return "(a URL that cannot be read)"
 
 
 def _show(value):

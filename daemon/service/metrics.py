@@ -46,6 +46,14 @@ CHECKPOINT_FAILURES = Counter("wardrobe_checkpoint_failures", "Checkpoint writes
                               "(the previous generation stays)")
 LAST_CHECKPOINT = Gauge("wardrobe_last_checkpoint_timestamp_seconds", "Unix time of the newest "
                         "checkpoint in save/")
+CLUSTER_JOBS = Counter("wardrobe_cluster_jobs", "Featurizing jobs sent to the cluster's workers, "
+                       "by worker and outcome: done (its answer used), late (answered after it "
+                       "was done otherwise: ignored), refused, resent, local (done here)",
+                       ["worker", "outcome"])
+CLUSTER_QUEUE = Gauge("wardrobe_cluster_queue", "Jobs waiting in the broker's queue")
+CLUSTER_WORKERS = Gauge("wardrobe_cluster_workers", "Workers alive and taking our jobs")
+CLUSTER_LATENCY = Histogram("wardrobe_cluster_job_seconds", "From a job sent to its answer "
+                            "taken", buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 
 # Both series exist from the start, at 0; looked up once (labels() costs a lock and a dict).
 _OUTCOMES = {outcome: LABELLED.labels(outcome) for outcome in ("label", "error")}
@@ -104,6 +112,17 @@ def checkpoint_restored(unix_time):
 
 def checkpoint_failed():
     CHECKPOINT_FAILURES.inc()
+
+
+def cluster_job(worker, outcome, seconds=None):
+    CLUSTER_JOBS.labels(worker, outcome).inc()
+    if seconds is not None:
+        CLUSTER_LATENCY.observe(seconds)
+
+
+def cluster(queue, workers):
+    CLUSTER_QUEUE.set(queue)
+    CLUSTER_WORKERS.set(workers)
 
 
 def serve(listen):

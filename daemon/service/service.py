@@ -83,6 +83,7 @@ class Service:
         self.notifier = Notifier()
         self.trainer = self.labeller = self.inbox = self.data_source = None
         self.decoder = None  # the labeller's decode workers
+        self.cluster = None  # with cluster.broker, daemon.cluster.coordinator.Cluster
         self.weights = None  # a backbone model's (daemon.backbone.runtime.Weights)
         self._imported = threading.Event()  # TensorFlow is imported: the labeller may start
         self._labeller_beat = time.monotonic()
@@ -125,15 +126,18 @@ class Service:
             shares.ask(config.inbox, self.inbox.lock, owner)
         except shares.NotResponding:
             pass  # the labeller's Inbox.start() takes it once the share answers
-        decoder = self.decoder = Decoder()
+        self.cluster = self._cluster(config)
+        decoder = self.decoder = self._decoder()
         decoder.start()
         self.shares = [shares.Share("inbox", config.inbox)]
         if config.data.path is not None:
             self.shares.append(shares.Share("data folder", config.data.path))
         for share in self.shares:
             self._start(f"probe {share.name}", self._probe, share)
-        self.data_source = DataSource(config, Decoder() if config.data.source == "folder"
+        self.data_source = DataSource(config, self._decoder() if config.data.source == "folder"
                                       else None)
+        if self.cluster is not None:
+            self._start("cluster", self.cluster.run, self.stop_event)
         self._start("data", self._follow_data)
         trainer_thread = self._start("trainer", self._train, generation)
         labeller_thread = self._start("labeller", self._label, decoder)
@@ -309,6 +313,8 @@ class Service:
                         skipped_images=len(version.get("skipped", [])),
                         classes=list(trainer.data.classes), epochs=trainer.epochs,
                         validation_accuracy=trainer.validation_accuracy)
+        if self.cluster is not None:
+            live["cluster"] = self.cluster.snapshot()
         if live != self._live:
             self._live = live
             try:
@@ -349,6 +355,25 @@ class Service:
         thread = threading.Thread(target=work, name=name, daemon=True)
         thread.start()
         return thread
+
+    def _cluster(self, config):
+        """The cluster of `cluster.broker`, for a backbone model's features (a 28x28 crop
+        costs less to decode here than to queue)."""
+        if config.cluster.broker is None:
+            return None
+        if self.weights is None:
+            log.info("cluster.broker: model %s decodes here; only a backbone's features go to "
+                     "workers", config.model)
+            return None
+        from daemon.cluster.coordinator import Cluster
+
+        log.info("cluster: featurizing on the workers of %s while any are alive",
+                 config_module.show_broker(config.cluster.broker))
+        return Cluster(config.cluster, config.save, self.weights)
+
+    def _decoder(self):
+        """Decode workers here, or through the cluster when there is one."""
+        return Decoder() if self.cluster is None else self.cluster.dispatch(Decoder())
 
     def _follow_data(self):
         """The data thread: a new data version whenever the source changes."""

@@ -7,6 +7,7 @@ import json
 
 from daemon import shares
 from daemon.data.versions import VersionStore
+from daemon.service.config import show_broker
 from daemon.training.store import CheckpointStore, resolve_model, running_pid
 
 
@@ -27,6 +28,9 @@ def report(config):
     result["inbox"] = {key: live.get(key) for key in INBOX_KEYS} if live else None
     if live:
         result.update({key: live[key] for key in DATA_KEYS + ("training",) if key in live})
+    result["cluster"] = None if config.cluster.broker is None else (live or {}).get(
+        "cluster", {"broker": show_broker(config.cluster.broker), "connected": None,
+                    "queue": None, "jobs_out": None, "workers": None})
     folders = {"inbox": config.inbox, "data.path": config.data.path}
     result["responds"] = {key: shares.responds(path) for key, path in folders.items()
                           if path is not None}
@@ -112,7 +116,20 @@ def render(result, as_json):
         if inbox["cannot_label"]:
             lines.append(f"inbox: {inbox['cannot_label']:,} images cannot have a sidecar "
                          "(see the log)")
+    if cluster := result.get("cluster"):
+        lines.append(_cluster_line(cluster))
     return "\n".join(lines + hung)
+
+
+def _cluster_line(cluster):
+    if cluster["workers"] is None:
+        return f"cluster: broker {cluster['broker']}"
+    alive = [w for w in cluster["workers"] if w["alive"] and not w.get("refused")]
+    rate = sum(w["photos_per_second"] for w in alive)
+    return (f"cluster: broker {cluster['broker']} "
+            f"({'connected' if cluster['connected'] else 'unreachable'}), "
+            f"{len(alive)} workers taking jobs ({rate:.1f} photos/s), "
+            f"{cluster['queue']} jobs queued, {cluster['jobs_out']} out")
 
 
 def _ago(seconds):

@@ -9,9 +9,11 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 from daemon.errors import ConfigError, WardrobeError
+from daemon.service.config import show_broker
 
 log = logging.getLogger("daemon.systemd")  # the name users see: daemon.service.logs
 
@@ -144,8 +146,6 @@ def unit_file(config, user=False, version=None):
             Path(sys.base_prefix), Path(__file__).resolve().parents[1], config.inbox,
             config.save]  # parents[1]: the daemon package
     used += [p for p in (config_path, config.data.path) if p]
-    under = lambda roots: any(str(p) == r or str(p).startswith(r + "/")  # noqa: E731
-                              for p in used for r in roots)
     lines = [
         "[Unit]",
         # Not at the end of the line, where systemd drops white space and reads a
@@ -171,67 +171,140 @@ def unit_file(config, user=False, version=None):
         f"TimeoutStopSec={STOP_SECONDS}",  # a stop takes well under a second
         f"WatchdogSec={WATCHDOG_SECONDS}",
     ]
-    if user:
-        # A user manager can only apply mount namespaces where unprivileged user
-        # namespaces are allowed; keep the unit portable.
-        lines.append("NoNewPrivileges=yes")
-    else:
-        if os.getuid() != 0:
-            lines.append(f"User={getpass.getuser()}")
-        if under(["/tmp", "/var/tmp"]):
-            # No PrivateTmp: it would hide our own paths. Keras needs a writable temporary
-            # folder at import, and ProtectSystem=strict makes /tmp read-only otherwise.
-            writable += ["/tmp", "/var/tmp"]
-        lines += [
-            "NoNewPrivileges=yes",
-            "ProtectSystem=strict",
-            f"ReadWritePaths={' '.join(_list_item(p) for p in writable)}",
-        ]
-        if not under(["/tmp", "/var/tmp"]):
-            lines.append("PrivateTmp=yes")
-        # Read-only, not hidden, when the interpreter or data live in a home folder.
-        lines.append("ProtectHome=read-only" if under(HOMES) else "ProtectHome=yes")
-        lines += [
-            "PrivateDevices=yes",
-            "ProtectKernelTunables=yes",
-            "ProtectKernelModules=yes",
-            "ProtectKernelLogs=yes",
-            "ProtectControlGroups=yes",
-            "ProtectClock=yes",
-            "ProtectHostname=yes",
-            "RestrictNamespaces=yes",
-            "RestrictRealtime=yes",
-            "RestrictSUIDSGID=yes",
-            "LockPersonality=yes",
-            *network_lines(config),
-            "SystemCallArchitectures=native",
-            "CapabilityBoundingSet=",
-            # Not MemoryDenyWriteExecute: TensorFlow's oneDNN kernels are JIT-compiled.
-        ]
+    lines += _hardening(user, used, writable, network_lines(config))
     lines += ["UMask=0022", "", "[Install]",
               f"WantedBy={'default.target' if user else 'multi-user.target'}", ""]
     return "\n".join(lines)
 
 
+def _hardening(user, used, writable, network):
+    """The sandbox of a unit whose process uses the paths `used` and writes `writable`."""
+    under = lambda roots: any(str(p) == r or str(p).startswith(r + "/")  # noqa: E731
+                              for p in used for r in roots)
+    if user:
+        # A user manager can only apply mount namespaces where unprivileged user
+        # namespaces are allowed; keep the unit portable.
+        return ["NoNewPrivileges=yes"]
+    lines = []
+    if os.getuid() != 0:
+        lines.append(f"User={getpass.getuser()}")
+    writable = list(writable)
+    if under(["/tmp", "/var/tmp"]):
+        # No PrivateTmp: it would hide our own paths. Keras needs a writable temporary
+        # folder at import, and ProtectSystem=strict makes /tmp read-only otherwise.
+        writable += ["/tmp", "/var/tmp"]
+    lines += ["NoNewPrivileges=yes", "ProtectSystem=strict"]
+    if writable:
+        lines.append(f"ReadWritePaths={' '.join(_list_item(p) for p in writable)}")
+    if not under(["/tmp", "/var/tmp"]):
+        lines.append("PrivateTmp=yes")
+    # Read-only, not hidden, when the interpreter or data live in a home folder.
+    lines.append("ProtectHome=read-only" if under(HOMES) else "ProtectHome=yes")
+    return lines + [
+        "PrivateDevices=yes",
+        "ProtectKernelTunables=yes",
+        "ProtectKernelModules=yes",
+        "ProtectKernelLogs=yes",
+        "ProtectControlGroups=yes",
+        "ProtectClock=yes",
+        "ProtectHostname=yes",
+        "RestrictNamespaces=yes",
+        "RestrictRealtime=yes",
+        "RestrictSUIDSGID=yes",
+        "LockPersonality=yes",
+        *network,
+        "SystemCallArchitectures=native",
+        "CapabilityBoundingSet=",
+        # Not MemoryDenyWriteExecute: TensorFlow's oneDNN kernels are JIT-compiled.
+    ]
+
+
+def worker_unit_file(config, user=False):
+    """A hardened unit for `wardrobe worker`: it reads photos (the shares, read-only),
+    writes only its cache (CacheDirectory=), and reaches the network only to the broker."""
+    if config.cluster.broker is None:
+        raise ConfigError("cluster.broker", "a worker needs the coordinator's broker, such as "
+                          'cluster: {broker: "redis://HOST:6379/0"}')
+    interpreter = Path(sys.executable).absolute()
+    config_path = Path(config.source).absolute() if config.source else None
+    _check_path("config", config_path)
+    config_arg = f" --config {_exec_arg(config_path)}" if config_path else ""
+    workdir = _working_directory(config_path.parent if config_path else Path.cwd())
+    used = [interpreter, Path(os.path.realpath(interpreter)), Path(sys.prefix),
+            Path(sys.base_prefix), Path(__file__).resolve().parents[1]]
+    used += [Path(mine) for _, mine in config.cluster.paths]
+    used += [p for p in (config_path,) if p]
+    lines = [
+        "[Unit]",
+        f"Description=Wardrobe worker: featurizes photos for the coordinator at "
+        f"{_specifiers(show_broker(config.cluster.broker))}",
+        "Wants=network-online.target",
+        "After=network-online.target remote-fs.target",
+        "",
+        "[Service]",
+        "Type=exec",
+        f"ExecStart={_executable(interpreter)} -m daemon worker{config_arg}",
+        f"WorkingDirectory={_specifiers(workdir)}",
+        "Environment=PYTHONUNBUFFERED=1",
+        "CacheDirectory=wardrobe-worker",  # the converted backbone ($CACHE_DIRECTORY)
+        "Restart=on-failure",
+        "RestartSec=2",
+        "RestartPreventExitStatus=2",  # a config error (a wrong password) must not loop
+        "KillSignal=SIGTERM",
+        f"TimeoutStopSec={STOP_SECONDS}",
+    ]
+    lines += _hardening(user, used, [], broker_lines(config.cluster.broker))
+    lines += ["UMask=0022", "", "[Install]",
+              f"WantedBy={'default.target' if user else 'multi-user.target'}", ""]
+    return "\n".join(lines)
+
+
+def broker_lines(url):
+    """A worker's network: the broker's addresses and nothing else."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "unix":
+        return ["RestrictAddressFamilies=AF_UNIX", "IPAddressDeny=any"]
+    addresses = _addresses("cluster.broker", parts.hostname, parts.port or 6379)
+    return ["RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+            f"IPAddressAllow={' '.join(sorted(addresses))}", "IPAddressDeny=any"]
+
+
+def _addresses(key, host, port):
+    try:
+        return {info[4][0].split("%")[0] for info in socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM)}
+    except (socket.gaierror, UnicodeError) as error:
+        raise ConfigError(key, f"cannot resolve host {host!r}: "
+                          f"{getattr(error, 'strerror', None) or error}") from None
+
 def network_lines(config):
     """The network the daemon needs, and no more: the journal and sd_notify (AF_UNIX)
     always; the internet for a Fashion-MNIST download (data.source auto or keras); the
-    address families of metrics.listen, and only loopback peers when it listens there."""
+    address families of metrics.listen, and only loopback peers when it listens there; the
+    broker's addresses with cluster.broker."""
     families = {"AF_UNIX"}
     downloads = config.data.source in ("auto", "keras")
     if downloads:
         families |= {"AF_INET", "AF_INET6"}
-    loopback = False
+    peers = set()  # the only peers, unless anyone may be (downloads, a public metrics port)
+    anyone = downloads
     if config.metrics.listen:
         host, port = config.metrics.listen
         addresses = {info[4][0]: info[0] for info in socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM)}
         families |= {family.name for family in addresses.values()}
-        loopback = all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+        if all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+            peers.add("localhost")
+        else:
+            anyone = True
+    broker = config.cluster.broker and urllib.parse.urlsplit(config.cluster.broker)
+    if broker and broker.scheme != "unix":
+        families |= {"AF_INET", "AF_INET6"}
+        peers |= _addresses("cluster.broker", broker.hostname, broker.port or 6379)
     order = ("AF_UNIX", "AF_INET", "AF_INET6")
     lines = ["RestrictAddressFamilies=" + " ".join(f for f in order if f in families)]
-    if loopback and not downloads:
-        lines += ["IPAddressAllow=localhost", "IPAddressDeny=any"]
+    if peers and not anyone:
+        lines += [f"IPAddressAllow={' '.join(sorted(peers))}", "IPAddressDeny=any"]
     return lines
 
 

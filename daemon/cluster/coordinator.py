@@ -1,0 +1,493 @@
+"""The coordinator's side of the cluster: the daemon's decode work goes to the workers when
+any are alive, and is done here otherwise. The labeller and the data source do not know:
+they get a Dispatch, which has the Decoder's interface and futures of the same results.
+
+The coordinator never trusts the queue for correctness. It keeps every job it sent (the
+paths, the future its caller waits on) and takes each answer at most once: an answer for a
+job already answered, done here, or sent by a run of the daemon since killed is ignored.
+What is not answered in time is sent again, or done here: a job whose worker stopped
+beating, or that Redis lost (restarted without persistence), at once; any other after
+RESEND_SECONDS. With the broker unreachable or no worker alive, everything is done here
+(a WARNING once, an INFO when it is back): labelling never stops because a machine did.
+
+Only backbone models go out: a photo's features are the costly part (tens of ms); a 28x28
+crop costs less to decode than to queue.
+"""
+
+import concurrent.futures
+import datetime
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures.process import BrokenProcessPool
+
+from daemon.backbone import efficientnet
+from daemon.cluster import broker as wire
+from daemon.errors import ConfigError
+from daemon.service import metrics
+from daemon.service.config import show_broker
+
+log = logging.getLogger("daemon.cluster")  # the name users see: daemon.service.logs
+
+JOB_SECONDS = 0.5  # of a worker's time: the queue's cost per job (ms) stays under 1 %
+MAX_JOB = 256
+RESEND_SECONDS = 20.0  # a job not answered in this long is sent again (twice), then done here
+ATTEMPTS = 2
+REFRESH_SECONDS = 2.0  # between two looks at the workers and the queue
+RECONNECT_SECONDS = 5.0
+CONFIG_RETRY_SECONDS = 60.0  # a wrong password, say: it may be put right on the server
+
+
+def coordinator_id(save):
+    """This daemon among the broker's coordinators, the same across its restarts."""
+    return hashlib.sha256(f"{socket.gethostname()}\0{save}".encode()).hexdigest()[:12]
+
+
+class Job:
+    def __init__(self, dispatch, kind, paths, known):
+        self.id = uuid.uuid4().hex
+        self.dispatch, self.kind, self.paths, self.known = dispatch, kind, paths, known
+        self.future = concurrent.futures.Future()
+        self.sent = self.first_sent = 0.0
+        self.attempts = 0
+        self.taker = None  # the worker that took it, as it says in the job's key
+
+
+class Cluster:
+    """`settings`: config.cluster; `save`: the daemon's save/ (who it is); `weights`: the
+    backbone's daemon.backbone.runtime.Weights (its sha256 travels with each job)."""
+
+    def __init__(self, settings, save, weights):
+        self.url = settings.broker
+        self.weights = weights.sha256
+        self.shown = show_broker(self.url)
+        self.coordinator = coordinator_id(save)
+        self.run_id = uuid.uuid4().hex[:12]
+        self.reply = wire.answers_key(self.coordinator, self.run_id)
+        self.client = self.broker = None
+        self._lock = threading.Lock()
+        self._jobs = {}  # job id -> Job, sent and not answered
+        self._workers = {}  # name -> its last heartbeat's state, with "alive"
+        self._refused = {}  # worker name -> why it refuses our jobs
+        self._up = None  # the broker answers (None: not asked yet)
+        self._usable = False  # ... and a worker alive that takes our jobs
+        self._forget = []  # job keys to delete once the broker is back
+        self._said = set()
+        self._seconds_per_image = 0.05  # a photo on a worker's core, until measured
+        self.queue = 0
+
+    def dispatch(self, local):
+        return Dispatch(self, local)
+
+    # ---- asked by the labeller's and the data source's threads ---------------------------------
+
+    @property
+    def usable(self):
+        return self._usable
+
+    def slots(self):
+        """Decode processes of the workers taking our jobs."""
+        return sum(state.get("slots", 1) for name, state in self._workers.items()
+                   if state["alive"] and name not in self._refused)
+
+    def chunk_size(self):
+        return max(1, min(MAX_JOB, int(JOB_SECONDS / self._seconds_per_image)))
+
+    def send(self, dispatch, kind, paths, known=None):
+        """A future of `paths` decoded by a worker (as Decoder.submit's, or for kind "train"
+        submit_training's), or None if there is no worker to send them to."""
+        if not self._usable:
+            return None
+        job = Job(dispatch, kind, paths, known or {})
+        with self._lock:
+            self._jobs[job.id] = job  # before it is sent: the answer may be quick
+        try:
+            self._enqueue(job)
+        except wire.redis_errors() as error:
+            with self._lock:
+                self._jobs.pop(job.id, None)
+            self._down(error)
+            return None
+        return job.future
+
+    def _enqueue(self, job):
+        key = wire.job_key(self.coordinator, self.run_id, job.id)
+        self.client.set(key, "", ex=wire.JOB_SECONDS)
+        body = {"id": job.id, "key": key, "reply": self.reply, "kind": job.kind,
+                "weights": self.weights, "feature_id": job.dispatch.feature_id,
+                "paths": job.paths,
+                "known": {str(i): list(job.known[p]) for i, p in enumerate(job.paths)
+                          if p in job.known}}
+        self.broker.enqueue(wire.message(body))
+        job.sent = time.monotonic()
+        job.first_sent = job.first_sent or job.sent
+        job.attempts += 1
+        job.taker = None
+
+    # ---- the cluster thread (the service's) ----------------------------------------------------
+
+    def run(self, stop):
+        """Take answers, watch the workers and the queue, send again what is late; until
+        `stop` is set. Then whatever is still out is done here."""
+        next_look = 0.0
+        while not stop.is_set():
+            if not self._up and not self._connect(stop):
+                continue
+            try:
+                item = self.client.blpop([self.reply], timeout=1)
+                if item is not None:
+                    self._answer(item[1])
+                now = time.monotonic()
+                if now >= next_look:
+                    self._look()
+                    next_look = now + REFRESH_SECONDS
+                self._late(now)
+            except wire.redis_errors() as error:
+                self._down(error)
+        self._usable = False
+        self._all_here("stopping")
+
+    def _connect(self, stop):
+        """Connect (again); True once the broker answers."""
+        try:
+            if self.client is None:
+                self.client = wire.client(self.url)
+                self.broker = wire.make_broker(self.url, self.client)
+            wire.check(self.client, self.url)
+            self._clean()
+        except ConfigError as error:
+            self._say_down(str(error), logging.ERROR)
+            stop.wait(CONFIG_RETRY_SECONDS)
+            return False
+        except wire.redis_errors() as error:
+            self._say_down(f"{error}", logging.WARNING)
+            stop.wait(RECONNECT_SECONDS)
+            return False
+        if self._up is False:
+            log.info("the broker %s is back", self.shown)
+        self._up = True
+        return True
+
+    def _say_down(self, why, level):
+        if self._up is not False:
+            log.log(level, "cluster: %s; featurizing here until it answers", why)
+        self._up = False
+
+    def _clean(self):
+        """Keys of this coordinator's previous runs (a kill -9): their jobs are no longer
+        wanted, their answers no longer read. And those of jobs done here while the broker
+        was away."""
+        stale = [key for pattern in (wire.job_key(self.coordinator, "*", "*"),
+                                     wire.answers_key(self.coordinator, "*"))
+                 for key in self.client.scan_iter(match=pattern, count=1000)
+                 if f":{self.run_id}:" not in key.decode() and
+                 not key.decode().endswith(self.run_id)]
+        forget, self._forget = self._forget, []
+        for start in range(0, len(stale + forget), 1000):
+            self.client.delete(*(stale + forget)[start:start + 1000])
+
+    def _down(self, error):
+        """The broker is gone: what is out is done here."""
+        self._usable = False
+        self._say_down(f"the broker {self.shown} is unreachable ({error})", logging.WARNING)
+        self._up = False
+        self._all_here("the broker is unreachable")
+
+    def _look(self):
+        """The workers' heartbeats, the queue's length, who took which job."""
+        states = self.client.hgetall(wire.WORKERS_KEY)
+        names = [name.decode() for name in states]
+        with self._lock:
+            jobs = list(self._jobs.values())
+        pipe = self.client.pipeline()
+        for name in names:
+            pipe.pttl(wire.alive_key(name))
+        pipe.llen(wire.QUEUE_KEY)
+        for job in jobs:
+            pipe.get(wire.job_key(self.coordinator, self.run_id, job.id))
+        replies = pipe.execute()
+        ttls, self.queue, takers = replies[:len(names)], replies[len(names)], replies[len(names) + 1:]
+        workers, now = {}, time.time()
+        for name, ttl in zip(names, ttls):
+            try:
+                state = json.loads(states[name.encode()])
+            except ValueError:
+                continue
+            state["alive"] = ttl > 0
+            if ttl > 0:
+                state["seen"] = now - (wire.ALIVE_SECONDS - ttl / 1000)
+            elif now - state.get("seen", 0) > wire.FORGOTTEN_SECONDS:
+                self.client.hdel(wire.WORKERS_KEY, name)
+                continue
+            workers[name] = state
+        self._workers = workers
+        for name in [n for n in self._refused if n not in workers or not workers[n]["alive"]]:
+            del self._refused[name]
+        was, self._usable = self._usable, self.slots() > 0
+        metrics.cluster(self.queue, sum(1 for n, s in workers.items()
+                                        if s["alive"] and n not in self._refused))
+        if was and not self._usable:
+            log.warning("cluster: no worker takes our jobs now; featurizing here")
+            self._all_here("no worker alive")
+        elif self._usable and not was:
+            log.info("cluster: %d workers alive; featurizing on them", sum(
+                1 for n, s in workers.items() if s["alive"] and n not in self._refused))
+        for job, taker in zip(jobs, takers):
+            if taker is None:  # its key is gone: Redis lost it (restarted)
+                self._again(job, "lost by the broker")
+            elif taker:
+                job.taker = taker.decode()
+                if not workers.get(job.taker, {}).get("alive"):
+                    self._again(job, f"its worker {job.taker} is gone")
+
+    def _late(self, now):
+        with self._lock:
+            late = [job for job in self._jobs.values() if now - job.sent > RESEND_SECONDS]
+        for job in late:
+            self._again(job, f"not answered in {RESEND_SECONDS:.0f} s")
+
+    def _again(self, job, why):
+        """Send `job` again (a new message, the same job: the first answer wins), or after
+        ATTEMPTS do it here."""
+        with self._lock:
+            if self._jobs.get(job.id) is not job:
+                return  # answered meanwhile
+        metrics.cluster_job(job.taker or "none", "resent")
+        log.info("cluster: job %s (%d photos) %s; %s", job.id[:8], len(job.paths), why,
+                 "sending it again" if job.attempts < ATTEMPTS and self._usable
+                 else "doing it here")
+        if job.attempts < ATTEMPTS and self._usable:
+            self._enqueue(job)
+        else:
+            self._here(job)
+
+    def _all_here(self, why):
+        with self._lock:
+            jobs = list(self._jobs.values())
+        if jobs:
+            log.info("cluster: %d jobs out (%s): doing them here", len(jobs), why)
+        for job in jobs:
+            self._here(job)
+
+    def _here(self, job):
+        """Do `job` with the local decode workers; its caller's future gets their result."""
+        with self._lock:
+            if self._jobs.pop(job.id, None) is None:
+                return
+        self._forget.append(wire.job_key(self.coordinator, self.run_id, job.id))
+        metrics.cluster_job(job.taker or "none", "local")
+        local = job.dispatch.local
+        try:
+            if job.kind == "label":
+                future = local.submit(job.paths)
+            else:
+                future = local.submit_training(job.paths, job.known)
+        except (BrokenProcessPool, RuntimeError) as error:  # RuntimeError: shut down
+            job.future.set_exception(BrokenProcessPool(f"the decode workers: {error}"))
+            return
+        future.add_done_callback(lambda done: _chain(done, job.future))
+
+    # ---- answers -------------------------------------------------------------------------------
+
+    def _answer(self, data):
+        try:
+            meta, features = wire.decode_answer(data)
+        except ValueError as error:
+            log.warning("cluster: an answer that cannot be read (%s); ignored", error)
+            return
+        worker = str(meta.get("worker"))
+        with self._lock:
+            job = self._jobs.pop(str(meta.get("job")), None)
+        if job is None:
+            metrics.cluster_job(worker, "late")
+            return
+        self.client.delete(wire.job_key(self.coordinator, self.run_id, job.id))
+        refused = meta.get("refused")
+        if refused:
+            if self._refused.get(worker) != refused:
+                log.warning("cluster: worker %s refuses our jobs: %s", worker, refused)
+            self._refused[worker] = refused
+            self._usable = self.slots() > 0
+            metrics.cluster_job(worker, "refused")
+            with self._lock:
+                self._jobs[job.id] = job
+            self._here(job)
+            return
+        try:
+            results = self._results(job, meta, features)
+        except (ValueError, KeyError, TypeError, IndexError) as error:
+            log.warning("cluster: worker %s sent a wrong answer (%s); doing its job here",
+                        worker, error)
+            with self._lock:
+                self._jobs[job.id] = job
+            self._here(job)
+            return
+        if meta.get("feature_id") and meta["feature_id"] != job.dispatch.feature_id and \
+                worker not in self._said:
+            self._said.add(worker)
+            log.warning("cluster: worker %s computes features that differ in the last bits "
+                        "from this machine's (another CPU kind or TensorFlow)", worker)
+        busy = meta.get("seconds")
+        if isinstance(busy, (int, float)) and job.paths:
+            each = max(float(busy) / len(job.paths), 1e-4)
+            self._seconds_per_image = 0.7 * self._seconds_per_image + 0.3 * each
+        metrics.cluster_job(worker, "done", time.monotonic() - job.sent)
+        job.future.set_result(results)
+
+    def _results(self, job, meta, features):
+        """The answer as Decoder's results for `job`'s paths."""
+        items = meta["results"]
+        if len(items) != len(job.paths):
+            raise ValueError(f"{len(items)} results for {len(job.paths)} photos")
+        if len(features) and features.shape[1] != efficientnet.FEATURES:
+            raise ValueError(f"features of {features.shape[1]} values")
+        results = []
+        for path, item in zip(job.paths, items):
+            kind = item["kind"]
+            if kind not in ("image", "bad", "unreadable"):
+                raise ValueError(f"a result of kind {kind!r}")
+            extra = item.get("extra") or {}
+            payload = features[item["row"]] if "row" in item else item.get("why")
+            if job.kind == "label":
+                results.append((path, kind, payload, float(extra.get("seconds", 0.0))))
+            elif kind != "image":
+                results.append((path, kind, payload))
+            else:
+                results.append((path, *_as_seen_here(path, payload, extra)))
+        return results
+
+    # ---- status --------------------------------------------------------------------------------
+
+    def snapshot(self):
+        """status --json's `cluster`."""
+        workers = []
+        for name, state in sorted(self._workers.items()):
+            seen = state.get("seen")
+            workers.append({"name": name, "alive": state["alive"],
+                            "last_seen": seen and datetime.datetime.fromtimestamp(
+                                seen, datetime.timezone.utc).isoformat(timespec="seconds"), "jobs": state.get("jobs", 0),
+                            "photos_per_second": state.get("photos_per_second", 0.0),
+                            "refused": self._refused.get(name)})
+        return {"broker": self.shown, "connected": bool(self._up), "queue": self.queue,
+                "jobs_out": len(self._jobs), "workers": workers}
+
+
+def _as_seen_here(path, features, extra):
+    """A training photo's (kind, payload) with this machine's stat of it: the worker's may
+    differ in its inode (another mount). Changed since it was read: read again later."""
+    size, mtime_ns, _ = extra["stat"]
+    try:
+        info = os.stat(path, follow_symlinks=False)
+    except OSError as error:
+        return "unreadable", f"cannot stat: {error.strerror}"
+    if (info.st_size, info.st_mtime_ns) != (size, mtime_ns):
+        return "unreadable", "changed while a worker read it"
+    return "image", (features, extra["sha256"], (info.st_size, info.st_mtime_ns, info.st_ino))
+
+
+def _chain(done, future):
+    if future.done():
+        return
+    error = done.exception()
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(done.result())
+
+
+class Dispatch:
+    """A Decoder's interface over the cluster and a local Decoder (`local`): photos to
+    featurize go to the workers while any are alive; the rest (sidecars to write, 28x28
+    crops) stays local."""
+
+    def __init__(self, cluster, local):
+        self.cluster, self.local = cluster, local
+
+    @property
+    def featurizer(self):
+        return self.local.featurizer
+
+    @featurizer.setter
+    def featurizer(self, runtime):
+        self.local.featurizer = runtime
+
+    @property
+    def feature_id(self):
+        return self.local.featurizer.feature_id
+
+    def _remote(self):
+        return self.local.featurizer is not None and self.cluster.usable
+
+    @property
+    def workers(self):
+        return max(1, self.cluster.slots()) if self._remote() else self.local.workers
+
+    def chunk_size(self):
+        return self.cluster.chunk_size() if self._remote() else self.local.chunk_size()
+
+    def submit(self, paths):
+        future = self.cluster.send(self, "label", paths) if self._remote() else None
+        return future or self.local.submit(paths)
+
+    def submit_training(self, paths, known=None):
+        future = self.cluster.send(self, "train", paths, known) if self._remote() else None
+        return future or self.local.submit_training(paths, known)
+
+    def decode_all(self, paths, chunk=None, known=None):
+        """As Decoder.decode_all, on the workers while any are alive; a window of jobs out
+        at a time, so none waits in the queue long enough to be sent again."""
+        if not self._remote():
+            return self.local.decode_all(paths, chunk, known)
+        known = known or {}
+        todo, out, results, leftover = list(paths), {}, {}, []
+        while todo or out:
+            while todo and len(out) < 2 * self.workers:
+                part, todo = todo[:self.chunk_size()], todo[self.chunk_size():]
+                try:
+                    out[self.submit_training(part, {p: known[p] for p in part if p in known})] = part
+                except BrokenProcessPool:
+                    leftover += part
+            if not out:
+                continue
+            done, _ = concurrent.futures.wait(out, timeout=1.0,
+                                              return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                part = out.pop(future)
+                try:
+                    results.update((result[0], result) for result in future.result())
+                except BrokenProcessPool:
+                    leftover += part  # the local fallback's pool broke: its own way below
+            if not done and self.local.lost():
+                leftover += [p for part in out.values() for p in part]
+                out.clear()
+        if leftover:
+            results.update((result[0], result) for result in self.local.decode_all(
+                leftover, chunk, {p: known[p] for p in leftover if p in known}))
+        return [results[path] for path in paths]
+
+    # what stays local
+    def start(self):
+        self.local.start()
+
+    def stop(self, wait=True):
+        self.local.stop(wait)
+
+    def restart(self):
+        self.local.restart()
+
+    def lost(self):
+        return self.local.lost()
+
+    def measured(self, results):
+        self.local.measured(results)
+
+    def result(self, future):
+        return self.local.result(future)
+
+    def submit_writes(self, sidecars):
+        return self.local.submit_writes(sidecars)
