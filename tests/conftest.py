@@ -3,11 +3,13 @@
 import io
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -69,18 +71,19 @@ def write_config(folder, data, classify=None, **train):
 
 
 class Daemon:
-    """`python -m daemon run` as a real subprocess with its stderr in a file."""
+    """`python -m daemon run` (or another `command`: worker) as a real subprocess with its
+    stderr in a file."""
 
-    def __init__(self, config, wrapper=(), env=None, journal=False, **popen):
+    def __init__(self, config, wrapper=(), env=None, journal=False, command="run", **popen):
         self.config = Path(config)
-        self.log_path = self.config.parent / f"daemon-{time.monotonic_ns()}.log"
+        self.log_path = self.config.parent / f"{command}-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")
         environment = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         if journal:  # as systemd does: the stream's device and inode
             info = os.fstat(self._log.fileno())
             environment["JOURNAL_STREAM"] = f"{info.st_dev}:{info.st_ino}"
         self.process = subprocess.Popen(
-            [*wrapper, sys.executable, "-m", "daemon", "run", "--config", str(self.config)],
+            [*wrapper, sys.executable, "-m", "daemon", command, "--config", str(self.config)],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO, env=environment, **popen)
 
     @property
@@ -101,7 +104,7 @@ class Daemon:
     @property
     def pid(self):
         """The daemon's own pid (not a wrapper's such as strace), from its first log line."""
-        return int(self.wait_for_log(r"wardrobe starting \(pid (\d+)\)").group(1))
+        return int(self.wait_for_log(r"wardrobe (?:worker )?starting \(pid (\d+)\)").group(1))
 
     def signal(self, signum):
         os.kill(self.pid, signum)
@@ -194,3 +197,103 @@ def assert_loadable(save):
         assert "output" in weights.attrs["layer_names"].astype(str)
     assert (save / "model.json").read_text().startswith("{")
     return generation
+
+
+# ---- real photos with the pretrained backbone (issue 14), shared by the photo tests ----
+
+PHOTOS = REPO.parent / "shared" / "data" / "photos-sample"
+CLASSES = ("ants", "bees")
+TRAIN_PHOTOS, HELD_OUT = 16, 4  # a class; the held-out ones follow the training ones
+# 28 training photos in batches of 8: 4 batches an epoch (checkpoint_every 1: 4 generations)
+TRAIN = {"epochs": 20, "batch_size": 8, "seed": 7}
+
+
+def photo_config(folder, data, **settings):
+    """A config in `folder` for the class folders in `data`, no `model` key (auto); the
+    sidecars come from the newest checkpoint. Keyword arguments: top-level keys or train.*."""
+    document = {"data": {"source": "folder", "path": str(data)},
+                "train": dict(TRAIN, epochs_per_update=5),
+                "classify": {"checkpoint": "newest"}}
+    for key, value in settings.items():
+        if key in ("model", "data", "classify", "cluster", "weights"):
+            document[key] = value
+        else:
+            document["train"][key] = value
+    path = Path(folder) / "config.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def arrive(paths, inbox):
+    """Copy `paths` into `inbox` as a download lands: written beside it, then renamed in."""
+    inbox.mkdir(parents=True, exist_ok=True)
+    staging = inbox.parent / "staging"
+    staging.mkdir(exist_ok=True)
+    for path in paths:
+        shutil.copyfile(path, staging / path.name)
+        (staging / path.name).rename(inbox / path.name)
+    return [inbox / path.name for path in paths]
+
+
+def with_backbone(save, backbone):
+    """A new save/ holding the converted backbone, as if converted at its first start."""
+    save.mkdir(parents=True)
+    shutil.copytree(backbone / "backbone", save / "backbone")
+    return save
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory):
+    """data/<class>/ with 16 photos a class, and 4 held-out photos a class named
+    <class>-<name>.jpg (no spaces, no placeholder gif)."""
+    root = tmp_path_factory.mktemp("photos")
+    (root / "held").mkdir()
+    held = []
+    for name in CLASSES:
+        files = sorted(p for p in (PHOTOS / name).glob("*.jpg") if " " not in p.name)
+        (root / "data" / name).mkdir(parents=True)
+        for path in files[:TRAIN_PHOTOS]:
+            shutil.copyfile(path, root / "data" / name / path.name)
+        for path in files[TRAIN_PHOTOS:TRAIN_PHOTOS + HELD_OUT]:
+            held.append(Path(shutil.copyfile(path, root / "held" / f"{name}-{path.name}")))
+    return types.SimpleNamespace(data=root / "data", held=held)
+
+
+@pytest.fixture(scope="session")
+def backbone(tmp_path_factory):
+    """A folder whose backbone/ is the converted backbone (seconds, once a session)."""
+    folder = tmp_path_factory.mktemp("backbone")
+    code = ("import sys; from daemon.backbone import runtime; "
+            "runtime.prepare(sys.argv[1], runtime.locate())")
+    done = subprocess.run([sys.executable, "-c", code, str(folder)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert list((folder / "backbone").glob("*.tflite"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, photos, backbone):
+    """One uninterrupted run with no `model` key: trained to the end, then the held-out
+    photos dropped into its inbox and labelled. Tests copy its save/ to run a daemon on it."""
+    folder = tmp_path_factory.mktemp("trained")
+    config = photo_config(folder, photos.data)
+    with_backbone(folder / "save", backbone)
+    daemon = Daemon(config)
+    try:
+        daemon.wait_for_log(r"training complete", 240)
+        inbox = arrive(photos.held, folder / "inbox")
+        wait_until(lambda: all(sidecar(p) for p in inbox), 120, message="sidecars")
+        report = status(config)
+    finally:
+        code = daemon.stop()
+    assert code == 0, daemon.log
+    return types.SimpleNamespace(folder=folder, save=folder / "save", config=config,
+                                 log=daemon.log, status=report, inbox=inbox)
+
+
+def copy_trained(trained, tmp_path, photos):
+    """The trained save/ and a copy of its class folders in tmp_path; (config, data)."""
+    shutil.copytree(trained.save, tmp_path / "save")
+    data = shutil.copytree(photos.data, tmp_path / "data")
+    return photo_config(tmp_path, data), data

@@ -4,9 +4,7 @@ save/backbone/ while the daemon runs. Real `python -m daemon` subprocesses."""
 import re
 import shutil
 
-from conftest import wait_until  # noqa: F401  (the fixtures' helpers)
-from test_photos_daemon import (PHOTOS, TRAIN_PHOTOS, HELD_OUT, backbone, photo_config,  # noqa: F401
-                                photos, with_backbone)
+from conftest import PHOTOS, TRAIN_PHOTOS, HELD_OUT, photo_config, wait_until, with_backbone  # noqa: F401
 
 
 def test_a_class_folder_moved_out_of_the_data_folder_is_noticed(tmp_path, photos, backbone,

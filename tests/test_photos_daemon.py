@@ -7,11 +7,9 @@ import io
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import cv2
@@ -20,109 +18,13 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import REPO, Daemon, newest_state, sidecar, status, wait_until
+from conftest import (CLASSES, HELD_OUT, TRAIN, REPO, arrive, copy_trained, newest_state, photo_config, sidecar, status, wait_until,
+                      with_backbone)
 from daemon import fsutil
 from daemon.data import dataset
 from daemon.training.store import CheckpointStore
 from test_protocol import STRACE, traced_writes
 from test_resume import assert_same_final_state
-
-PHOTOS = REPO.parent / "shared" / "data" / "photos-sample"
-CLASSES = ("ants", "bees")
-TRAIN_PHOTOS, HELD_OUT = 16, 4  # a class; the held-out ones follow the training ones
-# 28 training photos in batches of 8: 4 batches an epoch (checkpoint_every 1: 4 generations)
-TRAIN = {"epochs": 20, "batch_size": 8, "seed": 7}
-
-
-def photo_config(folder, data, **settings):
-    """A config in `folder` for the class folders in `data`, no `model` key (auto); the
-    sidecars come from the newest checkpoint. Keyword arguments: top-level keys or train.*."""
-    document = {"data": {"source": "folder", "path": str(data)},
-                "train": dict(TRAIN, epochs_per_update=5),
-                "classify": {"checkpoint": "newest"}}
-    for key, value in settings.items():
-        if key in ("model", "data", "classify"):
-            document[key] = value
-        else:
-            document["train"][key] = value
-    path = Path(folder) / "config.yaml"
-    path.write_text(yaml.safe_dump(document))
-    return path
-
-
-def arrive(paths, inbox):
-    """Copy `paths` into `inbox` as a download lands: written beside it, then renamed in."""
-    inbox.mkdir(parents=True, exist_ok=True)
-    staging = inbox.parent / "staging"
-    staging.mkdir(exist_ok=True)
-    for path in paths:
-        shutil.copyfile(path, staging / path.name)
-        (staging / path.name).rename(inbox / path.name)
-    return [inbox / path.name for path in paths]
-
-
-def with_backbone(save, backbone):
-    """A new save/ holding the converted backbone, as if converted at its first start."""
-    save.mkdir(parents=True)
-    shutil.copytree(backbone / "backbone", save / "backbone")
-    return save
-
-
-@pytest.fixture(scope="session")
-def photos(tmp_path_factory):
-    """data/<class>/ with 16 photos a class, and 4 held-out photos a class named
-    <class>-<name>.jpg (no spaces, no placeholder gif)."""
-    root = tmp_path_factory.mktemp("photos")
-    (root / "held").mkdir()
-    held = []
-    for name in CLASSES:
-        files = sorted(p for p in (PHOTOS / name).glob("*.jpg") if " " not in p.name)
-        (root / "data" / name).mkdir(parents=True)
-        for path in files[:TRAIN_PHOTOS]:
-            shutil.copyfile(path, root / "data" / name / path.name)
-        for path in files[TRAIN_PHOTOS:TRAIN_PHOTOS + HELD_OUT]:
-            held.append(Path(shutil.copyfile(path, root / "held" / f"{name}-{path.name}")))
-    return types.SimpleNamespace(data=root / "data", held=held)
-
-
-@pytest.fixture(scope="session")
-def backbone(tmp_path_factory):
-    """A folder whose backbone/ is the converted backbone (seconds, once a session)."""
-    folder = tmp_path_factory.mktemp("backbone")
-    code = ("import sys; from daemon.backbone import runtime; "
-            "runtime.prepare(sys.argv[1], runtime.locate())")
-    done = subprocess.run([sys.executable, "-c", code, str(folder)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert list((folder / "backbone").glob("*.tflite"))
-    return folder
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory, photos, backbone):
-    """One uninterrupted run with no `model` key: trained to the end, then the held-out
-    photos dropped into its inbox and labelled. Tests copy its save/ to run a daemon on it."""
-    folder = tmp_path_factory.mktemp("trained")
-    config = photo_config(folder, photos.data)
-    with_backbone(folder / "save", backbone)
-    daemon = Daemon(config)
-    try:
-        daemon.wait_for_log(r"training complete", 240)
-        inbox = arrive(photos.held, folder / "inbox")
-        wait_until(lambda: all(sidecar(p) for p in inbox), 120, message="sidecars")
-        report = status(config)
-    finally:
-        code = daemon.stop()
-    assert code == 0, daemon.log
-    return types.SimpleNamespace(folder=folder, save=folder / "save", config=config,
-                                 log=daemon.log, status=report, inbox=inbox)
-
-
-def copy_trained(trained, tmp_path, photos):
-    """The trained save/ and a copy of its class folders in tmp_path; (config, data)."""
-    shutil.copytree(trained.save, tmp_path / "save")
-    data = shutil.copytree(photos.data, tmp_path / "data")
-    return photo_config(tmp_path, data), data
 
 
 def test_auto_picks_the_backbone_for_a_folder_source_and_labels_photos(trained):

@@ -15,7 +15,6 @@ import cv2
 import pytest
 
 from conftest import REPO, status, wait_until, write_config
-from test_photos_daemon import backbone, photos  # noqa: F401  (session fixtures)
 from daemon.data import dataset
 from daemon.service.config import DEFAULT_LABELS
 from daemon.service.systemd import reload_lines
@@ -205,7 +204,7 @@ def test_photos_with_the_backbone_under_the_hardened_unit(tmp_path, photos, back
     """The backbone model under the unit `daemon unit` writes (no network, a read-only
     system, no new privileges): its weights read from the installed package, its
     TensorFlow Lite runtime in the spawned decode workers, a photo labelled."""
-    from test_photos_daemon import CLASSES, photo_config, with_backbone
+    from conftest import CLASSES, photo_config, with_backbone
 
     data = shutil.copytree(photos.data, tmp_path / "data")
     config = photo_config(tmp_path, data, epochs=3)

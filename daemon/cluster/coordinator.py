@@ -53,7 +53,7 @@ class Job:
         self.id = uuid.uuid4().hex
         self.dispatch, self.kind, self.paths, self.known = dispatch, kind, paths, known
         self.future = concurrent.futures.Future()
-        self.sent = self.first_sent = 0.0
+        self.sent = 0.0
         self.attempts = 0
         self.taker = None  # the worker that took it, as it says in the job's key
 
@@ -104,8 +104,6 @@ class Cluster:
         if not self._usable:
             return None
         job = Job(dispatch, kind, paths, known or {})
-        with self._lock:
-            self._jobs[job.id] = job  # before it is sent: the answer may be quick
         try:
             self._enqueue(job)
         except wire.redis_errors() as error:
@@ -116,18 +114,21 @@ class Cluster:
         return job.future
 
     def _enqueue(self, job):
+        """Send `job` (again): its key says it is wanted; it is known before it is sent (the
+        answer may be quick)."""
         key = wire.job_key(self.coordinator, self.run_id, job.id)
-        self.client.set(key, "", ex=wire.JOB_SECONDS)
         body = {"id": job.id, "key": key, "reply": self.reply, "kind": job.kind,
                 "weights": self.weights, "feature_id": job.dispatch.feature_id,
                 "paths": job.paths,
                 "known": {str(i): list(job.known[p]) for i, p in enumerate(job.paths)
                           if p in job.known}}
-        self.broker.enqueue(wire.message(body))
+        self.client.set(key, "", ex=wire.JOB_SECONDS)
         job.sent = time.monotonic()
-        job.first_sent = job.first_sent or job.sent
         job.attempts += 1
         job.taker = None
+        with self._lock:
+            self._jobs[job.id] = job
+        self.broker.enqueue(wire.message(body))
 
     # ---- the cluster thread (the service's) ----------------------------------------------------
 
@@ -228,15 +229,8 @@ class Cluster:
         self._workers = workers
         for name in [n for n in self._refused if n not in workers or not workers[n]["alive"]]:
             del self._refused[name]
-        was, self._usable = self._usable, self.slots() > 0
-        metrics.cluster(self.queue, sum(1 for n, s in workers.items()
-                                        if s["alive"] and n not in self._refused))
-        if was and not self._usable:
-            log.warning("cluster: no worker takes our jobs now; featurizing here")
-            self._all_here("no worker alive")
-        elif self._usable and not was:
-            log.info("cluster: %d workers alive; featurizing on them", sum(
-                1 for n, s in workers.items() if s["alive"] and n not in self._refused))
+        self._update_usable()
+        metrics.cluster(self.queue, self._taking())
         for job, taker in zip(jobs, takers):
             if taker is None:  # its key is gone: Redis lost it (restarted)
                 self._again(job, "lost by the broker")
@@ -244,6 +238,20 @@ class Cluster:
                 job.taker = taker.decode()
                 if not workers.get(job.taker, {}).get("alive"):
                     self._again(job, f"its worker {job.taker} is gone")
+
+    def _taking(self):
+        return sum(1 for name, state in self._workers.items()
+                   if state["alive"] and name not in self._refused)
+
+    def _update_usable(self):
+        """Are there workers to send jobs to? Said when it changes; the jobs out are done
+        here once there are none."""
+        was, self._usable = self._usable, bool(self._up) and self._taking() > 0
+        if was and not self._usable:
+            log.warning("cluster: no worker takes our jobs now; featurizing here")
+            self._all_here("no worker takes them")
+        elif self._usable and not was:
+            log.info("cluster: %d workers alive; featurizing on them", self._taking())
 
     def _late(self, now):
         with self._lock:
@@ -312,11 +320,11 @@ class Cluster:
             if self._refused.get(worker) != refused:
                 log.warning("cluster: worker %s refuses our jobs: %s", worker, refused)
             self._refused[worker] = refused
-            self._usable = self.slots() > 0
             metrics.cluster_job(worker, "refused")
             with self._lock:
                 self._jobs[job.id] = job
             self._here(job)
+            self._update_usable()
             return
         try:
             results = self._results(job, meta, features)

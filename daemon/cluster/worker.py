@@ -59,6 +59,11 @@ class Worker:
     # ---- the service ---------------------------------------------------------------------------
 
     def run(self):
+        log.info("wardrobe worker starting (pid %d): broker %s, cluster.paths %s", os.getpid(),
+                 show_broker(self.url), dict(self.config.cluster.paths) or "none")
+        # Dramatiq's start and stop lines, and its retries of an acknowledgement while the
+        # broker is away (each with the whole job), are ours to say
+        logging.getLogger("dramatiq").setLevel(logging.ERROR)
         if not self.url:
             raise ConfigError("cluster.broker", "a worker needs the coordinator's broker, "
                               'such as cluster: {broker: "redis://HOST:6379/0"}')
@@ -172,21 +177,27 @@ class Worker:
             # Still wanted? Not once answered, or sent again by a coordinator since restarted
             if not self.client.set(job["key"], self.name, xx=True, keepttl=True):
                 return
-            refused = self._refusal(job)
-            results = None if refused else self._run(job)
-        except BrokenProcessPool:
-            self.decoder.restart()
-            refused, results = "a decode worker died on this machine", None
-        except WardrobeError as error:  # the backbone's file changed under us, say
-            log.error("%s", error)
-            refused, results = str(error), None
-        answer = wire.encode_answer(job["id"], self.name, results, refused,
-                                    feature_id=self.runtime.feature_id,
-                                    seconds=time.perf_counter() - started)
-        pipe = self.client.pipeline()
-        pipe.rpush(job["reply"], answer)
-        pipe.expire(job["reply"], wire.ANSWERS_SECONDS)
-        pipe.execute()
+            refused, results = self._refusal(job), None
+            if not refused:
+                try:
+                    results = self._run(job)
+                except BrokenProcessPool:
+                    self.decoder.restart()
+                    refused = "a decode worker died on this machine"
+                except WardrobeError as error:  # the backbone's file changed under us, say
+                    log.error("%s", error)
+                    refused = str(error)
+            answer = wire.encode_answer(job["id"], self.name, results, refused,
+                                        feature_id=self.runtime.feature_id,
+                                        seconds=time.perf_counter() - started)
+            pipe = self.client.pipeline()
+            pipe.rpush(job["reply"], answer)
+            pipe.expire(job["reply"], wire.ANSWERS_SECONDS)
+            pipe.execute()
+        except wire.redis_errors() as error:
+            log.warning("job %s not answered, the broker is gone (%s): its coordinator sends "
+                        "it again", job["id"][:8], error)
+            return
         if results is not None:
             with self._lock:
                 self.jobs += 1
