@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -68,6 +69,15 @@ BAD = [
     ("metrics: {listen: 'nosuchhost.invalid:9464'}\n", "metrics.listen", "cannot resolve"),
     ("metrics: {port: 9464}\n", "metrics.port", "unknown key"),
     ("metrics: on\n", "metrics", "expected a mapping"),
+    ("cluster: {broker: 'http://127.0.0.1:6379'}\n", "cluster.broker", "a Redis URL"),
+    ("cluster: {broker: 'redis://'}\n", "cluster.broker", "a Redis URL"),
+    ("cluster: {broker: 'redis://h:70000/0'}\n", "cluster.broker", "a Redis URL"),
+    ("cluster: {broker: 'redis://h/zero'}\n", "cluster.broker", "a Redis URL"),
+    ("cluster: {broker: 6379}\n", "cluster.broker", "a Redis URL"),
+    ("cluster: {broker: 'http://:pw@h:1'}\n", "cluster.broker", "got 'http://:***@h:1'"),
+    ("cluster: {paths: [/a, /b]}\n", "cluster.paths", "a mapping of absolute path prefixes"),
+    ("cluster: {paths: {a: /b}}\n", "cluster.paths", "a mapping of absolute path prefixes"),
+    ("cluster: {brokers: x}\n", "cluster.brokers", "unknown key"),
     ("- just\n- a list\n", "config", "expected a mapping"),
     ("train: {epochs: 3\n", "config", "not valid YAML at line"),
 ]
@@ -222,3 +232,26 @@ def test_duplicate_keys_and_files_where_folders_go(tmp_path, text, key, message)
     with pytest.raises(ConfigError) as raised:
         config_module.load(path)
     assert raised.value.key == key and message in str(raised.value)
+
+
+def test_the_brokers_password_is_never_shown(tmp_path):
+    """The broker's URL goes into the start-up line, status and errors: never its password."""
+    path = tmp_path / "config.yaml"
+    path.write_text("cluster: {broker: 'redis://user:s3cret@127.0.0.1:6390/2', "
+                    "paths: {/srv/photos/: /mnt/photos, /srv: /mnt/srv}}\n")
+    loaded = config_module.load(path, worker=True)
+    assert loaded.cluster.broker == "redis://user:s3cret@127.0.0.1:6390/2"
+    assert loaded.cluster.paths == (("/srv/photos", "/mnt/photos"), ("/srv", "/mnt/srv"))
+    assert "cluster.broker=redis://user:***@127.0.0.1:6390/2" in loaded.summary()
+    assert "s3cret" not in loaded.summary()
+    assert config_module.load(tmp_path / "config.yaml").cluster.broker is not None
+
+
+def test_a_worker_does_not_look_at_the_coordinators_folders(tmp_path):
+    """The coordinator's inbox and data folder are not on a worker's machine (or elsewhere)."""
+    path = tmp_path / "config.yaml"
+    path.write_text("data: {source: folder, path: /no/such/photos}\n"
+                    "cluster: {broker: 'redis://127.0.0.1:6390/0'}\n")
+    with pytest.raises(ConfigError, match="data.path"):
+        config_module.load(path)
+    assert config_module.load(path, worker=True).data.path == Path("/no/such/photos")

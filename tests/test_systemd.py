@@ -284,11 +284,48 @@ def test_unit_allows_the_network_the_config_needs_and_no_more(tmp_path, small_da
     assert network == expected
 
 
+def test_the_coordinators_unit_reaches_its_broker_and_nothing_else(tmp_path, small_data):
+    config = write_config(tmp_path, small_data)
+    config.write_text(config.read_text() + "metrics: {listen: '127.0.0.1:9464'}\n"
+                      "cluster: {broker: 'redis://:pw@127.0.0.2:6390/0'}\n")
+    lines = systemd.unit_file(config_module.load(config), version=252).splitlines()
+    assert [line for line in lines if line.startswith(("RestrictAddressFamilies=", "IPAddress"))] \
+        == ["RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+            "IPAddressAllow=127.0.0.2 localhost", "IPAddressDeny=any"]
+
+
+def test_the_workers_unit_reads_reaches_only_the_broker_and_writes_only_its_cache(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    config = tmp_path / "worker.yaml"
+    config.write_text(f"cluster: {{broker: 'redis://:pw@127.0.0.3:6390/0', paths: "
+                      f"{{/srv/photos: {photos}}}}}\n")
+    text = unit_text(config, "--worker")
+    lines = text.splitlines()
+    assert f"ExecStart={sys.executable} -m daemon worker --config {config}" in lines
+    for line in ["CacheDirectory=wardrobe-worker", "RestartPreventExitStatus=2",
+                 "ProtectSystem=strict", "NoNewPrivileges=yes",
+                 "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+                 "IPAddressAllow=127.0.0.3", "IPAddressDeny=any"]:
+        assert line in lines, line
+    assert "pw" not in text and not any(line.startswith("ReadWritePaths=") and "photos" in line
+                                        for line in lines)
+    assert "WatchdogSec" not in text  # no sd_notify: Type=exec
+    no_broker = tmp_path / "none.yaml"
+    no_broker.write_text("{}\n")
+    result = subprocess.run([sys.executable, "-m", "daemon", "unit", "--worker", "--config",
+                             str(no_broker)], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and "cluster.broker: a worker needs" in result.stderr
+
+
 @pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
 def test_systemd_analyze_verify_accepts_the_units(tmp_path, small_data):
     config = write_config(tmp_path, small_data)
+    worker = tmp_path / "worker.yaml"
+    worker.write_text("cluster: {broker: 'redis://127.0.0.1:6390/0'}\n")
     for name, text in [("wardrobe.service", unit_text(config)),
-                       ("wardrobe-user.service", unit_text(config, "--user"))]:
+                       ("wardrobe-user.service", unit_text(config, "--user")),
+                       ("wardrobe-worker.service", unit_text(worker, "--worker"))]:
         unit = tmp_path / name
         unit.write_text(text)
         result = subprocess.run([ANALYZE, "verify", str(unit)], capture_output=True,

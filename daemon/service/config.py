@@ -4,6 +4,7 @@ No TensorFlow here: a bad config must exit 2 in well under a second.
 """
 
 import dataclasses
+import importlib.util
 import ipaddress
 import math
 import os
@@ -422,6 +423,11 @@ class _Section:
                 port is None or 1 <= port <= 65535) and (not db or db.isdigit())
         if not ok:
             self._fail(key, expected, show_broker(value))
+        if importlib.util.find_spec("dramatiq") is None or \
+                importlib.util.find_spec("redis") is None:
+            raise ConfigError(self.prefix + key, "the cluster needs Dramatiq and redis-py, "
+                              "which are not installed: pip install 'wardrobe[cluster]' (or "
+                              "pip install 'dramatiq[redis]')")
         return value
 
     def prefixes(self, key):
