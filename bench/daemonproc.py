@@ -27,10 +27,11 @@ def environment():
     return dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
 
 
-def write_config(folder, inbox, epochs=1, watch=None, data=None, model=None, metrics=None):
+def write_config(folder, inbox, epochs=1, watch=None, data=None, model=None, metrics=None,
+                 cluster=None):
     """folder/config.yaml for a daemon on `inbox` and folder/save, trained on `data` (the
-    config's data section; default the bundled sample); `watch` and `metrics` (dicts) and
-    `model` only when given."""
+    config's data section; default the bundled sample); `watch`, `metrics` and `cluster`
+    (dicts) and `model` only when given."""
     config = {"inbox": str(inbox), "save": str(folder / "save"),
               "data": data or {"source": "sample"}, "train": {"epochs": epochs}}
     if watch is not None:
@@ -39,6 +40,8 @@ def write_config(folder, inbox, epochs=1, watch=None, data=None, model=None, met
         config["model"] = model
     if metrics is not None:
         config["metrics"] = metrics
+    if cluster is not None:
+        config["cluster"] = cluster
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -60,12 +63,12 @@ class Daemon:
     environment variables (e.g. systemd's NOTIFY_SOCKET and WATCHDOG_USEC)."""
 
     def __init__(self, folder, inbox=None, epochs=1, watch=None, data=None, model=None,
-                 metrics=None, env=None):
+                 metrics=None, env=None, cluster=None):
         self.folder = Path(folder)
         self.inbox = Path(inbox or self.folder / "inbox")
         self.inbox.mkdir(parents=True, exist_ok=True)
         config = write_config(self.folder, self.inbox, epochs, watch, data, model,
-                              metrics)
+                              metrics, cluster)
         self.log = self.folder / "daemon.log"
         self.started = time.time()
         with open(self.log, "w") as out:

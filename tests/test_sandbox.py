@@ -223,3 +223,66 @@ def test_photos_with_the_backbone_under_the_hardened_unit(tmp_path, photos, back
     assert "converting the efficientnet_lite0 backbone" not in journal  # the cache was used
     sandbox("ctl", "stop", "wardrobe")
     assert (sandbox.show("Result"), sandbox.show("ExecMainStatus")) == ("success", "0")
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not "
+                    "installed (.ci/run installs it)")
+def test_a_coordinator_and_two_workers_under_systemd(tmp_path, photos, backbone, sandbox):
+    """Scaling out as the README does it, inside the sandbox's own loopback network: Redis,
+    the coordinator's unit and two workers' units from `wardrobe unit --worker` (network
+    only to the broker, a read-only system, only their cache writable). Photos dropped into
+    the inbox are featurized by the workers and labelled by the coordinator."""
+    from conftest import CLASSES, photo_config, with_backbone
+
+    (tmp_path / "redis").mkdir()
+    sandbox("in", "systemd-run", "--unit=redis", shutil.which("redis-server"), "--port", "6390",
+            "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir",
+            str(tmp_path / "redis"))
+    url = "redis://127.0.0.1:6390/0"
+    data = shutil.copytree(photos.data, tmp_path / "data")
+    config = photo_config(tmp_path, data, epochs=3, cluster={"broker": url})
+    with_backbone(tmp_path / "save", backbone)
+    (tmp_path / "inbox").mkdir()
+    unit = install_unit(sandbox, tmp_path, config)
+    assert "IPAddressAllow=127.0.0.1" in unit and "IPAddressDeny=any" in unit
+    # the cache a worker's first start fills (CacheDirectory=wardrobe-worker), filled now
+    cache = Path("/var/cache/wardrobe-worker")
+    made_cache = not cache.exists()
+    shutil.copytree(backbone / "backbone", cache / "backbone", dirs_exist_ok=True)
+    try:
+        names = []
+        for number in (1, 2):
+            folder = tmp_path / f"worker{number}"
+            folder.mkdir()
+            (folder / "worker.yaml").write_text(f"cluster: {{broker: '{url}'}}\n")
+            text = subprocess.run([sys.executable, "-m", "daemon", "unit", "--worker",
+                                   "--config", str(folder / "worker.yaml")], capture_output=True,
+                                  text=True, cwd=REPO, timeout=60, check=True).stdout
+            assert "IPAddressAllow=127.0.0.1" in text and "CacheDirectory=wardrobe-worker" in text
+            text = text.replace("[Service]\n", f"[Service]\nEnvironment=PYTHONPATH={REPO}\n", 1)
+            names.append(f"wardrobe-worker{number}")
+            (folder / f"{names[-1]}.service").write_text(text)
+            sandbox("install", str(folder / f"{names[-1]}.service"))
+            sandbox("ctl", "start", names[-1])
+        sandbox("ctl", "start", "wardrobe")
+        wait_until(lambda: len([w for w in (status(config)["cluster"] or {}).get("workers") or []
+                                if w["alive"]]) == 2, 120, 0.5, message="two workers alive")
+        dropped = []
+        for path in photos.held:
+            shutil.copyfile(path, tmp_path / "inbox" / path.name)
+            dropped.append(tmp_path / "inbox" / path.name)
+        records = wait_until(lambda: all(_read_json(Path(f"{p}.json")) for p in dropped)
+                             and [_read_json(Path(f"{p}.json")) for p in dropped], 120,
+                             message="sidecars")
+        assert all(record["label"] in CLASSES for record in records), records
+        wait_until(lambda: sum(w["jobs"] for w in status(config)["cluster"]["workers"]) > 0, 30,
+                   0.5, message="jobs done by the workers")
+        journal = sandbox("journal", "--no-pager", check=False).stdout
+        assert "refus" not in journal and "featurizing here" not in journal, journal[-3000:]
+        for name in ["wardrobe", *names]:
+            sandbox("ctl", "stop", name)
+            result = sandbox("ctl", "show", "-P", "Result", name).stdout.strip()
+            assert result == "success", sandbox("journal", "-u", name, "--no-pager").stdout
+    finally:
+        if made_cache:
+            shutil.rmtree(cache, ignore_errors=True)
