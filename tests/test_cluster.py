@@ -4,6 +4,7 @@ the coordinator a real daemon. Workers, the broker and the coordinator are kille
 stopped mid-burst; every photo still gets exactly one sidecar, with the label the daemon
 alone gives it."""
 
+import os
 import re
 import shutil
 import signal
@@ -424,3 +425,38 @@ def test_a_coordinator_with_a_wrong_password_labels_here(tmp_path, trained, phot
     assert "wrong-pass" not in daemon.log
     assert status(config)["cluster"]["connected"] is False
     assert daemon.stop() == 0, daemon.log
+
+
+def test_a_workers_decode_process_killed_fails_only_its_job(
+        tmp_path, trained, photos, burst, alone, redis_server, workers, daemons):
+    """The OOM killer takes one of a worker's decode processes mid-burst: that worker
+    answers that the job failed (it is done by the coordinator, where a file that kills
+    decoders is found alone), replaces the process and goes on taking jobs."""
+    server = redis_server()
+    worker = workers.start(server.url)
+    config = cluster_config(tmp_path, trained, photos, server.url)
+    daemon = daemons(config)
+    daemon.wait_for_log(r"cluster: 1 workers alive", 120)
+    inbox = tmp_path / "inbox"
+    arrive(burst[:300], inbox)
+
+    def decoders():
+        found = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True,
+                               text=True).stdout.split()
+        return [int(pid) for pid in found if "spawn_main" in Path(
+            f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
+
+    victim = wait_until(lambda: all_labelled(inbox, 20)() and decoders(), 60, 0.02,
+                        message="the worker's decode processes busy")[0]
+    os.kill(victim, signal.SIGKILL)
+    daemon.wait_for_log(r"worker \S+ failed a job \(a decode worker died on this machine\); "
+                        "doing it here", 60)
+    before = jobs_by_worker(config).get(name_of(worker), 0)
+    arrive(burst[300:], inbox)
+    wait_until(all_labelled(inbox, BURST), 300, 0.2, message="the burst labelled")
+    assert labels(inbox, [p.name for p in burst]) == alone
+    assert labelled(config, BURST) == (BURST, 0)
+    wait_until(lambda: jobs_by_worker(config)[name_of(worker)] > before, 30, 0.5,
+               message="jobs by the worker after")
+    assert "refuses our jobs" not in daemon.log
+    assert daemon.stop() == 0 and worker.stop() == 0, daemon.log + worker.log

@@ -36,6 +36,7 @@ log = logging.getLogger("daemon.cluster")  # the name users see: daemon.service.
 
 JOB_SECONDS = 0.5  # of a worker's time: the queue's cost per job (ms) stays under 1 %
 MAX_JOB = 256
+REFUSED_SECONDS = 60.0  # a worker that refused our jobs is asked again after this
 RESEND_SECONDS = 20.0  # a job not answered in this long is sent again (twice), then done here
 ATTEMPTS = 2
 REFRESH_SECONDS = 2.0  # between two looks at the workers and the queue
@@ -73,7 +74,7 @@ class Cluster:
         self._lock = threading.Lock()
         self._jobs = {}  # job id -> Job, sent and not answered
         self._workers = {}  # name -> its last heartbeat's state, with "alive"
-        self._refused = {}  # worker name -> why it refuses our jobs
+        self._refused = {}  # worker name -> (why it refuses our jobs, when it last said so)
         self._up = None  # the broker answers (None: not asked yet)
         self._usable = False  # ... and a worker alive that takes our jobs
         self._forget = []  # job keys to delete once the broker is back
@@ -81,8 +82,10 @@ class Cluster:
         self._seconds_per_image = 0.05  # a photo on a worker's core, until measured
         self.queue = 0
 
-    def dispatch(self, local):
-        return Dispatch(self, local)
+    def dispatch(self, local, root):
+        """A Dispatch over the local Decoder `local`, for files under the folder `root`
+        (the inbox, the data folder): a worker that cannot see it refuses our jobs."""
+        return Dispatch(self, local, root)
 
     # ---- asked by the labeller's and the data source's threads ---------------------------------
 
@@ -93,7 +96,14 @@ class Cluster:
     def slots(self):
         """Decode processes of the workers taking our jobs."""
         return sum(state.get("slots", 1) for name, state in self._workers.items()
-                   if state["alive"] and name not in self._refused)
+                   if self._takes(name, state))
+
+    def _takes(self, name, state):
+        """Does worker `name` take our jobs? Not while it refuses them: asked again
+        REFUSED_SECONDS after its last refusal (its share mounted since, say)."""
+        refused = self._refused.get(name)
+        return state["alive"] and (refused is None or
+                                   time.monotonic() - refused[1] > REFUSED_SECONDS)
 
     def chunk_size(self):
         return max(1, min(MAX_JOB, int(JOB_SECONDS / self._seconds_per_image)))
@@ -118,6 +128,7 @@ class Cluster:
         answer may be quick)."""
         key = wire.job_key(self.coordinator, self.run_id, job.id)
         body = {"id": job.id, "key": key, "reply": self.reply, "kind": job.kind,
+                "root": job.dispatch.root,
                 "weights": self.weights, "feature_id": job.dispatch.feature_id,
                 "paths": job.paths,
                 "known": {str(i): list(job.known[p]) for i, p in enumerate(job.paths)
@@ -240,8 +251,7 @@ class Cluster:
                     self._again(job, f"its worker {job.taker} is gone")
 
     def _taking(self):
-        return sum(1 for name, state in self._workers.items()
-                   if state["alive"] and name not in self._refused)
+        return sum(1 for name, state in self._workers.items() if self._takes(name, state))
 
     def _update_usable(self):
         """Are there workers to send jobs to? Said when it changes; the jobs out are done
@@ -315,12 +325,15 @@ class Cluster:
             metrics.cluster_job(worker, "late")
             return
         self.client.delete(wire.job_key(self.coordinator, self.run_id, job.id))
-        refused = meta.get("refused")
-        if refused:
-            if self._refused.get(worker) != refused:
+        refused, failed = meta.get("refused"), meta.get("failed")
+        if refused or failed:
+            if refused and self._refused.get(worker, (None,))[0] != refused:
                 log.warning("cluster: worker %s refuses our jobs: %s", worker, refused)
-            self._refused[worker] = refused
-            metrics.cluster_job(worker, "refused")
+            elif failed:
+                log.info("cluster: worker %s failed a job (%s); doing it here", worker, failed)
+            if refused:
+                self._refused[worker] = (refused, time.monotonic())
+            metrics.cluster_job(worker, "refused" if refused else "failed")
             with self._lock:
                 self._jobs[job.id] = job
             self._here(job)
@@ -360,6 +373,8 @@ class Cluster:
             if kind not in ("image", "bad", "unreadable"):
                 raise ValueError(f"a result of kind {kind!r}")
             extra = item.get("extra") or {}
+            if "row" in item and not 0 <= item["row"] < len(features):
+                raise ValueError(f"no row {item['row']} of features")
             payload = features[item["row"]] if "row" in item else item.get("why")
             if job.kind == "label":
                 results.append((path, kind, payload, float(extra.get("seconds", 0.0))))
@@ -380,7 +395,7 @@ class Cluster:
                             "last_seen": seen and datetime.datetime.fromtimestamp(
                                 seen, datetime.timezone.utc).isoformat(timespec="seconds"), "jobs": state.get("jobs", 0),
                             "photos_per_second": state.get("photos_per_second", 0.0),
-                            "refused": self._refused.get(name)})
+                            "refused": self._refused.get(name, (None,))[0]})
         return {"broker": self.shown, "connected": bool(self._up), "queue": self.queue,
                 "jobs_out": len(self._jobs), "workers": workers}
 
@@ -413,8 +428,8 @@ class Dispatch:
     featurize go to the workers while any are alive; the rest (sidecars to write, 28x28
     crops) stays local."""
 
-    def __init__(self, cluster, local):
-        self.cluster, self.local = cluster, local
+    def __init__(self, cluster, local, root):
+        self.cluster, self.local, self.root = cluster, local, str(root)
 
     @property
     def featurizer(self):

@@ -51,7 +51,7 @@ class Worker:
         self.decoder = self.runtime = self.weights = self.client = None
         self._lock = threading.Lock()
         self._said = set()  # reasons for refusing, said once each
-        self._folders = {}  # folder -> seen on this machine
+        self._seen = set()  # the coordinators' folders seen on this machine
         self.jobs = self.photos = 0
         self._recent = collections.deque()  # (monotonic, photos) of the last RATE_SECONDS
         self._started = time.monotonic()
@@ -170,24 +170,24 @@ class Worker:
     # ---- one job (in Dramatiq's worker threads) ------------------------------------------------
 
     def featurize(self, job):
-        """Run `job` ({"id", "key", "reply", "kind": "label"|"train", "weights",
+        """Run `job` ({"id", "key", "reply", "kind": "label"|"train", "root", "weights",
         "feature_id", "paths", "known": {index: [sha256]}}) and answer it."""
         started = time.perf_counter()
         try:
             # Still wanted? Not once answered, or sent again by a coordinator since restarted
             if not self.client.set(job["key"], self.name, xx=True, keepttl=True):
                 return
-            refused, results = self._refusal(job), None
+            refused, failed, results = self._refusal(job), None, None
             if not refused:
                 try:
                     results = self._run(job)
-                except BrokenProcessPool:
-                    self.decoder.restart()
-                    refused = "a decode worker died on this machine"
+                except BrokenProcessPool:  # a photo that crashes the decoder, say: the
+                    self.decoder.restart()  # coordinator finds which, alone
+                    failed = "a decode worker died on this machine"
                 except WardrobeError as error:  # the backbone's file changed under us, say
                     log.error("%s", error)
                     refused = str(error)
-            answer = wire.encode_answer(job["id"], self.name, results, refused,
+            answer = wire.encode_answer(job["id"], self.name, results, refused, failed=failed,
                                         feature_id=self.runtime.feature_id,
                                         seconds=time.perf_counter() - started)
             pipe = self.client.pipeline()
@@ -210,14 +210,15 @@ class Worker:
                              f"{str(job.get('weights'))[:16]}…, this worker's "
                              f"{self.weights.sha256[:16]}… (install the same, or set "
                              "`weights:` alike)")
-        for path in job["paths"]:
-            folder = os.path.dirname(self._mapped(path))
-            if folder not in self._folders:
-                self._folders[folder] = os.path.isdir(folder)
-            if not self._folders[folder]:
-                return self._say(f"cannot see {folder} on this machine (the coordinator's "
-                                 f"{os.path.dirname(path)}): mount the share there or map it "
-                                 "in cluster.paths")
+        # The folder the photos are in (the inbox, the data folder); a photo gone since is
+        # the decoders' to say. Not seen is asked again at the next job: a share mounts.
+        root = self._mapped(job["root"])
+        if root not in self._seen:
+            if not os.path.isdir(root):
+                return self._say(f"cannot see {root} on this machine (the coordinator's "
+                                 f"{job['root']}): mount the share there or map it in "
+                                 "cluster.paths")
+            self._seen.add(root)
         return None
 
     def _say(self, why):

@@ -127,15 +127,15 @@ class Service:
         except shares.NotResponding:
             pass  # the labeller's Inbox.start() takes it once the share answers
         self.cluster = self._cluster(config)
-        decoder = self.decoder = self._decoder()
+        decoder = self.decoder = self._decoder(config.inbox)
         decoder.start()
         self.shares = [shares.Share("inbox", config.inbox)]
         if config.data.path is not None:
             self.shares.append(shares.Share("data folder", config.data.path))
         for share in self.shares:
             self._start(f"probe {share.name}", self._probe, share)
-        self.data_source = DataSource(config, self._decoder() if config.data.source == "folder"
-                                      else None)
+        self.data_source = DataSource(config, self._decoder(config.data.path)
+                                      if config.data.source == "folder" else None)
         if self.cluster is not None:
             self._start("cluster", self.cluster.run, self.stop_event)
         self._start("data", self._follow_data)
@@ -371,9 +371,10 @@ class Service:
                  config_module.show_broker(config.cluster.broker))
         return Cluster(config.cluster, config.save, self.weights)
 
-    def _decoder(self):
-        """Decode workers here, or through the cluster when there is one."""
-        return Decoder() if self.cluster is None else self.cluster.dispatch(Decoder())
+    def _decoder(self, root):
+        """Decode workers here, or through the cluster when there is one (for files under
+        `root`)."""
+        return Decoder() if self.cluster is None else self.cluster.dispatch(Decoder(), root)
 
     def _follow_data(self):
         """The data thread: a new data version whenever the source changes."""
