@@ -180,6 +180,15 @@ def workers(tmp_path, backbone):
     made.kill_all()
 
 
+def coordinator(tmp_path, trained, photos, server, workers, daemons, count):
+    """`count` workers, then a coordinator that sees them all; (config, daemon, workers)."""
+    started = [workers.start(server.url) for _ in range(count)]
+    config = cluster_config(tmp_path, trained, photos, server.url)
+    daemon = daemons(config)
+    daemon.wait_for_log(rf"cluster: {count} workers alive; featurizing on them", 120)
+    return config, daemon, started
+
+
 def name_of(worker):
     return re.search(r"worker (\S+) ready", worker.log).group(1)
 
@@ -191,10 +200,8 @@ def jobs_by_worker(config):
 def test_two_workers_label_a_burst_exactly_once_as_the_daemon_alone(
         tmp_path, trained, photos, burst, alone, redis_server, workers, daemons):
     server = redis_server()
-    first, second = workers.start(server.url), workers.start(server.url)
-    config = cluster_config(tmp_path, trained, photos, server.url)
-    daemon = daemons(config)
-    daemon.wait_for_log(r"cluster: 2 workers alive; featurizing on them", 120)
+    config, daemon, (first, second) = coordinator(tmp_path, trained, photos, server, workers,
+                                                  daemons, 2)
     inbox = tmp_path / "inbox"
     arrive(burst, inbox)
     wait_until(all_labelled(inbox, BURST), 300, 0.2, message="the burst labelled")
@@ -216,10 +223,8 @@ def test_a_worker_killed_and_one_stopped_mid_burst_lose_nothing(
     """One worker SIGKILLed as it runs a job (its jobs wait unacknowledged in Redis), the
     other SIGTERMed: their jobs are done again, by the coordinator once none is left."""
     server = redis_server()
-    doomed, stopped = workers.start(server.url), workers.start(server.url)
-    config = cluster_config(tmp_path, trained, photos, server.url)
-    daemon = daemons(config)
-    daemon.wait_for_log(r"cluster: 2 workers alive", 120)
+    config, daemon, (doomed, stopped) = coordinator(tmp_path, trained, photos, server, workers,
+                                                    daemons, 2)
     client = server.client()
     inbox = tmp_path / "inbox"
     arrive(burst, inbox)
@@ -248,10 +253,8 @@ def test_the_broker_killed_and_restarted_mid_burst(tmp_path, trained, photos, bu
     is back (with what it kept on disk, or empty), the workers take jobs again. Nothing is
     lost, nothing labelled twice."""
     server = redis_server(persist=persist)
-    worker = workers.start(server.url)
-    config = cluster_config(tmp_path, trained, photos, server.url)
-    daemon = daemons(config)
-    daemon.wait_for_log(r"cluster: 1 workers alive", 120)
+    config, daemon, (worker,) = coordinator(tmp_path, trained, photos, server, workers,
+                                            daemons, 1)
     inbox = tmp_path / "inbox"
     arrive(burst[:400], inbox)
     wait_until(all_labelled(inbox, 40), 120, 0.05, message="40 sidecars")
@@ -280,10 +283,7 @@ def test_the_coordinator_killed_mid_burst_writes_nothing_twice(
     queued are no longer wanted (their keys deleted at the restart), so no worker runs them.
     What was labelled before the kill is not written again."""
     server = redis_server()
-    workers.start(server.url), workers.start(server.url)
-    config = cluster_config(tmp_path, trained, photos, server.url)
-    first = daemons(config)
-    first.wait_for_log(r"cluster: 2 workers alive", 120)
+    config, first, _ = coordinator(tmp_path, trained, photos, server, workers, daemons, 2)
     inbox = tmp_path / "inbox"
     arrive(burst, inbox)
     wait_until(all_labelled(inbox, 100), 120, 0.02, message="100 sidecars")
@@ -432,11 +432,8 @@ def test_a_workers_decode_process_killed_fails_only_its_job(
     """The OOM killer takes one of a worker's decode processes mid-burst: that worker
     answers that the job failed (it is done by the coordinator, where a file that kills
     decoders is found alone), replaces the process and goes on taking jobs."""
-    server = redis_server()
-    worker = workers.start(server.url)
-    config = cluster_config(tmp_path, trained, photos, server.url)
-    daemon = daemons(config)
-    daemon.wait_for_log(r"cluster: 1 workers alive", 120)
+    config, daemon, (worker,) = coordinator(tmp_path, trained, photos, redis_server(), workers,
+                                            daemons, 1)
     inbox = tmp_path / "inbox"
     arrive(burst[:300], inbox)
 
