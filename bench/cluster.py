@@ -10,7 +10,8 @@
    through Dramatiq and Redis to a worker process that answers at once, the sender taking
    the answers as the coordinator does. ms per job and per photo (the CPU of the sender,
    the worker and redis-server over the jobs), and the jobs/s one Redis takes (its CPU per
-   job: one core's worth).
+   job: one core's worth); and what carrying the photos' bytes in the jobs would cost
+   Redis (MB/s through one Redis, its CPU per MB).
 
     PYTHONPATH=. .venv/bin/python bench/cluster.py [--photos 600] [--jobs 2000]
 
@@ -226,6 +227,29 @@ def queue_cost(redis, jobs, photos_per_job, window=8):
     return result
 
 
+def bytes_cost(redis, photos, count=100):
+    """What carrying the photos themselves in the jobs would cost: `count` phone photos
+    pushed into Redis and popped out again (as a job with the bytes would travel), MB/s and
+    redis-server's CPU per MB."""
+    import redis as redis_py
+
+    client = redis_py.Redis.from_url(redis.url)
+    blobs = [path.read_bytes() for path, _ in photos[:count]]
+    size = sum(len(blob) for blob in blobs) / 1e6
+    cpu = tree_cpu_seconds(redis.process.pid)
+    started = time.perf_counter()
+    for blob in blobs:
+        client.rpush("wardrobe:bench:bytes", blob)
+        client.lpop("wardrobe:bench:bytes")
+    elapsed = time.perf_counter() - started
+    server = tree_cpu_seconds(redis.process.pid) - cpu
+    result = {"photos": len(blobs), "mb": round(size, 1), "mb_per_s": round(size / elapsed),
+              "redis_cpu_ms_per_mb": round(server / size * 1000, 2),
+              "photo_mb": round(size / len(blobs), 2)}
+    print("bytes", result, flush=True)
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", type=int, default=600)
@@ -244,6 +268,7 @@ def main():
             runs["alone"].append(backlog(root, photos, f"alone-{round_}"))
             runs["cluster"].append(backlog(root, photos, f"cluster-{round_}", redis))
         queue = [queue_cost(redis, args.jobs, k) for k in (16, 64)]
+        carried = bytes_cost(redis, photos)
     finally:
         redis.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -254,7 +279,7 @@ def main():
     alone, cluster = mean("alone", "photos_per_s"), mean("cluster", "photos_per_s")
     results = {"photos": args.photos, "megapixels": 12.2, "runs": runs,
                "alone_photos_per_s": alone, "cluster_photos_per_s": cluster,
-               "ratio": round(cluster / alone, 3), "queue": queue,
+               "ratio": round(cluster / alone, 3), "queue": queue, "bytes_in_jobs": carried,
                "goal": "cluster (coordinator + 1 worker on the same cores) >= 0.9 x alone",
                "machine": machine(), "code": code_version(),
                "redis": subprocess.run(["redis-server", "--version"], capture_output=True,

@@ -1,6 +1,7 @@
 """The coordinator's side of the cluster: the daemon's decode work goes to the workers when
 any are alive, and is done here otherwise. The labeller and the data source do not know:
-they get a Dispatch, which has the Decoder's interface and futures of the same results.
+they get a Dispatch (daemon.cluster.dispatch), which has the Decoder's interface and futures
+of the same results.
 
 The coordinator never trusts the queue for correctness. It keeps every job it sent (the
 paths, the future its caller waits on) and takes each answer at most once: an answer for a
@@ -15,19 +16,17 @@ crop costs less to decode than to queue.
 """
 
 import concurrent.futures
-import datetime
 import hashlib
-import json
 import logging
-import os
 import socket
 import threading
 import time
 import uuid
 from concurrent.futures.process import BrokenProcessPool
 
-from daemon.backbone import efficientnet
 from daemon.cluster import broker as wire
+from daemon.cluster.dispatch import Dispatch, chain, decoded
+from daemon.cluster.roster import Roster
 from daemon.errors import ConfigError
 from daemon.service import metrics
 from daemon.service.config import show_broker
@@ -36,7 +35,6 @@ log = logging.getLogger("daemon.cluster")  # the name users see: daemon.service.
 
 JOB_SECONDS = 0.5  # of a worker's time: the queue's cost per job (ms) stays under 1 %
 MAX_JOB = 256
-REFUSED_SECONDS = 60.0  # a worker that refused our jobs is asked again after this
 RESEND_SECONDS = 20.0  # a job not answered in this long is sent again (twice), then done here
 ATTEMPTS = 2
 REFRESH_SECONDS = 2.0  # between two looks at the workers and the queue
@@ -73,8 +71,7 @@ class Cluster:
         self.client = self.broker = None
         self._lock = threading.Lock()
         self._jobs = {}  # job id -> Job, sent and not answered
-        self._workers = {}  # name -> its last heartbeat's state, with "alive"
-        self._refused = {}  # worker name -> (why it refuses our jobs, when it last said so)
+        self.roster = Roster()
         self._up = None  # the broker answers (None: not asked yet)
         self._usable = False  # ... and a worker alive that takes our jobs
         self._forget = []  # job keys to delete once the broker is back
@@ -94,16 +91,7 @@ class Cluster:
         return self._usable
 
     def slots(self):
-        """Decode processes of the workers taking our jobs."""
-        return sum(state.get("slots", 1) for name, state in self._workers.items()
-                   if self._takes(name, state))
-
-    def _takes(self, name, state):
-        """Does worker `name` take our jobs? Not while it refuses them: asked again
-        REFUSED_SECONDS after its last refusal (its share mounted since, say)."""
-        refused = self._refused.get(name)
-        return state["alive"] and (refused is None or
-                                   time.monotonic() - refused[1] > REFUSED_SECONDS)
+        return self.roster.slots()
 
     def chunk_size(self):
         return max(1, min(MAX_JOB, int(JOB_SECONDS / self._seconds_per_image)))
@@ -224,44 +212,26 @@ class Cluster:
             pipe.get(wire.job_key(self.coordinator, self.run_id, job.id))
         replies = pipe.execute()
         ttls, self.queue, takers = replies[:len(names)], replies[len(names)], replies[len(names) + 1:]
-        workers, now = {}, time.time()
-        for name, ttl in zip(names, ttls):
-            try:
-                state = json.loads(states[name.encode()])
-            except ValueError:
-                continue
-            state["alive"] = ttl > 0
-            if ttl > 0:
-                state["seen"] = now - (wire.ALIVE_SECONDS - ttl / 1000)
-            elif now - state.get("seen", 0) > wire.FORGOTTEN_SECONDS:
-                self.client.hdel(wire.WORKERS_KEY, name)
-                continue
-            workers[name] = state
-        self._workers = workers
-        for name in [n for n in self._refused if n not in workers or not workers[n]["alive"]]:
-            del self._refused[name]
+        self.roster.look(states, ttls, self.client)
         self._update_usable()
-        metrics.cluster(self.queue, self._taking())
+        metrics.cluster(self.queue, self.roster.taking())
         for job, taker in zip(jobs, takers):
             if taker is None:  # its key is gone: Redis lost it (restarted)
                 self._again(job, "lost by the broker")
             elif taker:
                 job.taker = taker.decode()
-                if not workers.get(job.taker, {}).get("alive"):
+                if not self.roster.alive(job.taker):
                     self._again(job, f"its worker {job.taker} is gone")
-
-    def _taking(self):
-        return sum(1 for name, state in self._workers.items() if self._takes(name, state))
 
     def _update_usable(self):
         """Are there workers to send jobs to? Said when it changes; the jobs out are done
         here once there are none."""
-        was, self._usable = self._usable, bool(self._up) and self._taking() > 0
+        was, self._usable = self._usable, bool(self._up) and self.roster.taking() > 0
         if was and not self._usable:
             log.warning("cluster: no worker takes our jobs now; featurizing here")
             self._all_here("no worker takes them")
         elif self._usable and not was:
-            log.info("cluster: %d workers alive; featurizing on them", self._taking())
+            log.info("cluster: %d workers alive; featurizing on them", self.roster.taking())
 
     def _late(self, now):
         with self._lock:
@@ -308,7 +278,7 @@ class Cluster:
         except (BrokenProcessPool, RuntimeError) as error:  # RuntimeError: shut down
             job.future.set_exception(BrokenProcessPool(f"the decode workers: {error}"))
             return
-        future.add_done_callback(lambda done: _chain(done, job.future))
+        future.add_done_callback(lambda done: chain(done, job.future))
 
     # ---- answers -------------------------------------------------------------------------------
 
@@ -327,12 +297,10 @@ class Cluster:
         self.client.delete(wire.job_key(self.coordinator, self.run_id, job.id))
         refused, failed = meta.get("refused"), meta.get("failed")
         if refused or failed:
-            if refused and self._refused.get(worker, (None,))[0] != refused:
+            if refused and self.roster.refuses(worker, refused):
                 log.warning("cluster: worker %s refuses our jobs: %s", worker, refused)
             elif failed:
                 log.info("cluster: worker %s failed a job (%s); doing it here", worker, failed)
-            if refused:
-                self._refused[worker] = (refused, time.monotonic())
             metrics.cluster_job(worker, "refused" if refused else "failed")
             with self._lock:
                 self._jobs[job.id] = job
@@ -340,7 +308,7 @@ class Cluster:
             self._update_usable()
             return
         try:
-            results = self._results(job, meta, features)
+            results = decoded(job.kind, job.paths, meta, features)
         except (ValueError, KeyError, TypeError, IndexError) as error:
             log.warning("cluster: worker %s sent a wrong answer (%s); doing its job here",
                         worker, error)
@@ -360,157 +328,9 @@ class Cluster:
         metrics.cluster_job(worker, "done", time.monotonic() - job.sent)
         job.future.set_result(results)
 
-    def _results(self, job, meta, features):
-        """The answer as Decoder's results for `job`'s paths."""
-        items = meta["results"]
-        if len(items) != len(job.paths):
-            raise ValueError(f"{len(items)} results for {len(job.paths)} photos")
-        if len(features) and features.shape[1] != efficientnet.FEATURES:
-            raise ValueError(f"features of {features.shape[1]} values")
-        results = []
-        for path, item in zip(job.paths, items):
-            kind = item["kind"]
-            if kind not in ("image", "bad", "unreadable"):
-                raise ValueError(f"a result of kind {kind!r}")
-            extra = item.get("extra") or {}
-            if "row" in item and not 0 <= item["row"] < len(features):
-                raise ValueError(f"no row {item['row']} of features")
-            payload = features[item["row"]] if "row" in item else item.get("why")
-            if job.kind == "label":
-                results.append((path, kind, payload, float(extra.get("seconds", 0.0))))
-            elif kind != "image":
-                results.append((path, kind, payload))
-            else:
-                results.append((path, *_as_seen_here(path, payload, extra)))
-        return results
-
     # ---- status --------------------------------------------------------------------------------
 
     def snapshot(self):
         """status --json's `cluster`."""
-        workers = []
-        for name, state in sorted(self._workers.items()):
-            seen = state.get("seen")
-            workers.append({"name": name, "alive": state["alive"],
-                            "last_seen": seen and datetime.datetime.fromtimestamp(
-                                seen, datetime.timezone.utc).isoformat(timespec="seconds"), "jobs": state.get("jobs", 0),
-                            "photos_per_second": state.get("photos_per_second", 0.0),
-                            "refused": self._refused.get(name, (None,))[0]})
         return {"broker": self.shown, "connected": bool(self._up), "queue": self.queue,
-                "jobs_out": len(self._jobs), "workers": workers}
-
-
-def _as_seen_here(path, features, extra):
-    """A training photo's (kind, payload) with this machine's stat of it: the worker's may
-    differ in its inode (another mount). Changed since it was read: read again later."""
-    size, mtime_ns, _ = extra["stat"]
-    try:
-        info = os.stat(path, follow_symlinks=False)
-    except OSError as error:
-        return "unreadable", f"cannot stat: {error.strerror}"
-    if (info.st_size, info.st_mtime_ns) != (size, mtime_ns):
-        return "unreadable", "changed while a worker read it"
-    return "image", (features, extra["sha256"], (info.st_size, info.st_mtime_ns, info.st_ino))
-
-
-def _chain(done, future):
-    if future.done():
-        return
-    error = done.exception()
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(done.result())
-
-
-class Dispatch:
-    """A Decoder's interface over the cluster and a local Decoder (`local`): photos to
-    featurize go to the workers while any are alive; the rest (sidecars to write, 28x28
-    crops) stays local."""
-
-    def __init__(self, cluster, local, root):
-        self.cluster, self.local, self.root = cluster, local, str(root)
-
-    @property
-    def featurizer(self):
-        return self.local.featurizer
-
-    @featurizer.setter
-    def featurizer(self, runtime):
-        self.local.featurizer = runtime
-
-    @property
-    def feature_id(self):
-        return self.local.featurizer.feature_id
-
-    def _remote(self):
-        return self.local.featurizer is not None and self.cluster.usable
-
-    @property
-    def workers(self):
-        return max(1, self.cluster.slots()) if self._remote() else self.local.workers
-
-    def chunk_size(self):
-        return self.cluster.chunk_size() if self._remote() else self.local.chunk_size()
-
-    def submit(self, paths):
-        future = self.cluster.send(self, "label", paths) if self._remote() else None
-        return future or self.local.submit(paths)
-
-    def submit_training(self, paths, known=None):
-        future = self.cluster.send(self, "train", paths, known) if self._remote() else None
-        return future or self.local.submit_training(paths, known)
-
-    def decode_all(self, paths, chunk=None, known=None):
-        """As Decoder.decode_all, on the workers while any are alive; a window of jobs out
-        at a time, so none waits in the queue long enough to be sent again."""
-        if not self._remote():
-            return self.local.decode_all(paths, chunk, known)
-        known = known or {}
-        todo, out, results, leftover = list(paths), {}, {}, []
-        while todo or out:
-            while todo and len(out) < 2 * self.workers:
-                part, todo = todo[:self.chunk_size()], todo[self.chunk_size():]
-                try:
-                    out[self.submit_training(part, {p: known[p] for p in part if p in known})] = part
-                except BrokenProcessPool:
-                    leftover += part
-            if not out:
-                continue
-            done, _ = concurrent.futures.wait(out, timeout=1.0,
-                                              return_when=concurrent.futures.FIRST_COMPLETED)
-            for future in done:
-                part = out.pop(future)
-                try:
-                    results.update((result[0], result) for result in future.result())
-                except BrokenProcessPool:
-                    leftover += part  # the local fallback's pool broke: its own way below
-            if not done and self.local.lost():
-                leftover += [p for part in out.values() for p in part]
-                out.clear()
-        if leftover:
-            results.update((result[0], result) for result in self.local.decode_all(
-                leftover, chunk, {p: known[p] for p in leftover if p in known}))
-        return [results[path] for path in paths]
-
-    # what stays local
-    def start(self):
-        self.local.start()
-
-    def stop(self, wait=True):
-        self.local.stop(wait)
-
-    def restart(self):
-        self.local.restart()
-
-    def lost(self):
-        return self.local.lost()
-
-    def measured(self, results):
-        self.local.measured(results)
-
-    def result(self, future):
-        return self.local.result(future)
-
-    def submit_writes(self, sidecars):
-        return self.local.submit_writes(sidecars)
+                "jobs_out": len(self._jobs), "workers": self.roster.snapshot()}
