@@ -245,6 +245,11 @@ def test_the_brokers_password_is_never_shown(tmp_path):
     assert "cluster.broker=redis://user:***@127.0.0.1:6390/2" in loaded.summary()
     assert "s3cret" not in loaded.summary()
     assert config_module.load(tmp_path / "config.yaml").cluster.broker is not None
+    for url, shown in [("redis://127.0.0.1:6390/0?password=s3cret", "redis://127.0.0.1:6390/0?password=***"),
+                       ("unix:///run/redis.sock?db=1&Password=s3cret", "unix:///run/redis.sock?db=1&Password=***"),
+                       ("rediss://:s3cret@h/0", "rediss://:***@h/0"),
+                       ("redis://h:6379/0", "redis://h:6379/0")]:
+        assert config_module.show_broker(url) == shown
 
 
 def test_a_worker_does_not_look_at_the_coordinators_folders(tmp_path):

@@ -152,7 +152,7 @@ def prepare(save, weights):
         except OSError as error:
             log.warning("cannot read %s (%s); converting the backbone again", model_path,
                         error.strerror)
-    blob, feature_id = convert(weights)
+    blob, feature_id = convert(weights, folder)
     folder.mkdir(parents=True, exist_ok=True)
     fsutil.write_new(model_path, blob, sync_folder=False)
     record = {"format": FORMAT, "weights": str(weights.path), "weights_sha256": weights.sha256,
@@ -161,15 +161,15 @@ def prepare(save, weights):
     return Runtime(model_path, feature_id, record["tflite_sha256"])
 
 
-def convert(weights):
+def convert(weights, cache="save/backbone/"):
     """(the backbone as .tflite bytes, its feature_id), checked: the converted network
     agrees with Keras on the probe image, and for the wheel with its known features."""
     import tensorflow as tf
 
     model = efficientnet.build()
     efficientnet.assign(model, weights.state())
-    log.info("converting the %s backbone to TensorFlow Lite (once; cached in save/backbone/)",
-             NAME)
+    log.info("converting the %s backbone to TensorFlow Lite (once; cached in %s)", NAME,
+             cache)
     # The converter's chatter (on stdout, stderr and the tensorflow logger) is no news
     chatter = io.StringIO()
     tf_log = logging.getLogger("tensorflow")

@@ -16,6 +16,7 @@ last heartbeat) and the hash "workers" (each worker's counts).
 
 import io
 import json
+import logging
 import socket
 import urllib.parse
 
@@ -93,6 +94,24 @@ def not_redis(url):
     return f"it answered {reply[:24]!r}"
 
 
+class _BrokerGone(logging.Filter):
+    """Dramatiq says the broker is gone on every retry (CRITICAL, each with the whole job);
+    we say it once, and when it is back."""
+
+    def filter(self, record):
+        text = record.getMessage()
+        return "connection error" not in text and "Failed to post_process_message" not in text
+
+
+def quiet_dramatiq():
+    """Dramatiq's own log: its warnings and errors, not its start and stop lines, nor its
+    retries while the broker is away."""
+    logger = logging.getLogger("dramatiq")
+    logger.setLevel(logging.WARNING)
+    if not any(isinstance(f, _BrokerGone) for f in logger.filters):
+        logger.addFilter(_BrokerGone())
+
+
 def redis_errors():
     """What a call to the broker raises when it is gone: redis's errors (ConnectionError
     and TimeoutError) and Dramatiq's (ConnectionClosed)."""
@@ -112,6 +131,16 @@ def answers_key(coordinator, run):
 
 def alive_key(worker):
     return f"{NAMESPACE}:alive:{worker}"
+
+
+# Two machines see one file with its size and mtime; the mtime maybe rounded (SMB keeps
+# 100 ns, FAT 2 s), so "the same" allows this much.
+MTIME_SLACK_NS = 2_000_000_000
+
+
+def same_file(mine, theirs):
+    """Are (size, mtime_ns) `mine` and `theirs` one file seen from two machines?"""
+    return mine[0] == theirs[0] and abs(mine[1] - theirs[1]) <= MTIME_SLACK_NS
 
 
 WORKERS_KEY = f"{NAMESPACE}:workers"

@@ -18,6 +18,7 @@ crop costs less to decode than to queue.
 import concurrent.futures
 import hashlib
 import logging
+import os
 import socket
 import threading
 import time
@@ -39,7 +40,7 @@ RESEND_SECONDS = 20.0  # a job not answered in this long is sent again (twice), 
 ATTEMPTS = 2
 REFRESH_SECONDS = 2.0  # between two looks at the workers and the queue
 RECONNECT_SECONDS = 5.0
-CONFIG_RETRY_SECONDS = 60.0  # a wrong password, say: it may be put right on the server
+CONFIG_RETRY_SECONDS = 10.0  # a wrong password, say: it may be put right on the server
 
 
 def coordinator_id(save):
@@ -53,8 +54,19 @@ class Job:
         self.dispatch, self.kind, self.paths, self.known = dispatch, kind, paths, known
         self.future = concurrent.futures.Future()
         self.sent = 0.0
+        # (size, mtime_ns) of each photo as seen here: a worker that sees another file at
+        # that path (a stale mirror, a wrong cluster.paths) refuses the job
+        self.stats = [_stat(path) for path in paths]
         self.attempts = 0
         self.taker = None  # the worker that took it, as it says in the job's key
+
+
+def _stat(path):
+    try:
+        info = os.stat(path, follow_symlinks=False)
+        return [info.st_size, info.st_mtime_ns]
+    except OSError:
+        return None  # the worker's decoders say what became of it
 
 
 class Cluster:
@@ -73,11 +85,13 @@ class Cluster:
         self._jobs = {}  # job id -> Job, sent and not answered
         self.roster = Roster()
         self._up = None  # the broker answers (None: not asked yet)
+        self._down_level = None  # how the last "cannot use the broker" was said
         self._usable = False  # ... and a worker alive that takes our jobs
         self._forget = []  # job keys to delete once the broker is back
         self._said = set()
         self._seconds_per_image = 0.05  # a photo on a worker's core, until measured
         self.queue = 0
+        wire.quiet_dramatiq()
 
     def dispatch(self, local, root):
         """A Dispatch over the local Decoder `local`, for files under the folder `root`
@@ -118,7 +132,7 @@ class Cluster:
         body = {"id": job.id, "key": key, "reply": self.reply, "kind": job.kind,
                 "root": job.dispatch.root,
                 "weights": self.weights, "feature_id": job.dispatch.feature_id,
-                "paths": job.paths,
+                "paths": job.paths, "stats": job.stats,
                 "known": {str(i): list(job.known[p]) for i, p in enumerate(job.paths)
                           if p in job.known}}
         self.client.set(key, "", ex=wire.JOB_SECONDS)
@@ -170,13 +184,15 @@ class Cluster:
             return False
         if self._up is False:
             log.info("the broker %s is back", self.shown)
-        self._up = True
+        self._up, self._down_level = True, None
         return True
 
     def _say_down(self, why, level):
-        if self._up is not False:
+        """Say once why the broker cannot be used (again when the reason's kind changes:
+        unreachable, then a password refused)."""
+        if self._up is not False or level != self._down_level:
             log.log(level, "cluster: %s; featurizing here until it answers", why)
-        self._up = False
+        self._up, self._down_level = False, level
 
     def _clean(self):
         """Keys of this coordinator's previous runs (a kill -9): their jobs are no longer
@@ -231,7 +247,9 @@ class Cluster:
             log.warning("cluster: no worker takes our jobs now; featurizing here")
             self._all_here("no worker takes them")
         elif self._usable and not was:
-            log.info("cluster: %d workers alive; featurizing on them", self.roster.taking())
+            taking = self.roster.taking()
+            log.info("cluster: %d worker%s alive; featurizing on them", taking,
+                     "" if taking == 1 else "s")
 
     def _late(self, now):
         with self._lock:

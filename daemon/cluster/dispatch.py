@@ -8,6 +8,7 @@ import os
 from concurrent.futures.process import BrokenProcessPool
 
 from daemon.backbone import efficientnet
+from daemon.cluster import broker as wire
 
 
 class Dispatch:
@@ -139,7 +140,7 @@ def _as_seen_here(path, features, extra):
         info = os.stat(path, follow_symlinks=False)
     except OSError as error:
         return "unreadable", f"cannot stat: {error.strerror}"
-    if (info.st_size, info.st_mtime_ns) != (size, mtime_ns):
+    if not wire.same_file((info.st_size, info.st_mtime_ns), (size, mtime_ns)):
         return "unreadable", "changed while a worker read it"
     return "image", (features, extra["sha256"], (info.st_size, info.st_mtime_ns, info.st_ino))
 

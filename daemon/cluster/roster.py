@@ -70,6 +70,7 @@ class Roster:
                           "last_seen": seen and datetime.datetime.fromtimestamp(
                               seen, datetime.timezone.utc).isoformat(timespec="seconds"),
                           "jobs": state.get("jobs", 0),
-                          "photos_per_second": state.get("photos_per_second", 0.0),
+                          "photos_per_second": state.get("photos_per_second", 0.0)
+                          if state["alive"] else 0.0,
                           "refused": self.refused.get(name, (None,))[0]})
         return shown

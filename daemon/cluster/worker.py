@@ -61,9 +61,7 @@ class Worker:
     def run(self):
         log.info("wardrobe worker starting (pid %d): broker %s, cluster.paths %s", os.getpid(),
                  show_broker(self.url), dict(self.config.cluster.paths) or "none")
-        # Dramatiq's start and stop lines, and its retries of an acknowledgement while the
-        # broker is away (each with the whole job), are ours to say
-        logging.getLogger("dramatiq").setLevel(logging.ERROR)
+        wire.quiet_dramatiq()
         if not self.url:
             raise ConfigError("cluster.broker", "a worker needs the coordinator's broker, "
                               'such as cluster: {broker: "redis://HOST:6379/0"}')
@@ -79,10 +77,15 @@ class Worker:
         if not self._connect():
             return EXIT_OK
         folder = cache_folder()
-        self.runtime = runtime.prepare(folder, self.weights)  # converts once: imports TensorFlow
+        try:
+            self.runtime = runtime.prepare(folder, self.weights)  # once: imports TensorFlow
+        except OSError as error:  # exit 1: systemd tries again (a full disk may go away)
+            raise WardrobeError(f"cannot keep the converted backbone in {folder}: "
+                                f"{error.strerror or error}") from None
         from daemon.inbox.decoding import Decoder
 
-        self.decoder = Decoder()
+        # Every core: this machine is lent for the work (the daemon keeps at most 8)
+        self.decoder = Decoder(workers=len(os.sched_getaffinity(0)))
         self.decoder.featurizer = self.runtime
         self.decoder.start()
         import dramatiq
@@ -97,7 +100,7 @@ class Worker:
                  self.name, self.decoder.workers, show_broker(self.url),
                  self.runtime.feature_id, folder)
         try:
-            self._beat_until_stopped()
+            self._beat_until_stopped()  # a ConfigError (a changed password) ends it: exit 2
         finally:
             worker.stop(timeout=30_000)
             self._gone()
@@ -145,6 +148,10 @@ class Worker:
                     log.info("the broker is back")
                 down = False
             except wire.redis_errors() as error:
+                try:
+                    wire.check(self.client, self.url)  # the password changed, say: exit 2
+                except wire.redis_errors():
+                    pass
                 if not down:
                     log.warning("lost the broker (%s); Dramatiq reconnects by itself", error)
                 down = True
@@ -178,6 +185,7 @@ class Worker:
             if not self.client.set(job["key"], self.name, xx=True, keepttl=True):
                 return
             refused, failed, results = self._refusal(job), None, None
+            refused = refused or self._other_file(job, [self._mapped(p) for p in job["paths"]])
             if not refused:
                 try:
                     results = self._run(job)
@@ -221,10 +229,11 @@ class Worker:
             self._seen.add(root)
         return None
 
-    def _say(self, why):
+    def _say(self, why, example=None):
+        """`why` we refuse a job, logged once (with an `example`)."""
         if why not in self._said:
             self._said.add(why)
-            log.error("refusing jobs: %s", why)
+            log.error("refusing jobs: %s%s", why, f"; for example {example}" if example else "")
         return why
 
     def _mapped(self, path):
@@ -232,6 +241,23 @@ class Worker:
             if path == prefix or path.startswith(prefix + "/"):
                 return mine + path[len(prefix):]
         return path
+
+    def _other_file(self, job, paths):
+        """Why this machine sees another file than the coordinator at one of `paths`, or
+        None: a stale mirror, or cluster.paths mapping to another folder. Its features
+        would be another photo's: refused, never answered."""
+        for theirs, mine, stat in zip(job["paths"], paths, job.get("stats") or ()):
+            try:
+                info = os.stat(mine, follow_symlinks=False)
+            except OSError:
+                continue  # gone, say: the decoders say what became of it
+            if stat is not None and not wire.same_file((info.st_size, info.st_mtime_ns), stat):
+                return self._say(
+                    f"sees other files than the coordinator under {self._mapped(job['root'])}"
+                    " (a stale copy, or cluster.paths mapping to another folder)",
+                    f"{mine}: {info.st_size} bytes, mtime {info.st_mtime_ns // 10**9}; the "
+                    f"coordinator's {theirs}: {stat[0]} bytes, mtime {stat[1] // 10**9}")
+        return None
 
     def _run(self, job):
         paths = [self._mapped(path) for path in job["paths"]]

@@ -15,12 +15,12 @@ here: the workers start from a clean interpreter (spawn).
 
 import concurrent.futures
 import contextlib
-import ctypes
 import logging
 import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from concurrent.futures.process import BrokenProcessPool
 
@@ -37,6 +37,7 @@ log = logging.getLogger("daemon.decoding")  # the name users see: daemon.service
 if "ignore:resource_tracker" not in sys.warnoptions:
     sys.warnoptions.append("ignore:resource_tracker")
 
+ORPHAN_SECONDS = 0.5  # a worker whose daemon died ends within this
 CHUNK_SECONDS = 0.1
 MAX_CHUNK = 256
 
@@ -106,15 +107,18 @@ def _attempt(load, *args):
 def _start_worker(parent, level):
     """In a worker: log as the daemon does; end with the daemon, even a daemon killed with
     SIGKILL (a worker blocked on the task queue would otherwise wait for ever: it holds that
-    queue's write end too)."""
+    queue's write end too). Watched by a thread of its own, not PR_SET_PDEATHSIG, which
+    fires when the *thread* that started the process ends: in `wardrobe worker` the pool
+    is started by one of Dramatiq's threads, which end one by one as it stops."""
     logs.setup(level)
-    PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:  # it died before prctl took effect
-        os._exit(1)
+    threading.Thread(target=_end_with, args=(parent,), name="end with parent",
+                     daemon=True).start()
+
+
+def _end_with(parent):
+    while os.getppid() == parent:
+        time.sleep(ORPHAN_SECONDS)
+    os._exit(1)
 
 
 @contextlib.contextmanager

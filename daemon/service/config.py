@@ -467,16 +467,22 @@ def show_listen(listen):
 
 
 def show_broker(url):
-    """The broker's URL as it may be shown and logged: its password as ***; "off" for None."""
+    """The broker's URL as it may be shown and logged: its password (user:PASSWORD@ or
+    ?password=) as ***; "off" for None."""
     if url is None:
         return "off"
     try:
         parts = urllib.parse.urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.netloc.rpartition("@")[2]
-        return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+        if parts.password is not None:
+            host = parts.netloc.rpartition("@")[2]
+            parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        if any(key.lower() == "password" for key, _ in query):
+            parts = parts._replace(query="&".join(
+                f"{key}=***" if key.lower() == "password" else
+                urllib.parse.urlencode([(key, value)]) for key, value in query))
+        return (f"{parts.scheme}://{parts.netloc}{parts.path}"
+                + (f"?{parts.query}" if parts.query else ""))
     except ValueError:
         return "(a URL that cannot be read)"
 

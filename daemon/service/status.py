@@ -117,23 +117,22 @@ def render(result, as_json):
             lines.append(f"inbox: {inbox['cannot_label']:,} images cannot have a sidecar "
                          "(see the log)")
     if cluster := result.get("cluster"):
-        lines.append(_cluster_line(cluster))
+        lines += _cluster_lines(cluster)
     return "\n".join(lines + hung)
 
 
-def _cluster_line(cluster):
+def _cluster_lines(cluster):
     if cluster["workers"] is None:
-        return f"cluster: broker {cluster['broker']}"
-    alive = [w for w in cluster["workers"] if w["alive"] and not w.get("refused")]
-    rate = sum(w["photos_per_second"] for w in alive)
-    return (f"cluster: broker {cluster['broker']} "
-            f"({'connected' if cluster['connected'] else 'unreachable'}), "
-            f"{len(alive)} workers taking jobs ({rate:.1f} photos/s), "
-            f"{cluster['queue']} jobs queued, {cluster['jobs_out']} out")
-
-
-def _ago(seconds):
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f} {unit} ago"
-    return f"{max(seconds, 0):.0f} s ago"
+        return [f"cluster: broker {cluster['broker']}"]
+    taking = [w for w in cluster["workers"] if w["alive"] and not w.get("refused")]
+    rate = sum(w["photos_per_second"] for w in taking)
+    lines = [f"cluster: broker {cluster['broker']} "
+             f"({'connected' if cluster['connected'] else 'unreachable'}), "
+             f"{len(taking)} of {len(cluster['workers'])} workers taking jobs "
+             f"({rate:.1f} photos/s), {cluster['queue']} jobs queued, {cluster['jobs_out']} out"]
+    for worker in cluster["workers"]:
+        state = ("refuses our jobs: " + worker["refused"] if worker.get("refused") else
+                 f"{worker['photos_per_second']:.1f} photos/s" if worker["alive"] else
+                 f"gone, last seen {worker['last_seen']}")
+        lines.append(f"  worker {worker['name']}: {worker['jobs']:,} jobs, {state}")
+    return lines
