@@ -243,20 +243,23 @@ class Worker:
         return path
 
     def _other_file(self, job, paths):
-        """Why this machine sees another file than the coordinator at one of `paths`, or
-        None: a stale mirror, or cluster.paths mapping to another folder. Its features
-        would be another photo's: refused, never answered."""
+        """Why this machine sees other files than the coordinator at `paths` (missing, or
+        of another size or age), or None: a stale copy, or cluster.paths mapping to another
+        folder. Their features would be other photos': refused, never answered."""
         for theirs, mine, stat in zip(job["paths"], paths, job.get("stats") or ()):
+            if stat is None:
+                continue  # gone from the coordinator too: the decoders say so
             try:
                 info = os.stat(mine, follow_symlinks=False)
+                seen = (info.st_size, info.st_mtime_ns)
             except OSError:
-                continue  # gone, say: the decoders say what became of it
-            if stat is not None and not wire.same_file((info.st_size, info.st_mtime_ns), stat):
+                seen = None
+            if seen is None or not wire.same_file(seen, stat):
                 return self._say(
                     f"sees other files than the coordinator under {self._mapped(job['root'])}"
                     " (a stale copy, or cluster.paths mapping to another folder)",
-                    f"{mine}: {info.st_size} bytes, mtime {info.st_mtime_ns // 10**9}; the "
-                    f"coordinator's {theirs}: {stat[0]} bytes, mtime {stat[1] // 10**9}")
+                    f"{mine}: {'missing' if seen is None else f'{seen[0]} bytes'}; the "
+                    f"coordinator's {theirs}: {stat[0]} bytes")
         return None
 
     def _run(self, job):
