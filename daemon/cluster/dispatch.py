@@ -36,7 +36,10 @@ class Dispatch:
 
     @property
     def workers(self):
-        return max(1, self.cluster.slots()) if self._remote() else self.local.workers
+        """The labeller keeps two chunks out for each decode process; for a worker's, twice
+        that (one running, one at hand in the worker, two in Redis: measured, a worker with
+        fewer idles between jobs, 25 % slower)."""
+        return 2 * max(1, self.cluster.slots()) if self._remote() else self.local.workers
 
     def chunk_size(self):
         return self.cluster.chunk_size() if self._remote() else self.local.chunk_size()

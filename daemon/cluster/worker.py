@@ -93,8 +93,11 @@ class Worker:
         broker = wire.make_broker(self.url, self.client)
         dramatiq.actor(self.featurize, broker=broker, actor_name=wire.ACTOR,
                        queue_name=wire.QUEUE)
-        worker = dramatiq.Worker(broker, worker_threads=self.decoder.workers)
-        worker.queue_prefetch = self.decoder.workers  # a dead worker holds few jobs
+        # One thread a decode process, each with a job running and one at hand (a dead
+        # worker holds few jobs); idle, it looks for jobs every 0.1 s at most
+        worker = dramatiq.Worker(broker, worker_threads=self.decoder.workers,
+                                 worker_timeout=100)
+        worker.queue_prefetch = 2 * self.decoder.workers
         worker.start()
         log.info("worker %s ready: %d decode workers, broker %s, backbone %s (cache %s)",
                  self.name, self.decoder.workers, show_broker(self.url),
