@@ -359,6 +359,9 @@ def test_a_worker_with_another_backbone_refuses_and_the_coordinator_labels(
     wait_until(lambda: all(sidecar(p) for p in inbox), 120, message="sidecars")
     assert [sidecar(p)["label"] for p in inbox] == [sidecar(p)["label"] for p in trained.inbox]
     assert len(re.findall(r"refusing jobs: another backbone", worker.log)) == 1, worker.log
+    # it converted its backbone at its start: TensorFlow's C++ lines went into log records
+    assert re.search(r"converting the efficientnet_lite0 backbone .* cached in \S+/wardrobe",
+                     worker.log) and not re.search(r"^[IWE]0000 ", worker.log, re.M), worker.log
     assert len(re.findall(rf"worker {re.escape(name_of(worker))} refuses our jobs: another "
                           "backbone", daemon.log)) == 1, daemon.log
     assert daemon.stop() == 0 and worker.stop() == 0

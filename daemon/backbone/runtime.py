@@ -164,6 +164,7 @@ def prepare(save, weights):
 def convert(weights, cache="save/backbone/"):
     """(the backbone as .tflite bytes, its feature_id), checked: the converted network
     agrees with Keras on the probe image, and for the wheel with its known features."""
+    logs.import_tensorflow()  # its start-up chatter logged (a worker's first start)
     import tensorflow as tf
 
     model = efficientnet.build()
