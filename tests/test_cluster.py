@@ -17,7 +17,7 @@ import cv2
 import pytest
 import yaml
 
-from conftest import PHOTOS, Daemon, arrive, photo_config, sidecar, status, wait_until
+from conftest import PHOTOS, REPO, Daemon, arrive, photo_config, sidecar, status, wait_until
 from test_monitoring import free_port
 
 REDIS = shutil.which("redis-server")
@@ -212,6 +212,12 @@ def test_two_workers_label_a_burst_exactly_once_as_the_daemon_alone(
                            for w in (first, second)), 30, 0.5, message="jobs by both workers")
     report = status(config)
     assert report["cluster"]["broker"] == server.url and report["cluster"]["connected"]
+    text = subprocess.run([sys.executable, "-m", "daemon", "status", "--config", str(config)],
+                          capture_output=True, text=True, timeout=30, cwd=REPO).stdout
+    assert re.search(r"^cluster: broker \S+ \(connected\), 2 of 2 workers taking jobs", text,
+                     re.M), text
+    for worker in (first, second):
+        assert re.search(rf"^  worker {re.escape(name_of(worker))}: [\d,]+ jobs, ", text, re.M)
     assert "doing it here" not in daemon.log and "featurizing here" not in daemon.log
     assert daemon.stop() == 0, daemon.log
     assert first.stop() == 0 and second.stop() == 0, first.log + second.log

@@ -136,3 +136,10 @@ def _cluster_lines(cluster):
                  f"gone, last seen {worker['last_seen']}")
         lines.append(f"  worker {worker['name']}: {worker['jobs']:,} jobs, {state}")
     return lines
+
+
+def _ago(seconds):
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit} ago"
+    return f"{max(seconds, 0):.0f} s ago"
