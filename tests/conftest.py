@@ -12,6 +12,7 @@ import time
 import types
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import yaml
@@ -297,3 +298,25 @@ def copy_trained(trained, tmp_path, photos):
     shutil.copytree(trained.save, tmp_path / "save")
     data = shutil.copytree(photos.data, tmp_path / "data")
     return photo_config(tmp_path, data), data
+
+
+BURST = 500  # photos in a burst
+
+
+@pytest.fixture(scope="session")
+def burst(tmp_path_factory):
+    """BURST distinct photos made from the sample's ants and bees (each a resized copy:
+    no two alike), named <class>-<n>.jpg."""
+    folder = tmp_path_factory.mktemp("burst")
+    sources = [p for name in ("ants", "bees") for p in sorted((PHOTOS / name).glob("*.jpg"))
+               if " " not in p.name]
+    made = []
+    for n in range(BURST):
+        source = sources[n % len(sources)]
+        image = cv2.imread(str(source))
+        width = 240 + 16 * (n // len(sources))
+        height = round(image.shape[0] * width / image.shape[1])
+        path = folder / f"{source.parent.name}-{n:03d}.jpg"
+        cv2.imwrite(str(path), cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA))
+        made.append(path)
+    return made

@@ -13,17 +13,15 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import pytest
 import yaml
 
-from conftest import PHOTOS, REPO, Daemon, arrive, photo_config, sidecar, status, wait_until
+from conftest import BURST, REPO, Daemon, arrive, photo_config, sidecar, status, wait_until
 from test_monitoring import free_port
 
 REDIS = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(REDIS is None, reason="redis-server is not installed "
                                 "(.ci/run installs it)")
-BURST = 500
 
 
 class Redis:
@@ -86,25 +84,6 @@ def redis_server(tmp_path):
     yield start
     for server in started:
         server.stop()
-
-
-@pytest.fixture(scope="session")
-def burst(tmp_path_factory):
-    """BURST distinct photos made from the sample's ants and bees (each a resized copy:
-    no two alike), named <class>-<n>.jpg."""
-    folder = tmp_path_factory.mktemp("burst")
-    sources = [p for name in ("ants", "bees") for p in sorted((PHOTOS / name).glob("*.jpg"))
-               if " " not in p.name]
-    made = []
-    for n in range(BURST):
-        source = sources[n % len(sources)]
-        image = cv2.imread(str(source))
-        width = 240 + 16 * (n // len(sources))
-        height = round(image.shape[0] * width / image.shape[1])
-        path = folder / f"{source.parent.name}-{n:03d}.jpg"
-        cv2.imwrite(str(path), cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA))
-        made.append(path)
-    return made
 
 
 def labels(inbox, names):

@@ -192,7 +192,13 @@ class Labeller:
             return None
         if info is False:
             return None  # retried
-        if not written and self.sidecars.is_up_to_date(path, info):
+        # Written (closed after writing): labelled even if size and mtime were kept, unless
+        # the write is older than the sidecar -- an event that came while the file was
+        # being labelled (`cp -r`: the new folder's scan found it closed first). `wardrobe
+        # relabel` rewrites up-to-date sidecars on purpose.
+        forced = written and (self.sidecars.changed_since(path, info) or
+                              path in (self.relabelling or ()))
+        if not forced and self.sidecars.is_up_to_date(path, info):
             self.found.pop(path, None)
             return None
         why = self.sidecars.name_too_long(path) or self.sidecars.occupied(path)

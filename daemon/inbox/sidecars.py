@@ -66,6 +66,16 @@ class Sidecars:
             return False
         return record.get("source") == _source(info)
 
+    def changed_since(self, image, info):
+        """Was `image` (its lstat `info`) changed since its sidecar was published? Its
+        ctime, which no tool can set back (exiftool -P puts the mtime back), against the
+        sidecar's; True when there is no sidecar to compare with."""
+        try:
+            published = os.stat(self.path_for(image), follow_symlinks=False).st_ctime_ns
+        except OSError:
+            return True
+        return info.st_ctime_ns >= published
+
     def _is_ours(self, sidecar):
         try:
             text, _ = _read_regular(sidecar)
