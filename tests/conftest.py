@@ -12,7 +12,6 @@ import time
 import types
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import yaml
@@ -307,6 +306,8 @@ BURST = 500  # photos in a burst
 def burst(tmp_path_factory):
     """BURST distinct photos made from the sample's ants and bees (each a resized copy:
     no two alike), named <class>-<n>.jpg."""
+    import cv2  # after the daemon package, which sets OpenCV's pixel cap first
+
     folder = tmp_path_factory.mktemp("burst")
     sources = [p for name in ("ants", "bees") for p in sorted((PHOTOS / name).glob("*.jpg"))
                if " " not in p.name]
