@@ -260,3 +260,18 @@ def test_a_worker_does_not_look_at_the_coordinators_folders(tmp_path):
     with pytest.raises(ConfigError, match="data.path"):
         config_module.load(path)
     assert config_module.load(path, worker=True).data.path == Path("/no/such/photos")
+
+
+def test_a_cluster_without_its_libraries_names_the_extra(tmp_path, monkeypatch):
+    """`cluster.broker` on an install without the [cluster] extra: exit 2 saying what to
+    install, not an ImportError once TensorFlow has loaded."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "dramatiq" else find_spec(name, *args))
+    path = tmp_path / "config.yaml"
+    path.write_text("cluster: {broker: 'redis://127.0.0.1:6390/0'}\n")
+    with pytest.raises(ConfigError, match=r"cluster.broker: the cluster needs Dramatiq .* "
+                                          r"pip install 'wardrobe\[cluster\]'"):
+        config_module.load(path)
