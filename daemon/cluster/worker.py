@@ -55,6 +55,7 @@ class Worker:
         self.jobs = self.photos = 0
         self._recent = collections.deque()  # (monotonic, photos) of the last RATE_SECONDS
         self._started = time.monotonic()
+        self._signal = None  # the stop signal, once one came
 
     # ---- the service ---------------------------------------------------------------------------
 
@@ -75,6 +76,7 @@ class Worker:
         self.weights = runtime.locate(self.config.weights)  # exit 2 before TensorFlow
         self.client = wire.client(self.url)
         if not self._connect():
+            log.info("%s: stopping; bye", signal.Signals(self._signal).name)
             return EXIT_OK
         folder = cache_folder()
         try:
@@ -104,6 +106,7 @@ class Worker:
                  self.runtime.feature_id, folder)
         try:
             self._beat_until_stopped()  # a ConfigError (a changed password) ends it: exit 2
+            log.info("%s: stopping", signal.Signals(self._signal).name)
         finally:
             worker.stop(timeout=30_000)
             self._gone()
@@ -167,10 +170,10 @@ class Worker:
             pass  # it expires by itself
 
     def _install_signal_handlers(self):
-        def on_signal(signum, frame):
+        def on_signal(signum, frame):  # only flags: the main thread says it and stops
             if self.stopping.is_set():
                 os._exit(EXIT_FATAL)  # a second one: force
-            log.info("%s: stopping", signal.Signals(signum).name)
+            self._signal = signum
             self.stopping.set()
 
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -181,7 +184,8 @@ class Worker:
 
     def featurize(self, job):
         """Run `job` ({"id", "key", "reply", "kind": "label"|"train", "root", "weights",
-        "feature_id", "paths", "known": {index: [sha256]}}) and answer it."""
+        "feature_id", "paths", "stats": [[size, mtime_ns] or None], "known": {index:
+        [sha256]}}) and answer it."""
         started = time.perf_counter()
         try:
             # Still wanted? Not once answered, or sent again by a coordinator since restarted
