@@ -209,26 +209,36 @@ def ceiling(paths, head=None, repeats=1):
 
 # ---- watching a daemon -------------------------------------------------------------------------
 
-def tree_rss_kb(root):
-    """VmRSS summed over `root` and every process below it (the decode workers, the
-    resource tracker), in kB; 0 once it is gone."""
-    children, rss = {}, {}
+def process_tree(root):
+    """`root` and every living process below it (the decode workers, the resource tracker)."""
+    children = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
-            with open(f"/proc/{entry.name}/status") as file:
+            with open(f"/proc/{entry.name}/stat") as file:
+                parent = int(file.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, ()))
+    return found
+
+
+def tree_rss_kb(root):
+    """VmRSS summed over process_tree(root), in kB; 0 once it is gone."""
+    total = 0
+    for pid in process_tree(root):
+        try:
+            with open(f"/proc/{pid}/status") as file:
                 fields = dict(line.split(":", 1) for line in file if ":" in line)
         except OSError:
             continue
-        pid = int(entry.name)
-        children.setdefault(int(fields["PPid"]), []).append(pid)
-        rss[pid] = int(fields.get("VmRSS", "0 kB").split()[0])
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        total += rss.get(pid, 0)
-        todo.extend(children.get(pid, ()))
+        total += int(fields.get("VmRSS", "0 kB").split()[0])
     return total
 
 
