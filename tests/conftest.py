@@ -246,6 +246,7 @@ def with_backbone(save, backbone):
 def photos(tmp_path_factory):
     """data/<class>/ with 16 photos a class, and 4 held-out photos a class named
     <class>-<name>.jpg (no spaces, no placeholder gif)."""
+    assert PHOTOS.is_dir(), f"{PHOTOS} is missing: the photo tests need ../shared beside the repo"
     root = tmp_path_factory.mktemp("photos")
     (root / "held").mkdir()
     held = []
@@ -308,6 +309,7 @@ def burst(tmp_path_factory):
     no two alike), named <class>-<n>.jpg."""
     import cv2  # after the daemon package, which sets OpenCV's pixel cap first
 
+    assert PHOTOS.is_dir(), f"{PHOTOS} is missing: the photo tests need ../shared beside the repo"
     folder = tmp_path_factory.mktemp("burst")
     sources = [p for name in ("ants", "bees") for p in sorted((PHOTOS / name).glob("*.jpg"))
                if " " not in p.name]
