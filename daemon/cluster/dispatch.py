@@ -58,10 +58,12 @@ class Dispatch:
         if not self._remote():
             return self.local.decode_all(paths, chunk, known)
         known = known or {}
-        todo, out, results, leftover = list(paths), {}, {}, []
-        while todo or out:
-            while todo and len(out) < 2 * self.workers:
-                part, todo = todo[:self.chunk_size()], todo[self.chunk_size():]
+        out, results, leftover, start = {}, {}, [], 0
+        while start < len(paths) or out:
+            while start < len(paths) and len(out) < 2 * self.workers:
+                # the size once: the cluster thread may change it meanwhile
+                part = paths[start:start + self.chunk_size()]
+                start += len(part)
                 try:
                     out[self.submit_training(part, {p: known[p] for p in part if p in known})] = part
                 except BrokenProcessPool:
