@@ -211,7 +211,6 @@ class Cluster:
         """The broker is gone: what is out is done here."""
         self._usable = False
         self._say_down(f"the broker {self.shown} is unreachable ({error})", logging.WARNING)
-        self._up = False
         self._all_here("the broker is unreachable")
 
     def _look(self):
@@ -280,12 +279,24 @@ class Cluster:
         for job in jobs:
             self._here(job)
 
+    def _unwant(self, job):
+        """No worker is to run `job` now: its key goes, at once while the broker answers,
+        else once it is back (kept till then: a list that only grows while it is away)."""
+        key = wire.job_key(self.coordinator, self.run_id, job.id)
+        if self._up:
+            try:
+                self.client.delete(key)
+                return
+            except wire.redis_errors():
+                pass
+        self._forget.append(key)
+
     def _here(self, job):
         """Do `job` with the local decode workers; its caller's future gets their result."""
         with self._lock:
             if self._jobs.pop(job.id, None) is None:
                 return
-        self._forget.append(wire.job_key(self.coordinator, self.run_id, job.id))
+        self._unwant(job)
         metrics.cluster_job(job.taker or "none", "local")
         local = job.dispatch.local
         try:
@@ -312,7 +323,7 @@ class Cluster:
         if job is None:
             metrics.cluster_job(worker, "late")
             return
-        self.client.delete(wire.job_key(self.coordinator, self.run_id, job.id))
+        self._unwant(job)
         refused, failed = meta.get("refused"), meta.get("failed")
         if refused or failed:
             if refused and self.roster.refuses(worker, refused):
