@@ -34,6 +34,13 @@ def png_libpng_warns_about(path):
     assert "libpng warning" in decoded.stderr  # the premise of the test
 
 
+def what_opencv_says_decoding(path):
+    """What a fresh process's OpenCV writes to stderr decoding `path`."""
+    decoded = subprocess.run([sys.executable, "-c", f"import cv2; cv2.imread({str(path)!r})"],
+                             capture_output=True, text=True, timeout=60)
+    return decoded.stderr.strip()
+
+
 def test_what_the_decoder_says_about_a_file_is_a_record_naming_it(tmp_path, caplog, capfd):
     warns, truncated = tmp_path / "warns.png", tmp_path / "truncated.png"
     png_libpng_warns_about(warns)
@@ -45,8 +52,13 @@ def test_what_the_decoder_says_about_a_file_is_a_record_naming_it(tmp_path, capl
     assert capfd.readouterr().err == ""
     said = [(record.levelname, record.getMessage()) for record in caplog.records]
     assert ("DEBUG", f"{warns}: libpng warning: iCCP: too short") in said
-    # libpng's error or OpenCV's own warning, whichever speaks: said about the file
-    assert any(level == "DEBUG" and text.startswith(f"{truncated}: ") for level, text in said)
+    # OpenCV 5.0 warns that the buffer is incomplete, 5.1 says nothing: whatever it says
+    # (beside the warning the file carries, said before) is a record about the file
+    about_truncation = [line for line in what_opencv_says_decoding(truncated).splitlines()
+                        if "iCCP" not in line]
+    if about_truncation:
+        assert any(level == "DEBUG" and text.startswith(f"{truncated}: ")
+                   and "iCCP" not in text for level, text in said)
 
 
 def descendants(pid):
