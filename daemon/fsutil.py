@@ -1,6 +1,7 @@
 """Durable file writes (a new file is complete and fsynced before its rename makes it visible),
 and what the daemon asks of files it reads: being written? settled? the folders below."""
 
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -194,6 +195,23 @@ def lock_holder(path):
     except OSError:
         pass
     return None
+
+
+@contextlib.contextmanager
+def folder_lock(folder):
+    """Within: the only one of the processes taking this lock on `folder` (a flock on the
+    folder itself, dropped by the kernel if its holder dies). A file system without flock
+    (some shares) is not locked: its sidecars' writers are all in this machine's daemon."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as error:
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        yield
+    finally:
+        os.close(fd)
 
 
 def utc_timestamp():

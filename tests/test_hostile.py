@@ -217,7 +217,7 @@ def test_a_file_open_for_writing_at_start_is_read_only_once_closed(tmp_path, tra
         assert sidecar(image) is None, "labelled while still open for writing"
         file.write(b"\0" * 64)  # trailing bytes: what the rest of the download brings
     wait_until(lambda: labelled(image), 30, message="labelled once closed")
-    assert sidecar(image)["source"]["size"] == len(first) + 64
+    assert sidecar(image)["file"]["size"] == len(first) + 64
     assert daemon.stop() == 0
 
 

@@ -116,7 +116,7 @@ def test_drop_storms_with_kill_9_and_restarts_label_each_image_once(tmp_path, tr
     assert not leftovers(inbox)
     for image in images_in(inbox):
         record = sidecar(image)
-        assert record["source"]["size"] == image.stat().st_size  # never read half-written
+        assert record["file"]["size"] == image.stat().st_size  # never read half-written
         assert seen.get(image, record) == record, f"{image} labelled twice"
         assert set(record) >= {"label", "class", "confidence", "epoch", "model", "classified_at"}
 
@@ -283,7 +283,7 @@ def test_a_replaced_image_is_labelled_again_even_while_down(tmp_path, trained, d
     os.rename(staged, image)  # replaced while running
     second = wait_until(lambda: sidecar(image) != first and sidecar(image), 30,
                         message="a new label after the replacement")
-    assert second["source"]["inode"] != first["source"]["inode"]
+    assert second["file"]["inode"] != first["file"]["inode"]
     assert daemon.stop() == 0
     staged.write_bytes(png(crops[0][2]))
     os.utime(staged, ns=(1, 1))  # replaced while down, by an older file
@@ -291,7 +291,7 @@ def test_a_replaced_image_is_labelled_again_even_while_down(tmp_path, trained, d
     daemon = daemons(trained)
     third = wait_until(lambda: sidecar(image) != second and sidecar(image), 30,
                        message="a new label after the replacement while down")
-    assert third["source"]["mtime_ns"] == 1
+    assert third["file"]["mtime_ns"] == 1
     assert daemon.stop() == 0
 
 

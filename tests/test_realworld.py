@@ -190,7 +190,7 @@ def test_long_names(tmp_path, trained, daemons, crops):
     staged = tmp_path / "new.png"
     staged.write_bytes(png(crops[1]))
     os.rename(staged, fits)  # replaced: a new label, not the old one kept
-    wait_until(lambda: labelled(fits) and labelled(fits)["source"] != first["source"], 30,
+    wait_until(lambda: labelled(fits) and labelled(fits)["file"] != first["file"], 30,
                message="a new label for the replaced image")
     daemon.wait_for_log(r"b{248}\.png' cannot have a sidecar: its name is 252 bytes")
     wait_until(lambda: (status(trained)["inbox"] or {}).get("cannot_label") == 1, 30,

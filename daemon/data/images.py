@@ -288,7 +288,7 @@ def _strip_8bit(strip, offset, scale, colour):
 
 
 @functools.cache
-def _pillow():
+def pillow():
     """Pillow, with the HEIF opener of pillow-heif registered (AVIF is Pillow's own) and the
     daemon's pixel cap; imported at the first phone-format image, not at every start."""
     from PIL import Image, ImageOps
@@ -304,7 +304,7 @@ def _pillow_decode(data, kind):
     decoded. libheif applies HEIF's irot/imir itself and pillow-heif then resets the EXIF
     Orientation to 1; Pillow's AVIF turns irot/imir into an EXIF Orientation instead: so
     exif_transpose turns each exactly once."""
-    Image, ImageOps = _pillow()
+    Image, ImageOps = pillow()
     try:
         with Image.open(io.BytesIO(data), formats=[kind]) as image:
             if image.width * image.height > MAX_PIXELS:

@@ -24,8 +24,8 @@ import threading
 import time
 from concurrent.futures.process import BrokenProcessPool
 
-from daemon import fsutil
 from daemon.data import images, photos
+from daemon.inbox.sidecars import publish_model
 from daemon.service import logs
 
 log = logging.getLogger("daemon.decoding")  # the name users see: daemon.service.logs
@@ -147,12 +147,12 @@ def _abandon(pool):
 
 
 def write_chunk(sidecars):
-    """In a worker: publish [(path, bytes, mtime_ns or None)]; [(path, None or (errno, why))]."""
+    """In a worker: publish [(path, bytes, mtime_ns or None)] unless a person's label is
+    there; [(path, None or KEPT or (errno, why))]."""
     results = []
     for path, data, mtime_ns in sidecars:
         try:
-            fsutil.publish(path, data, mtime_ns)
-            results.append((path, None))
+            results.append((path, publish_model(path, data, mtime_ns)))
         except OSError as error:
             results.append((path, (error.errno, error.strerror or str(error))))
     return results

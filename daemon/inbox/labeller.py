@@ -24,6 +24,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from daemon import fsutil
 from daemon.inbox.relabel import stale
+from daemon.inbox.sidecars import KEPT
 from daemon.service import metrics
 
 log = logging.getLogger("daemon.labeller")  # the name users see: daemon.service.logs
@@ -198,7 +199,7 @@ class Labeller:
         # relabel` rewrites up-to-date sidecars on purpose.
         forced = written and (self.sidecars.changed_since(path, info) or
                               path in (self.relabelling or ()))
-        if not forced and self.sidecars.is_up_to_date(path, info):
+        if self.sidecars.is_up_to_date(path, info, rewrite=forced):  # a person's: never
             self.found.pop(path, None)
             return None
         why = self.sidecars.name_too_long(path) or self.sidecars.occupied(path)
@@ -299,7 +300,7 @@ class Labeller:
             return 0
         written = 0
         for (path, (info, result)), (_, error) in zip(chunk.items(), outcomes):
-            written += self._outcome(path, result, error)
+            written += self._outcome(path, info, result, error)
         return written
 
     def _unchanged(self, path, info):
@@ -317,13 +318,18 @@ class Labeller:
     def _write(self, path, info, result):
         """Write one sidecar here and now (the rare case: a file that crashed a worker)."""
         try:
-            self.sidecars.write(path, info, result)
-            error = None
+            error = self.sidecars.write(path, info, result)
         except OSError as failure:
             error = (failure.errno, failure.strerror or str(failure))
-        return self._outcome(path, result, error)
+        return self._outcome(path, info, result, error)
 
-    def _outcome(self, path, result, error):
+    def _outcome(self, path, info, result, error):
+        if error == KEPT:  # a person labelled it meanwhile (the review page)
+            self.found.pop(path, None)
+            self.retry.pop(path, None)
+            if self.relabelling:
+                self.relabelling.discard(path)
+            return 0
         if error is not None:
             number, why = error
             if number == errno.ENAMETOOLONG:
@@ -334,6 +340,7 @@ class Labeller:
                 self._later(path, f"cannot write its sidecar: {why}")
             return 0
         self.inbox.settling.forget(path)
+        self.sidecars.written(path, info, result)
         outcome = "label" if "label" in result else "error"
         self.counts[outcome] += 1
         metrics.labelled(outcome, self.found.pop(path, None), self.clock())

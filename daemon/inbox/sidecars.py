@@ -1,9 +1,12 @@
 """Sidecar files: `shoe.jpg` -> `shoe.jpg.json` (or `.txt`), written atomically.
 
-A sidecar records the size, mtime and inode of the image it labels, so an image replaced
-later (even by an older file) is seen as changed; a sidecar that is missing or empty means:
-label again. No fsync per sidecar: after a power cut a lost or empty sidecar is simply
-relabelled at start-up, and batches stay fast.
+A sidecar records the size, mtime and inode of the image it labels (`file`), so an image
+replaced later (even by an older file) is seen as changed; a sidecar that is missing or
+empty means: label again. No fsync per sidecar: after a power cut a lost or empty sidecar is
+simply relabelled at start-up, and batches stay fast. Its `source` says who labelled it:
+"model", or "person" (the review page) -- a person's label is never written over by the
+model (publish_model() checks under a lock the page takes too). Sidecars written before
+the review page kept the file's stat under `source`: still read.
 
 A sidecar goes with its image: renamed along with it, removed when it is deleted -- but only
 a sidecar of ours (one we can parse as ours), never a file of the user's.
@@ -19,15 +22,19 @@ from daemon import fsutil
 
 log = logging.getLogger("daemon.sidecars")  # the name users see: daemon.service.logs
 NAME_MAX = 255
+MODEL, PERSON = "model", "person"
+KEPT = (0, "a person's label is there: kept")  # publish_model's answer when it wrote nothing
 # Errors written by versions that took an unreadable file for a bad one: look again.
 _TRANSIENT_ERRORS = ("cannot open: ", "cannot read: ")
 
 
 class Sidecars:
-    def __init__(self, kind, extensions):
+    def __init__(self, kind, extensions, observer=None):
         self.kind = kind  # "json" or "txt"
         self.suffix = "." + kind
         self.extensions = frozenset("." + ext.lower() for ext in extensions)
+        # told of each sidecar of ours seen, written or gone: seen(image, record), gone(image)
+        self.observer = observer
 
     def is_image_name(self, path):
         # Called for every file of every poll: string methods only, no os.path.
@@ -52,19 +59,39 @@ class Sidecars:
                     f"{size}, over the file system's limit of {NAME_MAX}: rename the image")
         return None
 
-    def is_up_to_date(self, image, info=None):
-        """True if `image` has a valid sidecar written for its current content."""
+    def is_up_to_date(self, image, info=None, rewrite=False):
+        """True if `image` has a valid sidecar written for its current content, or a
+        person's label (whatever became of the file); with `rewrite`, only the latter."""
         try:
             info = info or os.stat(image, follow_symlinks=False)
             text, sidecar_time = _read_regular(self.path_for(image))
         except OSError:
             return False
         if self.kind == "txt":
-            return text.endswith(b"\n") and len(text) > 1 and sidecar_time >= info.st_mtime_ns
+            return not rewrite and (text.endswith(b"\n") and len(text) > 1
+                                    and sidecar_time >= info.st_mtime_ns)
         record = _record(text)
         if record is None or str(record.get("error", "")).startswith(_TRANSIENT_ERRORS):
             return False
-        return record.get("source") == _source(info)
+        current = record.get("source") == PERSON or (
+            not rewrite and file_of(record) == _file(info))
+        if current and self.observer is not None:
+            self.observer.seen(image, record)
+        return current
+
+    def written(self, image, info, result):
+        """The labeller's sidecar for `image` landed: tell the observer."""
+        if self.observer is not None and self.kind == "json":
+            self.observer.seen(image, dict(result, source=MODEL, file=_file(info)))
+
+    def read(self, image):
+        """The record of `image`'s JSON sidecar of ours, or None."""
+        try:
+            text, _ = _read_regular(self.path_for(image))
+        except OSError:
+            return None
+        record = _record(text)
+        return record if record is not None and file_of(record) is not None else None
 
     def changed_since(self, image, info):
         """Was `image` (its lstat `info`) changed since its sidecar was published? Its
@@ -84,12 +111,12 @@ class Sidecars:
         if self.kind == "txt":
             return text.endswith(b"\n") and text.count(b"\n") == 1
         record = _record(text)
-        return record is not None and "source" in record
+        return record is not None and file_of(record) is not None
 
     def labelled_by(self, image, errors=False):
         """Which model labelled `image`, from its sidecar: the model's id; "" for a txt
-        sidecar (it does not say); None for no sidecar of ours, or an error sidecar
-        (`errors`: "" for those too)."""
+        sidecar (it does not say); None for no sidecar of ours, a person's label, or an
+        error sidecar (`errors`: "" for those too)."""
         try:
             text, _ = _read_regular(self.path_for(image))
         except OSError:
@@ -98,7 +125,7 @@ class Sidecars:
             ours = text.endswith(b"\n") and text.count(b"\n") == 1
             return "" if ours and (errors or not text.startswith(b"error: ")) else None
         record = _record(text)
-        if record is None or "source" not in record:
+        if record is None or file_of(record) is None or record.get("source") == PERSON:
             return None
         if "label" not in record:
             return "" if errors else None
@@ -123,7 +150,11 @@ class Sidecars:
         """`image` was deleted or moved out: remove its sidecar, if it is ours and the image
         really is not there."""
         sidecar = self.path_for(image)
-        if os.path.lexists(image) or not self._is_ours(sidecar):
+        if os.path.lexists(image):
+            return
+        if self.observer is not None:
+            self.observer.gone(image)
+        if not self._is_ours(sidecar):
             return
         try:
             os.unlink(sidecar)
@@ -144,12 +175,18 @@ class Sidecars:
         except OSError as error:
             log.debug("could not move %r along with its image: %s", old, error)
             self.drop_orphan(image)
+            return
+        if self.observer is not None:
+            self.observer.gone(image)
+            if (record := self.read(new_image)) is not None:
+                self.observer.seen(new_image, record)
 
     def write(self, image, info, result):
-        """Write the sidecar for `image` (whose stat was `info`): `result` holds label,
-        class, confidence, epoch, model -- or error. Replaces, never follows, a symlink."""
-        fsutil.publish(self.path_for(image), self.render(info, result),
-                       mtime_ns=self.dated(info))
+        """Write the model's sidecar for `image` (whose stat was `info`): `result` holds
+        label, class, confidence, epoch, model -- or error. Replaces, never follows, a
+        symlink. None, or KEPT if a person's label is there."""
+        return publish_model(self.path_for(image), self.render(info, result),
+                             self.dated(info))
 
     def dated(self, info):
         """The mtime for the sidecar of an image whose stat is `info`, or None for now. A
@@ -163,7 +200,16 @@ class Sidecars:
         if self.kind == "txt":
             line = result["label"] if "label" in result else f"error: {result['error']}"
             return (line.replace("\n", " ") + "\n").encode()
-        record = dict(result, classified_at=now or fsutil.utc_timestamp(), source=_source(info))
+        return self.encode(dict(result, classified_at=now or fsutil.utc_timestamp(),
+                                source=MODEL, file=_file(info)))
+
+    @staticmethod
+    def person_record(info, record):
+        """A person's sidecar record: `record` (label, ...) for the file `info`."""
+        return dict(record, source=PERSON, file=_file(info))
+
+    @staticmethod
+    def encode(record):
         return (json.dumps(record, ensure_ascii=False) + "\n").encode()
 
     @staticmethod
@@ -194,7 +240,29 @@ def _record(text):
     return None
 
 
-def _source(info):
+def publish_model(sidecar, data, mtime_ns=None):
+    """Publish the model's sidecar `data` at `sidecar` unless a person's label is there;
+    under the folder's lock, which the review page takes to write a person's. None, or KEPT.
+    A plain function: the decode workers write the labeller's sidecars."""
+    with fsutil.folder_lock(os.path.dirname(sidecar) or "."):
+        try:
+            record = _record(_read_regular(sidecar)[0])
+        except OSError:
+            record = None
+        if record is not None and record.get("source") == PERSON:
+            return KEPT
+        fsutil.publish(sidecar, data, mtime_ns)
+    return None
+
+
+def file_of(record):
+    """The image's stat as the sidecar `record` has it (`file`, or `source` before the
+    review page), or None for a record that is not ours."""
+    stat_ = record.get("file", record.get("source"))
+    return stat_ if isinstance(stat_, dict) else None
+
+
+def _file(info):
     if info is None:
         return None
     return {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "inode": info.st_ino}

@@ -83,6 +83,12 @@ class Cluster:
 
 
 @dataclasses.dataclass(frozen=True)
+class Web:
+    listen: tuple = None  # (host, port) of the review page; None: off
+    token: str = dataclasses.field(default=None, repr=False)  # never shown or logged
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     inbox: Path
     save: Path
@@ -94,6 +100,7 @@ class Config:
     watch: Watch = Watch()
     metrics: Metrics = Metrics()
     cluster: Cluster = Cluster()
+    web: Web = Web()
     source: Path = None  # the file this came from, None for built-in defaults
 
     def summary(self):
@@ -111,7 +118,9 @@ class Config:
             f"watch.mode={self.watch.mode} watch.poll_seconds={self.watch.poll_seconds} "
             f"watch.rescan_seconds={self.watch.rescan_seconds} "
             f"metrics.listen={show_listen(self.metrics.listen)} "
-            f"cluster.broker={show_broker(self.cluster.broker)}"
+            f"cluster.broker={show_broker(self.cluster.broker)} "
+            f"web.listen={show_listen(self.web.listen)} "
+            f"web.token={'set' if self.web.token else 'none'}"
         )
 
     def differences(self, other):
@@ -170,6 +179,7 @@ def parse(raw, base, worker=False):
     watch = section.section("watch")
     metrics = section.section("metrics")
     cluster = section.section("cluster")
+    web = section.section("web")
     if data.raw.get("source") == "folder" and "labels" in classify.raw:
         raise ConfigError("classify.labels", "not with data.source 'folder': the class names "
                           "are the folder names in data.path")
@@ -203,8 +213,9 @@ def parse(raw, base, worker=False):
         ),
         metrics=Metrics(listen=metrics.listen("listen")),
         cluster=Cluster(broker=cluster.broker("broker"), paths=cluster.prefixes("paths")),
+        web=Web(listen=web.listen("listen"), token=web.token("token")),
     )
-    for each in (section, data, train, classify, watch, metrics, cluster):
+    for each in (section, data, train, classify, watch, metrics, cluster, web):
         each.reject_unknown()
     if config.data.source == "path" and config.data.path is None:
         raise ConfigError("data.path", "expected a folder holding the Fashion-MNIST IDX "
@@ -221,6 +232,7 @@ def parse(raw, base, worker=False):
                           f"{' or '.join(BACKBONE_MODELS)}; model {config.model!r} has none")
     if worker:
         return config
+    _check_web(config)
     _check_apart(config)
     if config.data.source == "folder":
         path = config.data.path
@@ -231,6 +243,31 @@ def parse(raw, base, worker=False):
             raise ConfigError("data.path", f"{path} is not a folder (expected one holding a "
                               "folder per class)")
     return config
+
+
+def _check_web(config):
+    if config.web.listen is None:
+        return
+    if config.classify.sidecar != "json":
+        raise ConfigError("web.listen", "the review page needs classify.sidecar json: a txt "
+                          "sidecar cannot say that a person labelled the image")
+    if config.web.listen == config.metrics.listen:
+        raise ConfigError("web.listen", "must differ from metrics.listen")
+    if not config.web.token and not is_loopback(config.web.listen):
+        raise ConfigError("web.token", f"required when web.listen ({show_listen(config.web.listen)}) "
+                          "is not a loopback address: anyone who reaches it could relabel "
+                          "your images (see the README's \"Review page\")")
+
+
+def is_loopback(listen):
+    """Does (host, port) name loopback addresses only?"""
+    host, port = listen
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, port,
+                                                                type=socket.SOCK_STREAM)}
+    except (socket.gaierror, UnicodeError):
+        return False
+    return all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
 
 
 def _check_apart(config):
@@ -317,6 +354,17 @@ class _Section:
             return None
         if not isinstance(value, str) or not value.strip():
             self._fail(key, "a path" + (" or null" if optional else ""), value)
+        return value
+
+    def token(self, key):
+        """A secret for a URL and a cookie; its value is never echoed (it is a secret)."""
+        value = self._get(key, None)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not _TOKEN.fullmatch(value):
+            raise ConfigError(self.prefix + key, "expected at least 16 characters of letters, "
+                              "digits and - _ . ~ (such as the output of "
+                              "`python3 -c 'import secrets; print(secrets.token_urlsafe())'`)")
         return value
 
     def choice(self, key, default, choices):
@@ -453,6 +501,7 @@ class _Section:
 
 
 _EXTENSION = re.compile(r"\.?[A-Za-z0-9]+")
+_TOKEN = re.compile(r"[A-Za-z0-9._~-]{16,256}")
 _LISTEN = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\s\[\]]+):(?P<port>[0-9]{1,5})")
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?"
                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*\.?")

@@ -56,6 +56,7 @@ LIVE_KEYS = ("train.epochs", "train.epochs_per_update", "classify.labels",
              "classify.sidecar", "classify.extensions", "classify.checkpoint", "watch.mode",
              "watch.poll_seconds", "watch.rescan_seconds")
 TRAINER_STOP_SECONDS = 25  # a batch and a checkpoint; systemd's TimeoutStopSec is 30
+WEB_STOP_SECONDS = 3  # uvicorn's graceful shutdown is 2 s
 LABELLER_STOP_SECONDS = 0.5  # sidecars are atomic: an unfinished batch is simply redone
 PROBE_SECONDS = 0.5  # between two looks at the inbox (and the data folder): do they hang?
 
@@ -83,6 +84,7 @@ class Service:
         self.notifier = Notifier()
         self.trainer = self.labeller = self.inbox = self.data_source = None
         self.decoder = None  # the labeller's decode workers
+        self.web = None  # with web.listen, daemon.web.Web
         self.cluster = None  # with cluster.broker, daemon.cluster.coordinator.Cluster
         self.weights = None  # a backbone model's (daemon.backbone.runtime.Weights)
         self._imported = threading.Event()  # TensorFlow is imported: the labeller may start
@@ -120,6 +122,8 @@ class Service:
             log.info("stopped before training started; bye")
             return EXIT_OK
         sidecars = Sidecars(config.classify.sidecar, config.classify.extensions)
+        if config.web.listen:  # a port taken ends the start here (exit 1)
+            self.web = self._web(config, sidecars)
         self.inbox = Inbox(config.inbox, sidecars, config.watch)  # started by the labeller
         owner = f"{os.getpid()} {config.save}"
         try:  # one daemon per inbox: another's ends the start here (exit 1)
@@ -141,10 +145,16 @@ class Service:
         self._start("data", self._follow_data)
         trainer_thread = self._start("trainer", self._train, generation)
         labeller_thread = self._start("labeller", self._label, decoder)
+        if self.web is not None:
+            self.web.start()
         self._serve(trainer_thread, labeller_thread)
-        # Shutdown order: stop taking inbox work; stop training at the next batch boundary
+        # Shutdown order: stop the review page (a correction in progress is finished);
+        # stop taking inbox work; stop training at the next batch boundary
         # and wait for its checkpoint, only if there is progress to save; give the labeller
         # a moment to finish its batch; stop the watcher and the decode workers.
+        if self.web is not None:
+            self.web.stop()
+            self.web.join(WEB_STOP_SECONDS)
         self.stop_event.set()
         if self.trainer is not None:
             self.trainer.wake.set()
@@ -371,6 +381,14 @@ class Service:
                  config_module.show_broker(config.cluster.broker))
         return Cluster(config.cluster, config.save, self.weights)
 
+    def _web(self, config, sidecars):
+        from daemon.service import status
+        from daemon.web import Web
+        from daemon.web.index import Index
+
+        sidecars.observer = Index(os.path.realpath(config.inbox))
+        return Web(config, sidecars, lambda: status.report(self.config))
+
     def _decoder(self, root):
         """Decode workers here, or through the cluster when there is one (for files under
         `root`)."""
@@ -467,12 +485,15 @@ class Service:
             self._labeller_beat = time.monotonic()
             if self.config is not config:  # reloaded
                 config = self.config
-                labeller.sidecars = Sidecars(config.classify.sidecar, config.classify.extensions)
+                labeller.sidecars = Sidecars(config.classify.sidecar, config.classify.extensions,
+                                             sidecars.observer)
                 labeller.classifier.config = config
                 self.inbox.reconfigure(labeller.sidecars, config.watch)
             idle = not (labeller.pending or labeller.in_flight or self.inbox.scanning)
             try:
                 labeller.add(self.inbox.take(limit=4096, timeout=0.5 if idle else 0.0))
+                if self.web is not None:
+                    labeller.add(self.web.rechecks())
                 relabelling.poll(labeller)
                 labeller.step()
             except Exception:

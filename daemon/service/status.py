@@ -24,6 +24,8 @@ def report(config):
                       checkpoint_time=newest["written_at"],
                       model=newest.get("fingerprint", {}).get("model", config.model))
     result.update(_data(config, newest))
+    result["curve"] = [{key: entry.get(key) for key in ("epoch", "accuracy", "val_accuracy")}
+                       for entry in (newest.get("history") or [] if newest else [])]
     live = _live(config.save, result["running_pid"])
     result["inbox"] = {key: live.get(key) for key in INBOX_KEYS} if live else None
     if live:

@@ -1,0 +1,45 @@
+"""The review page (`web.listen`): a person sees the labels and corrects them.
+
+index (what is listed, fed by the sidecars) -> app (the page and its JSON API) <- corrections
+(a person's label, durable, and a training copy) and thumbs; server runs the app in a thread.
+Built by the service, which owns its thread through start(), stop() and join().
+"""
+
+import os
+
+from daemon.web.app import Review, app
+from daemon.web.corrections import Corrections
+from daemon.web.server import WebServer
+from daemon.web.thumbs import Thumbs
+
+
+class Web:
+    def __init__(self, config, sidecars, status):
+        """`sidecars`: the labeller's, whose observer is an index.Index; `status`: () ->
+        status --json's object. Binds web.listen now (WardrobeError if it cannot)."""
+        folder = config.data.source == "folder"
+        self.index = sidecars.observer
+        self.corrections = Corrections(
+            sidecars, config.save, data_path=config.data.path if folder else None,
+            labels=None if folder else list(config.classify.labels),
+            classes=lambda: self.review.status().get("classes"))
+        self.corrections.finish()  # what a crash interrupted, before anything else
+        self.review = Review(os.path.realpath(config.inbox), self.index, self.corrections,
+                             Thumbs(config.save), status, config.web.token)
+        self.server = WebServer(app(self.review), config.web.listen)
+
+    def start(self):
+        self.server.start()
+
+    def stop(self):
+        self.server.stop()
+
+    def join(self, timeout=None):
+        self.server.join(timeout)
+
+    def rechecks(self):
+        """{image: False} for the labeller: images whose person's label was taken back."""
+        due = {}
+        while not self.corrections.rechecks.empty():
+            due[self.corrections.rechecks.get()] = False
+        return due

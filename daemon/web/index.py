@@ -1,0 +1,113 @@
+"""What the review page lists: every inbox image with a sidecar of ours, in memory.
+
+Fed by the sidecars themselves (inbox.sidecars tells its observer of every sidecar seen,
+written, moved or gone: the start-up scan reads them all once anyway), so a request never
+walks the inbox. The sorted orders are made again only after something changed, at most
+once a second while the labeller writes, and a page of them is a slice.
+"""
+
+import threading
+import time
+
+SORTS = ("confidence", "newest")
+RESORT_SECONDS = 1.0  # a busy labeller: the lists may lag this much, never more
+
+
+class Entry(tuple):
+    """(label, confidence, source, time, error) of one image."""
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, record):
+        confidence = record.get("confidence")
+        return cls((record.get("label"), confidence if isinstance(confidence, (int, float))
+                    else None, record.get("source") if record.get("source") == "person"
+                    else "model", str(record.get("labelled_at") or record.get("classified_at")
+                                      or ""), record.get("error")))
+
+
+class Index:
+    def __init__(self, root, clock=time.monotonic):
+        self.root = root.rstrip("/") + "/"
+        self._entries = {}  # inbox-relative path -> Entry
+        self._lock = threading.Lock()
+        self._changes = 0  # bumped by every change: the page's "anything new?"
+        self._sorted = {}  # (sort, class) -> (changes when made, time made, [paths])
+        self._clock = clock
+
+    # ---- the observer of inbox.sidecars (the labeller's and the inbox's threads) --------
+
+    def seen(self, image, record):
+        relative = self.relative(image)
+        if relative is None:
+            return
+        entry = Entry.of(record)
+        with self._lock:
+            if self._entries.get(relative) != entry:
+                self._entries[relative] = entry
+                self._changes += 1
+
+    def gone(self, image):
+        relative = self.relative(image)
+        with self._lock:
+            if self._entries.pop(relative, None) is not None:
+                self._changes += 1
+
+    # ---- the page's side -------------------------------------------------------------
+
+    def relative(self, image):
+        image = str(image)
+        return image[len(self.root):] if image.startswith(self.root) else None
+
+    def get(self, relative):
+        with self._lock:
+            return self._entries.get(relative)
+
+    @property
+    def changes(self):
+        return self._changes
+
+    def __len__(self):
+        return len(self._entries)
+
+    def page(self, sort="confidence", label=None, offset=0, limit=60):
+        """(total, [(path, Entry)]) of one page: least confident (errors and unlabelled
+        last) or newest first; only `label`'s with a label."""
+        paths = self._order(sort, label)
+        with self._lock:
+            rows = [(path, self._entries.get(path)) for path in paths[offset:offset + limit]]
+        return len(paths), [(path, entry) for path, entry in rows if entry is not None]
+
+    def counts(self):
+        """{label: images} and the number of error sidecars."""
+        counts, errors = {}, 0
+        with self._lock:
+            entries = list(self._entries.values())
+        for label, _, _, _, error in entries:
+            if error is not None:
+                errors += 1
+            elif label is not None:
+                counts[label] = counts.get(label, 0) + 1
+        return counts, errors
+
+    def _order(self, sort, label):
+        key = (sort, label)
+        made = self._sorted.get(key)
+        now = self._clock()
+        if made and (made[0] == self._changes or now - made[1] < RESORT_SECONDS):
+            return made[2]
+        with self._lock:
+            changes, items = self._changes, list(self._entries.items())
+        if label is not None:
+            items = [item for item in items if item[1][0] == label]
+        if sort == "newest":
+            items.sort(key=lambda item: item[1][3], reverse=True)
+        else:  # least confident first; a person's label and errors last
+            items.sort(key=lambda item: (item[1][2] == "person", item[1][4] is not None,
+                                         item[1][1] if item[1][1] is not None else 2.0,
+                                         item[0]))
+        paths = [path for path, _ in items]
+        if len(self._sorted) > 64:  # one per class and order: bounded all the same
+            self._sorted.clear()
+        self._sorted[key] = (changes, now, paths)
+        return paths
