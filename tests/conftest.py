@@ -215,7 +215,7 @@ def photo_config(folder, data, **settings):
                 "train": dict(TRAIN, epochs_per_update=5),
                 "classify": {"checkpoint": "newest"}}
     for key, value in settings.items():
-        if key in ("model", "data", "classify", "cluster", "weights"):
+        if key in ("model", "data", "classify", "cluster", "weights", "web"):
             document[key] = value
         else:
             document["train"][key] = value

@@ -127,12 +127,15 @@ class Guard(BaseHTTPMiddleware):
         self.review = review
 
     async def dispatch(self, request, call_next):
+        started = time.perf_counter()
         refusal = self.refusal(request)
         if refusal is not None:
             response = JSONResponse({"error": refusal[1]}, status_code=refusal[0])
         else:
             response = await call_next(request)
         response.headers.update(HEADERS)
+        # the server's own time, for the browser's tools and bench/web.py
+        response.headers["Server-Timing"] = f"app;dur={1000 * (time.perf_counter() - started):.2f}"
         if request.url.path.startswith("/api/") and request.url.path != "/api/thumb":
             response.headers["Cache-Control"] = "no-store"
         return response
