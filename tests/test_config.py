@@ -78,6 +78,16 @@ BAD = [
     ("cluster: {paths: [/a, /b]}\n", "cluster.paths", "a mapping of absolute path prefixes"),
     ("cluster: {paths: {a: /b}}\n", "cluster.paths", "a mapping of absolute path prefixes"),
     ("cluster: {brokers: x}\n", "cluster.brokers", "unknown key"),
+    ("web: {listen: 8080}\n", "web.listen", 'as "HOST:PORT"'),
+    ("web: {listen: '0.0.0.0:8080'}\n", "web.token", "required when web.listen (0.0.0.0:8080) "
+     "is not a loopback address"),
+    ("web: {listen: '127.0.0.1:8080'}\nclassify: {sidecar: txt}\n", "web.listen",
+     "needs classify.sidecar json"),
+    ("web: {listen: '127.0.0.1:8080'}\nmetrics: {listen: '127.0.0.1:8080'}\n", "web.listen",
+     "must differ from metrics.listen"),
+    ("web: {listen: '0.0.0.0:8080', token: short}\n", "web.token", "at least 16 characters"),
+    ("web: {listen: '127.0.0.1:8080', token: [a]}\n", "web.token", "at least 16 characters"),
+    ("web: {port: 8080}\n", "web.port", "unknown key"),
     ("- just\n- a list\n", "config", "expected a mapping"),
     ("train: {epochs: 3\n", "config", "not valid YAML at line"),
 ]
@@ -181,7 +191,8 @@ def run_cli(*args, cwd=REPO):
                                       ("data: []\n", "data"),
                                       ("inbox: x\nsave: x/../x/save\n", "save"),
                                       ("data: {source: path, path: nowhere}\n", "data.path"),
-                                      ("metrics: {listen: localhost}\n", "metrics.listen")])
+                                      ("metrics: {listen: localhost}\n", "metrics.listen"),
+                                      ("web: {listen: '0.0.0.0:8080'}\n", "web.token")])
 def test_run_exits_2_before_tensorflow(tmp_path, text, key):
     path = tmp_path / "config.yaml"
     path.write_text(text)
@@ -275,3 +286,18 @@ def test_a_cluster_without_its_libraries_names_the_extra(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"cluster.broker: the cluster needs Dramatiq .* "
                                           r"pip install 'wardrobe\[cluster\]'"):
         config_module.load(path)
+
+
+def test_the_web_token_is_never_shown(tmp_path):
+    """Not in an error about it, nor in the effective config the start-up log gives."""
+    secret = "not-a-good-token!" + "x" * 20  # a character a token may not have
+    path = tmp_path / "config.yaml"
+    path.write_text(f"web: {{listen: '0.0.0.0:8080', token: '{secret}'}}\n")
+    result = run_cli("run", "--config", str(path))
+    assert result.returncode == 2 and "web.token: expected at least 16" in result.stderr
+    assert secret not in result.stderr
+    good = "a" * 20 + "-Token_0"
+    path.write_text(f"web: {{listen: '0.0.0.0:8080', token: '{good}'}}\n")
+    config = config_module.load(path)
+    assert config.web.token == good and config.web.listen == ("0.0.0.0", 8080)
+    assert good not in config.summary() + repr(config) and "web.token=set" in config.summary()

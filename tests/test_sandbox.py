@@ -174,13 +174,18 @@ def _read_json(path):
         return None
 
 
-def test_metrics_under_systemd_on_loopback_only(tmp_path, small_data, sandbox):
-    """The unit for a loopback metrics.listen: systemd's firewall lets a scraper on the
-    same machine in (the sandbox's own network namespace) and the daemon serves there."""
+def test_metrics_and_the_review_page_under_systemd_on_loopback_only(tmp_path, small_data,
+                                                                    sandbox):
+    """The unit for a loopback metrics.listen and web.listen: systemd's firewall lets a
+    scraper and a browser on the same machine in (the sandbox's own network namespace), the
+    daemon serves there, and it may bind those two ports only."""
     config = write_config(tmp_path, small_data, epochs=2)
-    config.write_text(config.read_text() + "metrics: {listen: '127.0.0.1:9464'}\n")
+    config.write_text(config.read_text() + "metrics: {listen: '127.0.0.1:9464'}\n"
+                      "web: {listen: '127.0.0.1:8080'}\n")
     text = install_unit(sandbox, tmp_path, config)
     assert "IPAddressAllow=localhost" in text.splitlines()
+    assert [line for line in text.splitlines() if line.startswith("SocketBind")] == [
+        "SocketBindAllow=tcp:9464", "SocketBindAllow=tcp:8080", "SocketBindDeny=any"]
     sandbox("ctl", "start", "wardrobe")
     assert sandbox.show("IPAddressDeny") in ("::/0 0.0.0.0/0", "0.0.0.0/0 ::/0")
     pid1 = (Path(sandbox.env["SANDBOX_DIR"]) / "state" / "pid1").read_text().strip()
@@ -195,6 +200,11 @@ def test_metrics_under_systemd_on_loopback_only(tmp_path, small_data, sandbox):
 
     metrics = wait_until(scraped, 120, interval=0.5, message="epoch 2 scraped in the sandbox")
     assert re.search(r"^process_resident_memory_bytes \S+$", metrics, re.M)
+    browser = ["nsenter", "-t", pid1, "-n", sys.executable, "-c",
+               "import urllib.request; print(urllib.request.urlopen("
+               "'http://127.0.0.1:8080/api/status', timeout=5).read().decode())"]
+    page = subprocess.run(browser, capture_output=True, text=True, timeout=30)
+    assert json.loads(page.stdout)["epoch"] == 2, page.stderr[-2000:]
     sandbox("ctl", "stop", "wardrobe")
     assert (sandbox.show("Result"), sandbox.show("ExecMainStatus")) == ("success", "0")
 

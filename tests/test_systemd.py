@@ -429,3 +429,28 @@ def test_a_real_start_from_a_folder_with_odd_characters(small_data, sandbox):
         assert (sandbox.show("Result"), sandbox.show("ExecMainStatus")) == ("success", "0")
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.mark.parametrize("web, expected", [
+    # the review page on loopback: a browser on this machine only, and its port only
+    ("{listen: '127.0.0.1:8080'}", ["RestrictAddressFamilies=AF_UNIX AF_INET",
+                                    "IPAddressAllow=localhost", "IPAddressDeny=any",
+                                    "SocketBindAllow=tcp:8080", "SocketBindDeny=any"]),
+    # exposed (with a token): any peer, still its port only
+    ("{listen: '0.0.0.0:8443', token: 0123456789abcdefXYZ}",
+     ["RestrictAddressFamilies=AF_UNIX AF_INET", "SocketBindAllow=tcp:8443",
+      "SocketBindDeny=any"]),
+])
+def test_the_units_review_page_opens_its_port_and_no_other(tmp_path, small_data, web,
+                                                          expected):
+    config = write_config(tmp_path, small_data)
+    config.write_text(config.read_text() + f"web: {web}\n")
+    lines = systemd.unit_file(config_module.load(config), version=252).splitlines()
+    assert [line for line in lines if line.startswith(
+        ("RestrictAddressFamilies=", "IPAddress", "SocketBind"))] == expected
+
+
+def test_a_unit_without_a_port_to_serve_binds_none(tmp_path, small_data):
+    config = write_config(tmp_path, small_data)
+    lines = systemd.unit_file(config_module.load(config), version=252).splitlines()
+    assert [line for line in lines if line.startswith("SocketBind")] == ["SocketBindDeny=any"]

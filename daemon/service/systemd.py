@@ -280,16 +280,21 @@ def _addresses(key, host, port):
 def network_lines(config):
     """The network the daemon needs, and no more: the journal and sd_notify (AF_UNIX)
     always; the internet for a Fashion-MNIST download (data.source auto or keras); the
-    address families of metrics.listen, and only loopback peers when it listens there; the
+    address families of metrics.listen and web.listen, only loopback peers when they listen
+    there, and only their ports to listen on; the
     broker's addresses with cluster.broker."""
     families = {"AF_UNIX"}
     downloads = config.data.source in ("auto", "keras")
     if downloads:
         families |= {"AF_INET", "AF_INET6"}
-    peers = set()  # the only peers, unless anyone may be (downloads, a public metrics port)
+    peers = set()  # the only peers, unless anyone may be (downloads, a public port)
     anyone = downloads
-    if config.metrics.listen:
-        host, port = config.metrics.listen
+    ports = []  # the only ports it may listen on
+    for listen in (config.metrics.listen, config.web.listen):
+        if not listen:
+            continue
+        host, port = listen
+        ports.append(port)
         addresses = {info[4][0]: info[0] for info in socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM)}
         families |= {family.name for family in addresses.values()}
@@ -305,6 +310,8 @@ def network_lines(config):
     lines = ["RestrictAddressFamilies=" + " ".join(f for f in order if f in families)]
     if peers and not anyone:
         lines += [f"IPAddressAllow={' '.join(sorted(peers))}", "IPAddressDeny=any"]
+    # bind() to any other port is refused (systemd 249+; no listening port: none at all)
+    lines += [f"SocketBindAllow=tcp:{port}" for port in ports] + ["SocketBindDeny=any"]
     return lines
 
 
