@@ -1,0 +1,308 @@
+"""The review page (web.listen) from outside: a real daemon serving it on a free loopback
+port, its JSON API, corrections that become training data and come back out with undo,
+and everything a request may try that it should not."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import types
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import REPO, Daemon, photo_config, sidecar, status, wait_until
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Client:
+    """HTTP as a browser on this machine would speak it (urllib: no redirects followed)."""
+
+    def __init__(self, port):
+        self.base = f"http://127.0.0.1:{port}"
+
+    def request(self, path, body=None, headers=None, method=None):
+        """(status, headers, bytes)."""
+        headers = dict(headers or {})
+        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+        if data is not None:
+            headers.setdefault("Content-Type", "application/json")
+            headers.setdefault("Origin", self.base)
+        opener = urllib.request.build_opener(NoRedirect)
+        request = urllib.request.Request(self.base + path, data=data, headers=headers,
+                                         method=method)
+        try:
+            with opener.open(request, timeout=30) as response:
+                return response.status, response.headers, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.headers, error.read()
+
+    def json(self, path, body=None, **kwargs):
+        code, _, data = self.request(path, body, **kwargs)
+        assert code == 200, (path, code, data[:500])
+        return json.loads(data)
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args):
+        return None
+
+
+@pytest.fixture(scope="module")
+def review(tmp_path_factory, trained, photos):
+    """A daemon on a copy of the trained save/ and its labelled inbox, with the page on,
+    and beside the inbox what a request must never reach: a photo outside, a symlink to it,
+    a symlinked folder."""
+    folder = tmp_path_factory.mktemp("review")
+    shutil.copytree(trained.save, folder / "save")
+    data = shutil.copytree(photos.data, folder / "data")
+    inbox = shutil.copytree(trained.folder / "inbox", folder / "inbox")
+    outside = folder / "outside"
+    outside.mkdir()
+    secret = shutil.copyfile(photos.held[0], outside / "secret.jpg")
+    (inbox / "link.jpg").symlink_to(secret)
+    (inbox / "linked").symlink_to(outside, target_is_directory=True)
+    port = free_port()
+    config = photo_config(folder, data, web={"listen": f"127.0.0.1:{port}"})
+    daemon = Daemon(config)
+    client = Client(port)
+    images = sorted(p.name for p in inbox.glob("*.jpg") if not p.is_symlink())
+    try:
+        daemon.wait_for_log(r"ready: model restored", 120)
+        # the symlink gets an error sidecar ("symbolic link: not followed"), listed too
+        wait_until(lambda: client.json("/api/status")["review"]["listed"] == len(images) + 1,
+                   60, message="the inbox listed")
+        yield types.SimpleNamespace(folder=folder, config=config, daemon=daemon, data=data,
+                                    inbox=inbox, client=client, images=images, secret=secret)
+    finally:
+        code = daemon.stop()
+    assert code == 0, daemon.log
+
+
+def test_the_listing_is_the_inbox_sidecars_least_confident_first(review):
+    answer = review.client.json("/api/images?limit=100")
+    assert answer["total"] == len(review.images) + 1
+    errors = answer["images"][-1]  # errors last
+    assert (errors["path"], errors["label"]) == ("link.jpg", None) and "link" in errors["error"]
+    del answer["images"][-1]
+    listed = {row["path"]: row for row in answer["images"]}
+    assert sorted(listed) == review.images
+    for name, row in listed.items():
+        record = sidecar(review.inbox / name)
+        assert (row["label"], row["confidence"], row["source"]) == (
+            record["label"], record["confidence"], "model")
+    confidences = [row["confidence"] for row in answer["images"]]
+    assert confidences == sorted(confidences)
+    one = answer["images"][0]["label"]
+    only = review.client.json(f"/api/images?class={one}&limit=100")["images"]
+    assert only and {row["label"] for row in only} == {one}
+    assert len(only) == sum(row["label"] == one for row in answer["images"])
+    assert review.client.json("/api/images?class=nothing")["images"] == []
+    page = review.client.json("/api/images?offset=2&limit=3")
+    assert [row["path"] for row in page["images"]] == [r["path"] for r in answer["images"][2:5]]
+    newest = review.client.json("/api/images?sort=newest&limit=100")["images"]
+    assert [r["time"] for r in newest] == sorted((r["time"] for r in newest), reverse=True)
+    for bad in ("sort=random", "limit=501", "offset=-1", "limit=ten"):
+        code, _, body = review.client.request(f"/api/images?{bad}")
+        assert code == 400, (bad, body)
+
+
+def test_status_is_status_json_with_the_curve(review):
+    answer = review.client.json("/api/status")
+    report = status(review.config)
+    for key in ("epoch", "epochs", "classes", "data_version", "validation_accuracy", "images"):
+        assert answer[key] == report[key], key
+    assert [point["epoch"] for point in answer["curve"]] == list(range(1, report["epoch"] + 1))
+    assert answer["review"]["trains"] is True
+
+
+def test_a_thumbnail_is_a_small_jpeg_made_once(review):
+    name = review.images[0]
+    code, headers, data = review.client.request(f"/api/thumb?path={name}")
+    assert code == 200 and headers["Content-Type"] == "image/jpeg"
+    picture = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    original = cv2.imread(str(review.inbox / name))
+    assert max(picture.shape[:2]) == min(256, max(original.shape[:2]))
+    made = list((review.folder / "save" / "thumbs").rglob("*.jpg"))
+    assert len(made) >= 1
+    again = review.client.request(f"/api/thumb?path={name}")[2]
+    assert again == data and len(list((review.folder / "save" / "thumbs").rglob("*.jpg"))) \
+        == len(made)
+
+
+def corrected(review, name, label):
+    answer = review.client.json("/api/label", {"path": name, "label": label})
+    assert answer["label"] == label and answer["source"] == "person"
+    return answer
+
+
+def test_a_correction_is_training_data_the_model_never_overwrites_and_undo_takes_back(
+        review):
+    name = review.images[1]
+    image = review.inbox / name
+    before = sidecar(image)
+    other = next(c for c in status(review.config)["classes"] if c != before["label"])
+    version = status(review.config)["data_version"]
+    corrected(review, name, other)
+    record = sidecar(image)
+    assert (record["source"], record["label"], record["previous"]) == ("person", other, before)
+    copy = review.data / other / name
+    assert copy.stat().st_ino == image.stat().st_ino  # a hard link: same file system
+    report = wait_until(lambda: (r := status(review.config))["data_version"] > version and r,
+                        120, 0.2, message="a data version with the correction")
+    listed = {row["path"]: row for row in review.client.json("/api/images?limit=100")["images"]}
+    assert (listed[name]["label"], listed[name]["source"]) == (other, "person")
+    # the model's labels never replace it: not a relabel of everything, nor a rewrite
+    relabel = subprocess.run([sys.executable, "-m", "daemon", "relabel", "--all", "--config",
+                              str(review.config)], cwd=REPO, capture_output=True, text=True,
+                             timeout=300)
+    assert relabel.returncode == 0, relabel.stderr
+    image.write_bytes(image.read_bytes())  # closed after writing: labelled again, normally
+    later = shutil.copyfile(review.inbox / review.images[0], review.inbox / "later.jpg")
+    wait_until(lambda: sidecar(later), 60, message="an image dropped after the rewrite")
+    assert sidecar(image) == record
+    answer = review.client.json("/api/undo", {"path": name})
+    assert answer["source"] == "model" and sidecar(image)["label"] == before["label"]
+    assert not copy.exists()
+    wait_until(lambda: status(review.config)["images"] == report["images"] - 1, 120, 0.2,
+               message="a data version without it")
+    code, _, body = review.client.request("/api/undo", {"path": name})
+    assert code == 409, body  # nothing of a person's left to undo
+
+
+def test_a_new_class_typed_in_grows_the_model(review):
+    name = review.images[2]
+    corrected(review, name, "wasps")
+    assert (review.data / "wasps" / name).stat().st_ino == (review.inbox / name).stat().st_ino
+    wait_until(lambda: "wasps" in (status(review.config)["classes"] or ()), 120, 0.2,
+               message="the class in the model")
+    review.client.json("/api/undo", {"path": name})
+    assert not (review.data / "wasps" / name).exists()
+
+
+def test_nothing_outside_the_inbox_is_read_or_written(review):
+    look = lambda: {p: (s.st_ino, s.st_size, s.st_mtime_ns, s.st_nlink)  # noqa: E731
+                    for p in [*review.data.rglob("*"), review.secret] if (s := p.stat())}
+    before = look()
+    bad = ["../outside/secret.jpg", str(review.secret), "link.jpg", "linked/secret.jpg",
+           f"{review.images[0]}/../../outside/secret.jpg", "./" + review.images[0], "",
+           "%2e%2e/outside/secret.jpg", "..%2foutside%2fsecret.jpg", review.images[0] + "%00",
+           "a\\..\\..\\outside\\secret.jpg"]
+    for path in bad:
+        code, _, body = review.client.request(f"/api/thumb?path={path}")
+        assert code in (400, 404), (path, code, body[:200])
+        raw = urllib.parse.unquote(path)
+        for route, payload in (("/api/label", {"path": raw, "label": "ants"}),
+                               ("/api/undo", {"path": raw})):
+            code, _, body = review.client.request(route, payload)
+            assert code in (400, 404), (route, path, code, body)
+    assert look() == before and before[review.secret][3] == 1
+
+
+def test_class_names_are_folder_names(review):
+    before = sorted(p.name for p in review.data.iterdir())
+    for label in ["", " ", "a/b", "..", ".hidden", "x" * 101, "a\x01b", "\\evil", "a\nb", 3,
+                  None, ["ants"]]:
+        code, _, body = review.client.request(
+            "/api/label", {"path": review.images[3], "label": label})
+        assert code == 400 and b"label" in body, (label, code, body)
+    assert sorted(p.name for p in review.data.iterdir()) == before
+    assert sidecar(review.inbox / review.images[3])["source"] == "model"
+
+
+def test_requests_are_bounded_and_posts_come_from_the_page_only(review):
+    client, name = review.client, review.images[3]
+    big = json.dumps({"path": name, "label": "ants", "pad": "x" * 5000}).encode()
+    assert client.request("/api/label", big)[0] == 413
+    chunked = client.request("/api/label", b"{" * 10, headers={"Transfer-Encoding": "chunked"})
+    assert chunked[0] == 400
+    assert client.request("/api/label", b"[1, 2]")[0] == 400
+    assert client.request("/api/label", b"not json")[0] == 400
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    assert client.request("/api/label", f"path={name}&label=ants".encode(), form)[0] == 415
+    assert client.request("/api/label", {"path": name, "label": "ants"},
+                          {"Origin": "http://evil.example"})[0] == 403
+    assert client.request("/api/label", {"path": name, "label": "ants"},
+                          {"Sec-Fetch-Site": "cross-site"})[0] == 403
+    # DNS rebinding: a site whose name resolves to 127.0.0.1 reads nothing
+    assert client.request("/api/status", headers={"Host": "evil.example:80"})[0] == 403
+    assert client.request("/api/images", headers={"Host": f"localhost:{client.base[-5:]}"})[0] \
+        == 200
+    assert sidecar(review.inbox / name)["source"] == "model"
+    code, headers, _ = client.request("/")
+    assert code == 200 and "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+
+
+def test_a_token_guards_everything_and_is_never_logged(tmp_path, trained, photos):
+    token = "Tok3n-" + os.urandom(12).hex()
+    shutil.copytree(trained.save, tmp_path / "save")
+    data = shutil.copytree(photos.data, tmp_path / "data")
+    shutil.copytree(trained.folder / "inbox", tmp_path / "inbox")
+    port = free_port()
+    config = photo_config(tmp_path, data, web={"listen": f"127.0.0.1:{port}", "token": token})
+    daemon = Daemon(config)
+    try:
+        daemon.wait_for_log(r"serving the review page", 120)
+        client = Client(port)
+        name = sorted(p.name for p in (tmp_path / "inbox").glob("*.jpg"))[0]
+        for path in ("/", "/api/status", "/api/images", f"/api/thumb?path={name}"):
+            assert client.request(path)[0] == 401, path
+            assert client.request(path, headers={"Authorization": "Bearer wrong-token-0000"})[0] \
+                == 401
+        assert client.request("/api/label", {"path": name, "label": "ants"})[0] == 401
+        assert client.request("/?token=wrong")[0] == 401
+        code, headers, _ = client.request(f"/?token={token}")
+        assert code == 303 and headers["Location"] == "/"
+        cookie = headers["Set-Cookie"]
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie, cookie
+        with_cookie = {"Cookie": cookie.split(";")[0]}
+        assert client.request("/api/status", headers=with_cookie)[0] == 200
+        bearer = {"Authorization": f"Bearer {token}"}
+        wait_until(lambda: client.request("/api/images", headers=bearer)[0] == 200, 60)
+        assert client.request("/api/label", {"path": name, "label": "ants"}, bearer)[0] == 200
+        # a token from a cookie: the page's own origin only
+        assert client.request("/api/undo", {"path": name},
+                              dict(with_cookie, Origin="http://evil.example"))[0] == 403
+    finally:
+        assert daemon.stop() == 0, daemon.log
+    assert token not in daemon.log and "web.token=set" in daemon.log
+
+
+def test_with_a_fashion_mnist_source_the_label_is_kept_and_training_needs_folders(
+        tmp_path, small_data, one_epoch_save):
+    from conftest import write_config
+
+    shutil.copytree(one_epoch_save, tmp_path / "save")
+    config = write_config(tmp_path, small_data, epochs=1)
+    port = free_port()
+    config.write_text(config.read_text() + f"web: {{listen: '127.0.0.1:{port}'}}\n")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    crop = np.zeros((28, 28), np.uint8)
+    crop[6:22, 8:20] = 200
+    cv2.imwrite(str(inbox / "crop.png"), crop)
+    daemon = Daemon(config)
+    try:
+        client = Client(port)
+        wait_until(lambda: sidecar(inbox / "crop.png"), 120, message="a label")
+        wait_until(lambda: client.json("/api/status")["review"]["listed"] == 1, 30)
+        assert client.json("/api/status")["review"]["trains"] is False
+        code, _, body = client.request("/api/label", {"path": "crop.png", "label": "wasps"})
+        assert code == 400 and b"needs data.source folder" in body
+        answer = client.json("/api/label", {"path": "crop.png", "label": "Bag"})
+        assert (answer["label"], answer["copy"]) == ("Bag", None)
+        assert sidecar(inbox / "crop.png")["source"] == "person"
+    finally:
+        assert daemon.stop() == 0, daemon.log
+    assert not [p for p in tmp_path.rglob("Bag")]  # no training copy made anywhere
