@@ -91,6 +91,9 @@ class Corrections:
 
     def _finish(self):
         path = os.path.join(self.folder, INTENT)
+        for name in os.listdir(self.folder) if os.path.isdir(self.folder) else ():
+            if fsutil.is_temp_name(name):  # an intent never written down: nothing was done
+                fsutil.unlink_if_present(os.path.join(self.folder, name))
         try:
             with open(path) as file:
                 intent = json.load(file)
