@@ -16,11 +16,13 @@ log = logging.getLogger("daemon.web")
 
 EDGE = 256
 KEEP = 200_000  # thumbnails kept (about 10 KB each): a 100,000-image inbox twice over
+PRUNE_EVERY = 1000  # thumbnails made between two looks at how many there are
 
 
 class Thumbs:
     def __init__(self, save):
         self.folder = os.path.join(save, "thumbs")
+        self._made = 0
 
     def get(self, path, relative):
         """The JPEG bytes of `path`'s thumbnail; images.BadImage or Unreadable."""
@@ -36,12 +38,15 @@ class Thumbs:
         data = thumbnail(images.read_file(path))
         os.makedirs(os.path.dirname(cached), exist_ok=True)
         fsutil.publish(cached, data)  # not durable: a lost one is made again
+        self._made += 1
+        if self._made % PRUNE_EVERY == 1:  # the first, then every PRUNE_EVERY
+            self.prune()
         return data
 
     def prune(self, keep=KEEP):
         """Remove the least recently made thumbnails beyond `keep`."""
         made = []
-        for folder, entries, _ in fsutil.walk(self.folder):
+        for _, entries, _ in fsutil.walk(self.folder):
             made += [(entry.stat().st_mtime, entry.path) for entry in entries
                      if entry.name.endswith(".jpg")]
         made.sort()
