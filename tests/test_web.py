@@ -306,3 +306,60 @@ def test_with_a_fashion_mnist_source_the_label_is_kept_and_training_needs_folder
     finally:
         assert daemon.stop() == 0, daemon.log
     assert not [p for p in tmp_path.rglob("Bag")]  # no training copy made anywhere
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_correction_on_a_full_disk_is_finished_once_there_is_room(tmp_path, trained, photos):
+    """data.path on another file system (a byte copy, not a link), full: the correction is
+    written down, answered 503, and finished by the daemon itself once space returns."""
+    shutil.copytree(trained.save, tmp_path / "save")
+    inbox = shutil.copytree(trained.folder / "inbox", tmp_path / "inbox")
+    data = tmp_path / "data"
+    data.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(data)], check=True)
+    try:
+        shutil.copytree(photos.data, data, dirs_exist_ok=True)
+        port = free_port()
+        config = photo_config(tmp_path, data, web={"listen": f"127.0.0.1:{port}"})
+        daemon = Daemon(config)
+        client = Client(port)
+        name = sorted(p.name for p in inbox.glob("*.jpg"))[0]
+        daemon.wait_for_log(r"ready: model restored", 120)
+        filler = data / ".filler"
+        with pytest.raises(OSError), open(filler, "wb") as file:  # to the last block
+            while True:
+                file.write(b"\0" * 65536)
+                file.flush()
+        code, _, body = client.request("/api/label", {"path": name, "label": "bees2"})
+        assert code == 503 and b"No space left" in body, body
+        assert sidecar(inbox / name)["source"] == "model"
+        # the next one waits for it
+        code, _, body = client.request("/api/label", {"path": name, "label": "ants"})
+        assert code == 503 and b"an earlier correction" in body, body
+        filler.unlink()
+        record = wait_until(lambda: (r := sidecar(inbox / name))["source"] == "person" and r,
+                            60, 0.2, message="the correction finished by itself")
+        copy = data / "bees2" / name
+        assert record["label"] == "bees2" and record["copy_inode"] == copy.stat().st_ino
+        assert copy.read_bytes() == (inbox / name).read_bytes()
+        assert copy.stat().st_ino != (inbox / name).stat().st_ino  # a copy, not a link
+        assert client.json("/api/undo", {"path": name})["source"] == "model"
+        assert not copy.exists()
+        assert daemon.stop() == 0, daemon.log
+        assert "will retry" in daemon.log and "the unfinished correction is done" in daemon.log
+    finally:
+        subprocess.run(["umount", "-l", str(data)], check=False)
+
+
+def test_thumbnails_beyond_the_limit_are_pruned_oldest_first(tmp_path, photos):
+    from daemon.web.thumbs import Thumbs
+
+    thumbs = Thumbs(tmp_path)
+    for n, path in enumerate(photos.held[:4]):
+        thumbs.get(str(path), path.name)
+        made = list((tmp_path / "thumbs").rglob("*.jpg"))
+        os.utime(made[-1] if len(made) == 1 else max(made, key=lambda p: p.stat().st_mtime_ns),
+                 (1000 + n, 1000 + n))
+    kept = sorted((tmp_path / "thumbs").rglob("*.jpg"), key=lambda p: p.stat().st_mtime)
+    thumbs.prune(keep=2)
+    assert sorted((tmp_path / "thumbs").rglob("*.jpg")) == sorted(kept[2:])

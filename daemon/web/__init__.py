@@ -6,11 +6,15 @@ Built by the service, which owns its thread through start(), stop() and join().
 """
 
 import os
+import time
 
 from daemon.web.app import Review, app
 from daemon.web.corrections import Corrections
 from daemon.web.server import WebServer
 from daemon.web.thumbs import Thumbs
+
+
+RETRY_SECONDS = 10
 
 
 class Web:
@@ -27,6 +31,7 @@ class Web:
         self.review = Review(os.path.realpath(config.inbox), self.index, self.corrections,
                              Thumbs(config.save), status, config.web.token)
         self.server = WebServer(app(self.review), config.web.listen)
+        self._tried = time.monotonic()
 
     def start(self):
         self.server.start()
@@ -38,7 +43,11 @@ class Web:
         self.server.join(timeout)
 
     def rechecks(self):
-        """{image: False} for the labeller: images whose person's label was taken back."""
+        """{image: False} for the labeller: images whose person's label was taken back (or
+        whose correction was finished late: tried again every RETRY_SECONDS)."""
+        if self.corrections.unfinished and time.monotonic() - self._tried > RETRY_SECONDS:
+            self._tried = time.monotonic()
+            self.corrections.finish()
         due = {}
         while not self.corrections.rechecks.empty():
             due[self.corrections.rechecks.get()] = False

@@ -35,6 +35,7 @@ class Corrections:
         self.labels = labels  # a Fashion-MNIST source: its fixed classes; a folder's: None
         self.classes = classes  # () -> the model's classes now, or None
         self.rechecks = queue.SimpleQueue()  # images whose model label is due again (undo)
+        self.unfinished = False  # one written down and not carried through (a full disk)
         self._lock = threading.Lock()
 
     def label(self, image, label):
@@ -85,8 +86,14 @@ class Corrections:
             try:
                 self._finish()
             except OSError as error:
-                log.warning("review: cannot finish a correction yet: %s; will retry", error)
+                if not self.unfinished:
+                    log.warning("review: cannot finish a correction yet: %s; will retry",
+                                error)
+                self.unfinished = True
                 return False
+            if self.unfinished:
+                log.info("review: the unfinished correction is done")
+            self.unfinished = False
             return True
 
     def _finish(self):
@@ -113,6 +120,7 @@ class Corrections:
         if not again:
             try:
                 self._finish()  # one left by a failure: first things first
+                self.unfinished = False
             except OSError as error:
                 raise Refused(503, f"an earlier correction cannot be finished yet: "
                               f"{error.strerror or error}") from None
@@ -126,6 +134,9 @@ class Corrections:
         except OSError as error:
             if again:
                 raise
+            self.unfinished = True
+            log.warning("review: a correction of %r is written down but cannot be finished "
+                        "yet: %s; will retry", intent["image"], error)
             raise Refused(503, f"written down, to be finished when it can be: "
                           f"{error.strerror or error}") from None
         os.unlink(path)
