@@ -26,7 +26,7 @@ class Web:
         self.corrections = Corrections(
             sidecars, config.save, data_path=config.data.path if folder else None,
             labels=None if folder else list(config.classify.labels),
-            classes=lambda: self.review.status().get("classes"))
+            classes=lambda: self.review.status(max_age=60).get("classes"))
         self.corrections.finish()  # what a crash interrupted, before anything else
         self.review = Review(os.path.realpath(config.inbox), self.index, self.corrections,
                              Thumbs(config.save), status, config.web.token)

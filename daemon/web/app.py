@@ -52,9 +52,9 @@ class Review:
         self._cached = (0.0, None)
         self._thumbs_at_once = threading.Semaphore(1)  # one core at most, never both
 
-    def status(self):
+    def status(self, max_age=STATUS_SECONDS):
         made, result = self._cached
-        if result is None or time.monotonic() - made > STATUS_SECONDS:
+        if result is None or time.monotonic() - made > max_age:
             result = self._status()
             counts, errors = self.index.counts()
             result["review"] = {"listed": len(self.index), "by_label": counts,
@@ -84,6 +84,10 @@ def app(review):
         offset, limit = _number(query, "offset", 0, 10**9), _number(query, "limit", 60, MAX_LIMIT)
         label = query.get("class") or None
         total, rows = review.index.page(sort, label, offset, limit)
+        gone = [path for path, _ in rows if not os.path.lexists(os.path.join(review.root, path))]
+        for path in gone:  # removed with its folder, say: no event told the index
+            review.index.gone(os.path.join(review.root, path))
+        rows = [row for row in rows if row[0] not in gone]
         return JSONResponse({"total": total, "offset": offset, "changes": review.index.changes,
                              "images": [_row(path, entry) for path, entry in rows]})
 
