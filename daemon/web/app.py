@@ -8,6 +8,7 @@ own origin (CSRF). Bodies, pages and thumbnails are bounded; paths are checked b
 """
 
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -34,7 +35,6 @@ MAX_BODY = 4096
 MAX_LIMIT = 500
 STATUS_SECONDS = 1.0  # /api/status is read from save/ at most this often
 COOKIE = "wardrobe_token"
-LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self'; "
                                       "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
@@ -149,8 +149,8 @@ class Guard(BaseHTTPMiddleware):
         token = self.review.token
         host = request.headers.get("host", "")
         if token is None:
-            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-            if name.strip("[]").lower() not in LOOPBACK_NAMES:
+            name = (host.rsplit(":", 1)[0] if not host.endswith("]") else host).strip("[]")
+            if not _loopback_name(name.lower()):
                 return 403, "this page answers to localhost only (set web.token to serve it " \
                             "under another name)"
         else:
@@ -170,6 +170,15 @@ class Guard(BaseHTTPMiddleware):
                         "same-origin", "none"):
                 return 403, "a POST from another site's page is refused"
         return None
+
+
+def _loopback_name(name):
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _number(query, key, default, most):
