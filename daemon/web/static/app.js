@@ -2,6 +2,7 @@
 "use strict";
 const PAGE = 60;
 let images = [], selected = 0, changes = null, classes = [], total = 0, shown = PAGE;
+let lastLabelled = null;  // the path of the last correction made here: what u takes back
 const $ = (id) => document.getElementById(id);
 
 async function api(path, body) {
@@ -103,13 +104,19 @@ async function label(name) {
     const record = await api("/api/label", {path: image.path, label: name});
     Object.assign(image, {label: record.label, source: record.source, confidence: record.confidence, error: null});
     toast(`${image.path}: ${record.label}` + (record.copy ? ` (training copy ${record.copy})` : ""));
+    lastLabelled = image.path;
     selected = Math.min(selected + 1, images.length - 1);
     render();
   } catch (error) { toast(error.message); }
 }
 
 async function undo() {
-  const image = images[selected];
+  // the selected image's correction; else the last one made here (labelling moved on)
+  let image = images[selected];
+  if (image && image.source !== "person") {
+    const last = images.findIndex((each) => each.path === lastLabelled && each.source === "person");
+    if (last >= 0) { selected = last; image = images[last]; }
+  }
   if (!image) return;
   try {
     const record = await api("/api/undo", {path: image.path});
