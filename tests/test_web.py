@@ -73,15 +73,17 @@ def review(tmp_path_factory, trained, photos):
     secret = shutil.copyfile(photos.held[0], outside / "secret.jpg")
     (inbox / "link.jpg").symlink_to(secret)
     (inbox / "linked").symlink_to(outside, target_is_directory=True)
+    (inbox / "zz-broken.jpg").write_bytes(b"\xff\xd8\xff not really a JPEG")
     port = free_port()
     config = photo_config(folder, data, web={"listen": f"127.0.0.1:{port}"})
     daemon = Daemon(config)
     client = Client(port)
-    images = sorted(p.name for p in inbox.glob("*.jpg") if not p.is_symlink())
+    images = sorted(p.name for p in inbox.glob("*.jpg") if not p.is_symlink() and
+                    p.name != "zz-broken.jpg")
     try:
         daemon.wait_for_log(r"ready: model restored", 120)
-        # the symlink gets an error sidecar ("symbolic link: not followed"), listed too
-        wait_until(lambda: client.json("/api/status")["review"]["listed"] == len(images) + 1,
+        # the symlink and the broken file get error sidecars, listed too
+        wait_until(lambda: client.json("/api/status")["review"]["listed"] == len(images) + 2,
                    60, message="the inbox listed")
         yield types.SimpleNamespace(folder=folder, config=config, daemon=daemon, data=data,
                                     inbox=inbox, client=client, images=images, secret=secret)
@@ -92,10 +94,12 @@ def review(tmp_path_factory, trained, photos):
 
 def test_the_listing_is_the_inbox_sidecars_least_confident_first(review):
     answer = review.client.json("/api/images?limit=100")
-    assert answer["total"] == len(review.images) + 1
-    errors = answer["images"][-1]  # errors last
-    assert (errors["path"], errors["label"]) == ("link.jpg", None) and "link" in errors["error"]
-    del answer["images"][-1]
+    assert answer["total"] == len(review.images) + 2
+    errors = answer["images"][-2:]  # errors last
+    assert [(row["path"], row["label"]) for row in errors] == [("link.jpg", None),
+                                                               ("zz-broken.jpg", None)]
+    assert "symbolic link" in errors[0]["error"] and errors[1]["error"]
+    del answer["images"][-2:]
     listed = {row["path"]: row for row in answer["images"]}
     assert sorted(listed) == review.images
     for name, row in listed.items():
@@ -219,6 +223,11 @@ def test_class_names_are_folder_names(review):
         assert code == 400 and b"label" in body, (label, code, body)
     assert sorted(p.name for p in review.data.iterdir()) == before
     assert sidecar(review.inbox / review.images[3])["source"] == "model"
+    code, _, body = review.client.request("/api/label", {"path": "zz-broken.jpg",
+                                                         "label": "ants"})
+    assert code == 409 and b"not an image the daemon can read" in body, body
+    code, _, _ = review.client.request("/api/thumb?path=zz-broken.jpg")
+    assert code == 422
 
 
 def test_requests_are_bounded_and_posts_come_from_the_page_only(review):

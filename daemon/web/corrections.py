@@ -49,6 +49,9 @@ class Corrections:
             info = _regular(image)
             current = self.sidecars.read(image)
             person = current is not None and current.get("source") == PERSON
+            if current is not None and "error" in current:
+                raise Refused(409, f"path: not an image the daemon can read "
+                              f"({current['error']}): nothing to label")
             if person and current.get("label") == label:
                 return current  # said before: nothing to do
             copy = None if self.data_path is None else self._copy_name(image, label, info)
