@@ -278,7 +278,8 @@ def test_a_token_guards_everything_and_is_never_logged(tmp_path, trained, photos
         with_cookie = {"Cookie": cookie.split(";")[0]}
         assert client.request("/api/status", headers=with_cookie)[0] == 200
         bearer = {"Authorization": f"Bearer {token}"}
-        wait_until(lambda: client.request("/api/images", headers=bearer)[0] == 200, 60)
+        wait_until(lambda: name in client.request("/api/images", headers=bearer)[2].decode(),
+                   60, message="the inbox listed")
         assert client.request("/api/label", {"path": name, "label": "ants"}, bearer)[0] == 200
         # a token from a cookie: the page's own origin only
         assert client.request("/api/undo", {"path": name},
@@ -320,7 +321,7 @@ def test_with_a_fashion_mnist_source_the_label_is_kept_and_training_needs_folder
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_a_correction_on_a_full_disk_is_finished_once_there_is_room(tmp_path, trained, photos):
     """data.path on another file system (a byte copy, not a link), full: the correction is
-    written down, answered 503, and finished by the daemon itself once space returns."""
+    written down, answered 202, and finished by the daemon itself once space returns."""
     shutil.copytree(trained.save, tmp_path / "save")
     inbox = shutil.copytree(trained.folder / "inbox", tmp_path / "inbox")
     data = tmp_path / "data"
@@ -334,13 +335,15 @@ def test_a_correction_on_a_full_disk_is_finished_once_there_is_room(tmp_path, tr
         client = Client(port)
         name = sorted(p.name for p in inbox.glob("*.jpg"))[0]
         daemon.wait_for_log(r"ready: model restored", 120)
+        wait_until(lambda: client.json("/api/status")["review"]["listed"] >= 1, 60)
         filler = data / ".filler"
         with pytest.raises(OSError), open(filler, "wb") as file:  # to the last block
             while True:
                 file.write(b"\0" * 65536)
                 file.flush()
         code, _, body = client.request("/api/label", {"path": name, "label": "bees2"})
-        assert code == 503 and b"No space left" in body, body
+        assert code == 202 and json.loads(body)["pending"].startswith(
+            "written down, to be finished when it can be: No space left"), body
         assert sidecar(inbox / name)["source"] == "model"
         # the next one waits for it
         code, _, body = client.request("/api/label", {"path": name, "label": "ants"})

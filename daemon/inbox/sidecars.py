@@ -61,7 +61,8 @@ class Sidecars:
 
     def is_up_to_date(self, image, info=None, rewrite=False):
         """True if `image` has a valid sidecar written for its current content, or a
-        person's label (whatever became of the file); with `rewrite`, only the latter."""
+        person's label of this file (edited in place or not; a file replaced by another is
+        labelled again); with `rewrite`, only the latter."""
         try:
             info = info or os.stat(image, follow_symlinks=False)
             text, sidecar_time = _read_regular(self.path_for(image))
@@ -73,7 +74,7 @@ class Sidecars:
         record = _record(text)
         if record is None or str(record.get("error", "")).startswith(_TRANSIENT_ERRORS):
             return False
-        current = record.get("source") == PERSON or (
+        current = _persons_for(record, info.st_ino) or (
             not rewrite and file_of(record) == _file(info))
         if current and self.observer is not None:
             self.observer.seen(image, record)
@@ -82,7 +83,8 @@ class Sidecars:
     def written(self, image, info, result):
         """The labeller's sidecar for `image` landed: tell the observer."""
         if self.observer is not None and self.kind == "json":
-            self.observer.seen(image, dict(result, source=MODEL, file=_file(info)))
+            self.observer.seen(image, dict(result, source=MODEL, file=_file(info),
+                                           classified_at=fsutil.utc_timestamp()))
 
     def read(self, image):
         """The record of `image`'s JSON sidecar of ours, or None."""
@@ -241,18 +243,25 @@ def _record(text):
 
 
 def publish_model(sidecar, data, mtime_ns=None):
-    """Publish the model's sidecar `data` at `sidecar` unless a person's label is there;
-    under the folder's lock, which the review page takes to write a person's. None, or KEPT.
-    A plain function: the decode workers write the labeller's sidecars."""
+    """Publish the model's sidecar `data` at `sidecar` unless a person's label of the same
+    file is there; under the folder's lock, which the review page takes to write a
+    person's. None, or KEPT. A plain function: the decode workers write the labeller's."""
     with fsutil.folder_lock(os.path.dirname(sidecar) or "."):
         try:
             record = _record(_read_regular(sidecar)[0])
         except OSError:
             record = None
         if record is not None and record.get("source") == PERSON:
-            return KEPT
+            ours = json.loads(data) if data.startswith(b"{") else {}
+            if _persons_for(record, (file_of(ours) or {}).get("inode")):
+                return KEPT
         fsutil.publish(sidecar, data, mtime_ns)
     return None
+
+
+def _persons_for(record, inode):
+    """Is `record` a person's label of the file with this inode?"""
+    return record.get("source") == PERSON and (file_of(record) or {}).get("inode") == inode
 
 
 def file_of(record):

@@ -98,6 +98,9 @@ class Service:
         config = self.config
         auto = config.model == "auto"
         log.info("wardrobe starting (pid %d): %s", os.getpid(), config.summary())
+        if config.web.token and config.source and os.stat(config.source).st_mode & 0o044:
+            log.warning("%s holds web.token and other users may read it: chmod 600 %s",
+                        config.source, config.source)
         self._install_signal_handlers()
         if config.data.path is not None:
             try:
@@ -124,6 +127,8 @@ class Service:
         sidecars = Sidecars(config.classify.sidecar, config.classify.extensions)
         if config.web.listen:  # a port taken ends the start here (exit 1)
             self.web = self._web(config, sidecars)
+        elif os.path.exists(config.save / "review" / "intent.json"):
+            self._finish_correction(config, sidecars)  # one a stop interrupted
         self.inbox = Inbox(config.inbox, sidecars, config.watch)  # started by the labeller
         owner = f"{os.getpid()} {config.save}"
         try:  # one daemon per inbox: another's ends the start here (exit 1)
@@ -388,6 +393,12 @@ class Service:
 
         sidecars.observer = Index(os.path.realpath(config.inbox))
         return Web(config, sidecars, lambda: status.report(self.config))
+
+    def _finish_correction(self, config, sidecars):
+        from daemon.web.corrections import Corrections
+
+        folder = config.data.source == "folder"
+        Corrections(sidecars, config.save, config.data.path if folder else None).finish()
 
     def _decoder(self, root):
         """Decode workers here, or through the cluster when there is one (for files under

@@ -19,6 +19,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
@@ -91,11 +92,16 @@ def app(review):
         return JSONResponse({"total": total, "offset": offset, "changes": review.index.changes,
                              "images": [_row(path, entry) for path, entry in rows]})
 
-    def thumb(request):
-        relative = request.query_params.get("path")
+    def listed(relative):
+        """The absolute path of a listed image (one with a sidecar of ours), else Refused."""
         path = paths.image(review.root, relative)
         if review.index.get(relative) is None:
             raise Refused(404, "path: not an image the daemon has labelled")
+        return path
+
+    def thumb(request):
+        relative = request.query_params.get("path")
+        path = listed(relative)
         with review._thumbs_at_once:
             try:
                 data = review.thumbs.get(path, relative)
@@ -106,13 +112,13 @@ def app(review):
 
     async def label(request):
         body = await _json(request)
-        path = paths.image(review.root, body.get("path"))
+        path = listed(body.get("path"))
         name = paths.class_name(body.get("label"))
         return JSONResponse(_record(await _threaded(review.corrections.label, path, name)))
 
     async def undo(request):
         body = await _json(request)
-        path = paths.image(review.root, body.get("path"))
+        path = listed(body.get("path"))
         return JSONResponse(_record(await _threaded(review.corrections.undo, path)))
 
     routes = [Route(path, page) for path in PAGE_FILES] + [
@@ -154,7 +160,8 @@ class Guard(BaseHTTPMiddleware):
                 return 403, "this page answers to localhost only (set web.token to serve it " \
                             "under another name)"
         else:
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            given = given.strip() if scheme.lower() == "bearer" else ""
             given = given or request.cookies.get(COOKIE, "")
             if request.url.path == "/" and "token" in request.query_params:
                 given = request.query_params["token"]
@@ -196,10 +203,13 @@ async def _json(request):
     if int(request.headers.get("content-length") or 0) > MAX_BODY:
         raise Refused(413, f"a request body is at most {MAX_BODY} bytes")
     body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY:
-            raise Refused(413, f"a request body is at most {MAX_BODY} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY:
+                raise Refused(413, f"a request body is at most {MAX_BODY} bytes")
+    except ClientDisconnect:  # gone before its body came (server.py's deadline)
+        raise Refused(400, "the request's body never came") from None
     try:
         value = json.loads(body)
     except ValueError:
@@ -227,5 +237,6 @@ def _record(record):
 
 
 async def _refused(request, error):
-    return JSONResponse({"error": str(error)}, status_code=error.status,
-                        headers=HEADERS)
+    """A request refused -- or, 202, taken but not finished yet (a full disk)."""
+    return JSONResponse({"pending" if error.status < 300 else "error": str(error)},
+                        status_code=error.status, headers=HEADERS)

@@ -6,7 +6,12 @@ data.path/<label>/, where the data thread finds it for the next data version.
 Done or not at all, across SIGKILL and power cuts: the whole change is first written down,
 durably, as save/review/intent.json; then the training copy is made and fsynced, the
 sidecar published and fsynced, and the intent removed. An intent found at start is carried
-through (recover()); every step can be done twice. Corrections are taken one at a time.
+through (finish()); every step can be done twice. Corrections are taken one at a time.
+
+The image is opened once (never through a symbolic link) and the copy is made from that
+open file, so a file swapped in meanwhile is never what gets copied. Carried through later,
+a correction whose image is no longer that file keeps the copy made of it (the person did
+label that photo) and writes no sidecar for what is there now.
 """
 
 import errno
@@ -18,13 +23,20 @@ import stat
 import threading
 
 from daemon import fsutil
+from daemon.data.images import MAX_FILE_BYTES
 from daemon.inbox.sidecars import PERSON
 from daemon.web.paths import Refused
 
 log = logging.getLogger("daemon.web")
 
 INTENT = "intent.json"
-COPY_ERRNOS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES}
+COPY_ERRNOS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES,
+               errno.ENOENT}  # ENOENT: no /proc (then a byte copy)
+GONE_ERRNOS = {errno.ENOENT, errno.ELOOP, errno.ENOTDIR}  # not the file it was: final
+
+
+class Changed(Exception):
+    """The image is no longer the file the correction was about."""
 
 
 class Corrections:
@@ -40,13 +52,14 @@ class Corrections:
 
     def label(self, image, label):
         """`image` (absolute, checked) is of class `label` (checked), says a person: its
-        sidecar record, once durable."""
+        sidecar record, once durable; Refused if it cannot be."""
         if self.labels is not None and label not in self.labels:
             raise Refused(400, f"label: {label!r} is not one of this model's classes "
                           "(a Fashion-MNIST source has fixed classes; training on new ones "
                           "needs data.source folder)")
-        with self._lock:
-            info = _regular(image)
+        if why := self.sidecars.name_too_long(image):
+            raise Refused(409, f"path: {why}")
+        with self._lock, _opened(image) as (fd, info):
             current = self.sidecars.read(image)
             person = current is not None and current.get("source") == PERSON
             if current is not None and "error" in current:
@@ -61,9 +74,10 @@ class Corrections:
                 "confidence": 1.0, "epoch": None, "labelled_at": fsutil.utc_timestamp(),
                 "copy": copy and os.path.relpath(copy, self.data_path), "copy_inode": None,
                 "previous": current.get("previous") if person else current})
-            intent = {"op": "label", "image": image, "copy": copy,
-                      "remove": self._copy_of(current) if person else None, "record": record}
-            self._carry_out(intent)
+            intent = {"op": "label", "image": image, "file": [info.st_dev, info.st_ino],
+                      "copy": copy, "remove": self._copy_of(current) if person else None,
+                      "record": record}
+            self._carry_out(intent, fd)
             log.info("%r labelled %r by a person%s", image, label,
                      f"; training copy {copy!r}" if copy else "")
             return self.sidecars.read(image)
@@ -71,13 +85,14 @@ class Corrections:
     def undo(self, image):
         """Take a person's label of `image` back: the training copy goes, the sidecar is
         the model's again (or none, and the labeller labels it). The record now, or None."""
-        with self._lock:
+        with self._lock, _opened(image) as (fd, info):
             current = self.sidecars.read(image)
             if current is None or current.get("source") != PERSON:
                 raise Refused(409, "path: no label of a person's to undo")
-            intent = {"op": "undo", "image": image, "copy": None,
-                      "remove": self._copy_of(current), "record": current.get("previous")}
-            self._carry_out(intent)
+            intent = {"op": "undo", "image": image, "file": [info.st_dev, info.st_ino],
+                      "copy": None, "remove": self._copy_of(current),
+                      "record": current.get("previous")}
+            self._carry_out(intent, fd)
             log.info("%r: the person's label %r taken back", image, current.get("label"))
             self.rechecks.put(image)
             return self.sidecars.read(image)
@@ -114,68 +129,83 @@ class Corrections:
             os.unlink(path)
             return
         log.info("review: finishing the %s of %r", intent["op"], intent["image"])
-        self._carry_out(intent, again=True)
+        try:
+            with _opened(intent["image"], intent["file"]) as (fd, _):
+                self._steps(intent, fd, again=True)
+        except Changed as why:  # the copy made of it stays; an undo's copy still goes
+            log.warning("review: %r is no longer the file its %s was about (%s): no "
+                        "sidecar written", intent["image"], intent["op"], why)
+            if intent["op"] == "undo" and intent["remove"]:
+                _remove_copy(*intent["remove"])
+        self._done(path)
         self.rechecks.put(intent["image"])
 
-    def _carry_out(self, intent, again=False):
-        """Do what `intent` says; first write it down (unless carried through `again`)."""
+    def _carry_out(self, intent, fd):
+        """Write `intent` down, then do it."""
         path = os.path.join(self.folder, INTENT)
-        if not again:
-            try:
-                self._finish()  # one left by a failure: first things first
-                self.unfinished = False
-            except OSError as error:
-                raise Refused(503, f"an earlier correction cannot be finished yet: "
-                              f"{error.strerror or error}") from None
-            os.makedirs(self.folder, exist_ok=True)
-            fsutil.write_new(path, json.dumps(intent).encode())  # the point of no return
         try:
-            self._steps(intent, again)
+            self._finish()  # one left by a failure: first things first
+            self.unfinished = False
+        except OSError as error:
+            raise Refused(503, f"an earlier correction cannot be finished yet: "
+                          f"{error.strerror or error}") from None
+        os.makedirs(self.folder, exist_ok=True)
+        fsutil.write_new(path, json.dumps(intent).encode())  # the point of no return
+        try:
+            self._steps(intent, fd)
         except Refused:
             os.unlink(path)  # refused before anything was done
             raise
         except OSError as error:
-            if again:
-                raise
             self.unfinished = True
             log.warning("review: a correction of %r is written down but cannot be finished "
                         "yet: %s; will retry", intent["image"], error)
-            raise Refused(503, f"written down, to be finished when it can be: "
+            raise Refused(202, f"written down, to be finished when it can be: "
                           f"{error.strerror or error}") from None
+        self._done(path)
+
+    def _done(self, path):
         os.unlink(path)
         fsutil.fsync_folder(self.folder)
 
-    def _steps(self, intent, again):
+    def _steps(self, intent, fd, again=False):
         image, record = intent["image"], intent["record"]
-        if intent["copy"] and os.path.lexists(image):
-            record["copy_inode"] = _make_copy(image, intent["copy"], self.data_path, again)
+        if intent["copy"]:
+            record["copy_inode"] = _make_copy(fd, intent["copy"], self.data_path, again)
         if intent["remove"]:
             _remove_copy(*intent["remove"])
         sidecar = self.sidecars.path_for(image)
-        if os.path.lexists(image):
-            with fsutil.folder_lock(os.path.dirname(sidecar)):
-                if record is None:
-                    fsutil.unlink_if_present(sidecar)
-                    fsutil.fsync_folder(os.path.dirname(sidecar))
-                else:
-                    fsutil.write_new(sidecar, self.sidecars.encode(record))
-            if self.sidecars.observer is not None and (record := self.sidecars.read(image)):
-                self.sidecars.observer.seen(image, record)
+        with fsutil.folder_lock(os.path.dirname(sidecar)):
+            if record is None:
+                fsutil.unlink_if_present(sidecar)
+                fsutil.fsync_folder(os.path.dirname(sidecar))
+            else:
+                fsutil.write_new(sidecar, self.sidecars.encode(record))
+        if self.sidecars.observer is not None and (record := self.sidecars.read(image)):
+            self.sidecars.observer.seen(image, record)
 
     def _copy_name(self, image, label, info):
         """Where the training copy of `image` goes: data.path/<label>/<its name>, or
-        <stem>-2<ext>... when that name is another file's."""
+        <stem>-2<ext>... when that name is another file's; the name it is linked under
+        already, if it is (renamed in the inbox meanwhile)."""
         folder = os.path.join(self.data_path, label)
+        if os.path.lexists(folder) and os.path.realpath(folder) != folder:
+            raise Refused(409, f"label: {folder} is a symbolic link: not written through")
+        if os.path.isdir(self.data_path):
+            for entry in os.scandir(self.data_path):
+                if entry.name != label and entry.name.casefold() == label.casefold():
+                    raise Refused(409, f"label: the class {entry.name!r} differs from "
+                                  f"{label!r} in case only: use it, or another name")
+        if info.st_nlink > 1 and os.path.isdir(folder):  # a link of it there already?
+            for entry in os.scandir(folder):
+                if entry.inode() == info.st_ino and entry.is_file(follow_symlinks=False):
+                    return entry.path
         stem, ext = os.path.splitext(os.path.basename(image))
         for number in range(1, 10000):
-            name = f"{stem}{ext}" if number == 1 else f"{stem}-{number}{ext}"
-            candidate = os.path.join(folder, name)
-            try:
-                there = os.lstat(candidate)
-            except FileNotFoundError:
+            candidate = os.path.join(folder, f"{stem}{ext}" if number == 1
+                                     else f"{stem}-{number}{ext}")
+            if not os.path.lexists(candidate):
                 return candidate
-            if there.st_ino == info.st_ino and there.st_dev == info.st_dev:
-                return candidate  # linked before (a correction carried through again)
         raise Refused(409, f"label: {folder} has too many files named like {stem}{ext}")
 
     def _copy_of(self, record):
@@ -185,50 +215,89 @@ class Corrections:
         return [os.path.join(self.data_path, record["copy"]), record["copy_inode"]]
 
 
-def _regular(image):
-    try:
-        info = os.lstat(image)
-    except FileNotFoundError:
-        raise Refused(404, "path: no such image (gone meanwhile)") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise Refused(404, "path: not a regular file")
-    return info
+class _opened:
+    """Within: (fd, fstat) of the regular file `image`, opened without following a symbolic
+    link; with `file` ([st_dev, st_ino]), Changed unless it is that file. Refused when a
+    request names what cannot be an image; Changed (final) or OSError (may go away) when a
+    correction is carried through again."""
+
+    def __init__(self, image, file=None):
+        self.image, self.file = image, file
+
+    def __enter__(self):
+        again = self.file is not None
+        try:
+            self.fd = os.open(self.image, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK |
+                              os.O_CLOEXEC)
+        except OSError as error:
+            if error.errno not in GONE_ERRNOS:
+                raise
+            if again:
+                raise Changed(error.strerror) from None
+            raise Refused(404, "path: no such image (gone meanwhile, or a symbolic link)") \
+                from None
+        info = os.fstat(self.fd)
+        if not stat.S_ISREG(info.st_mode) or (again and [info.st_dev, info.st_ino] != self.file):
+            os.close(self.fd)
+            if again:
+                raise Changed("another file")
+            raise Refused(404, "path: not a regular file")
+        if info.st_size > MAX_FILE_BYTES:
+            os.close(self.fd)
+            if again:
+                raise Changed("grown too large")
+            raise Refused(413, f"path: over {MAX_FILE_BYTES} bytes: not an image to train on")
+        return self.fd, info
+
+    def __exit__(self, *_):
+        os.close(self.fd)
 
 
-def _make_copy(image, copy, data_path, again):
-    """Hard-link `image` at `copy` (or copy its bytes where links cannot be made), durably;
-    its inode. Carried through `again`, a copy already there is ours and kept."""
+def _make_copy(fd, copy, data_path, again):
+    """Hard-link the open file `fd` at `copy` (or copy its bytes where links cannot be
+    made), durably; its inode. Carried through `again`, a copy already there is ours."""
     folder = os.path.dirname(copy)
     if not os.path.isdir(folder):
         os.makedirs(folder, exist_ok=True)
         fsutil.fsync_folder(data_path)
-    try:
-        os.link(image, copy, follow_symlinks=False)
+    folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:  # the open file itself, whatever its name is now: a dir fd makes os.link use
+        # linkat(AT_SYMLINK_FOLLOW) on the /proc fd link (plain link() would not follow it)
+        os.link(f"/proc/self/fd/{fd}", copy, src_dir_fd=folder_fd, follow_symlinks=True)
     except FileExistsError:
-        if not again and not os.path.samestat(os.lstat(copy), os.lstat(image)):
+        if not again and not os.path.samestat(os.lstat(copy), os.fstat(fd)):
             raise Refused(409, f"label: {copy} appeared meanwhile: try again") from None
     except OSError as error:
         if error.errno not in COPY_ERRNOS:
             raise
         if not os.path.lexists(copy):
-            with open(image, "rb") as file:  # inbox images are at most 64 MiB (images.py)
-                fsutil.write_new(copy, file.read(), sync_folder=False)
-    fd = os.open(copy, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)  # a photo just copied into the inbox may not be on disk yet
-        inode = os.fstat(fd).st_ino
+            size = os.fstat(fd).st_size  # at most MAX_FILE_BYTES: checked when opened
+            fsutil.write_new(copy, os.pread(fd, size, 0), sync_folder=False)
     finally:
-        os.close(fd)
+        os.close(folder_fd)
+    copied = os.open(copy, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(copied)  # a photo just copied into the inbox may not be on disk yet
+        inode = os.fstat(copied).st_ino
+    finally:
+        os.close(copied)
     fsutil.fsync_folder(folder)
     return inode
 
 
 def _remove_copy(copy, inode):
-    """Remove the training copy a correction made, if it still is that file."""
+    """Remove the training copy a correction made, if it still is that file; and its class
+    folder if that leaves it empty (a class named by mistake goes with its last image)."""
     try:
         if os.lstat(copy).st_ino != inode:
             return  # replaced by someone: theirs now
         os.unlink(copy)
     except FileNotFoundError:
         return
-    fsutil.fsync_folder(os.path.dirname(copy))
+    folder = os.path.dirname(copy)
+    fsutil.fsync_folder(folder)
+    try:
+        os.rmdir(folder)
+        fsutil.fsync_folder(os.path.dirname(folder))
+    except OSError:
+        pass  # other images in it

@@ -22,7 +22,7 @@ def image(root, relative):
     without a symbolic link; else Refused. `root` is the inbox's real path."""
     if not isinstance(relative, str) or not relative:
         raise Refused(400, "path: expected an inbox-relative path")
-    if "\0" in relative or len(os.fsencode(relative)) > MAX_PATH_BYTES:
+    if "\0" in relative or len(_utf8(relative) or b"\0" * MAX_PATH_BYTES) >= MAX_PATH_BYTES:
         raise Refused(400, "path: not a file name")
     parts = relative.split("/")
     if relative.startswith("/") or any(part in ("", ".", "..") for part in parts):
@@ -46,10 +46,19 @@ def class_name(name, ours=()):
     if not isinstance(name, str):
         raise Refused(400, "label: expected a class name")
     name = unicodedata.normalize("NFC", name.strip())
-    if not name or len(os.fsencode(name)) > MAX_CLASS_BYTES:
+    if not name or len(_utf8(name) or b"\0" * (MAX_CLASS_BYTES + 1)) > MAX_CLASS_BYTES:
         raise Refused(400, f"label: a class name is 1 to {MAX_CLASS_BYTES} bytes long")
     if "/" in name or "\\" in name or name.startswith(".") or name in ours or any(
             unicodedata.category(c).startswith("C") for c in name):
         raise Refused(400, "label: a class name is a folder name: no / or \\, no control "
                       "characters, not starting with a dot")
     return name
+
+
+def _utf8(text):
+    """`text` as the bytes of a file name (a name that is not UTF-8 on disk comes and goes
+    as surrogate escapes), or None if it names none (a lone surrogate from JSON's \\ud800)."""
+    try:
+        return os.fsencode(text)
+    except UnicodeEncodeError:
+        return None

@@ -6,11 +6,39 @@ import socket
 import threading
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from daemon.errors import WardrobeError
 from daemon.service.config import show_listen
 
 log = logging.getLogger("daemon.web")
+
+REQUEST_SECONDS = 15  # a connection's request, from its first byte awaited to its answer
+CONNECTIONS = 256  # at once; beyond, 503 (each is a file descriptor of the daemon's)
+
+
+class Deadline(H11Protocol):
+    """uvicorn's HTTP/1.1 with a deadline per request: a client that connects and sends
+    nothing, or half a request, is dropped after REQUEST_SECONDS (uvicorn waits forever,
+    and a few dozen such connections would take the page from everyone)."""
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self._deadline = self.loop.call_later(REQUEST_SECONDS, self._too_slow)
+
+    def on_response_complete(self):
+        super().on_response_complete()
+        self._deadline.cancel()  # the next request on this connection: its own time
+        self._deadline = self.loop.call_later(REQUEST_SECONDS + self.timeout_keep_alive,
+                                              self._too_slow)
+
+    def connection_lost(self, exc):
+        self._deadline.cancel()
+        super().connection_lost(exc)
+
+    def _too_slow(self):
+        if not self.transport.is_closing():
+            self.transport.close()
 
 
 class WebServer:
@@ -27,9 +55,11 @@ class WebServer:
             raise WardrobeError(f"web.listen: cannot serve the review page on "
                                 f"{show_listen(listen)}: {error.strerror or error}") from None
         # No access log: a URL may carry the token (/?token=...), which is never logged.
+        # log_config None: uvicorn's records go through the daemon's handler, not its own.
         self._server = uvicorn.Server(uvicorn.Config(
-            app, log_level="warning", access_log=False, lifespan="off", server_header=False,
-            limit_concurrency=64, timeout_keep_alive=5, timeout_graceful_shutdown=2,
+            app, http=Deadline, log_config=None, log_level="warning", access_log=False,
+            lifespan="off", server_header=False, limit_concurrency=CONNECTIONS,
+            timeout_keep_alive=5, timeout_graceful_shutdown=2,
             h11_max_incomplete_event_size=16 * 1024))
         self._thread = threading.Thread(target=self._serve, name="web", daemon=True)
 

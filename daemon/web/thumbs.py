@@ -69,6 +69,7 @@ def thumbnail(data):
                 image = background
             image = image.convert("RGB")
             image.thumbnail((EDGE, EDGE))
+            image.info.clear()  # no comment, EXIF or profile of the photo's in the thumbnail
             out = io.BytesIO()
             image.save(out, "JPEG", quality=80)
             return out.getvalue()

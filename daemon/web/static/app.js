@@ -10,6 +10,7 @@ async function api(path, body) {
     method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
   const answer = await response.json().catch(() => ({error: response.statusText}));
   if (!response.ok) throw new Error(answer.error || response.statusText);
+  if (answer.pending) throw new Error(answer.pending);  // 202: to be finished by the daemon
   return answer;
 }
 
@@ -38,7 +39,9 @@ function showStatus(s) {
   $("notice").hidden = s.review.trains;
   $("notice").textContent = "Corrections are kept in the sidecars; training on them needs data.source: folder.";
   const known = new Set([...(s.classes || []), ...Object.keys(s.review.by_label)]);
-  setClasses([...known].sort((a, b) => (s.classes || []).indexOf(a) - (s.classes || []).indexOf(b) || a.localeCompare(b)));
+  // the model's classes in its order, then the others: a digit keeps its class
+  const order = (name) => { const i = (s.classes || []).indexOf(name); return i < 0 ? Infinity : i; };
+  setClasses([...known].sort((a, b) => order(a) - order(b) || a.localeCompare(b)));
   if (s.review.changes !== changes) { changes = s.review.changes; loadImages(); }
 }
 
@@ -105,6 +108,7 @@ async function label(name) {
     Object.assign(image, {label: record.label, source: record.source, confidence: record.confidence, error: null});
     toast(`${image.path}: ${record.label}` + (record.copy ? ` (training copy ${record.copy})` : ""));
     lastLabelled = image.path;
+    setClasses([record.label]);
     selected = Math.min(selected + 1, images.length - 1);
     render();
   } catch (error) { toast(error.message); }
@@ -145,7 +149,6 @@ $("new-class").onsubmit = (event) => {
   event.preventDefault();
   const name = $("new-name").value.trim();
   if (!name) return;
-  setClasses([name]);
   $("new-name").value = "";
   $("new-name").blur();
   label(name);
