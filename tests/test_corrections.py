@@ -172,3 +172,32 @@ def test_each_step_is_durable_before_the_next_names_it(scene, tmp_path):
         inbox + "/.wardrobe-")) < published
     sidecar_durable = at("fsync", lambda e: e[1] == inbox)
     assert published < sidecar_durable < at("unlink", lambda e: e[1].endswith("intent.json"))
+
+
+def test_an_image_swapped_for_a_symlink_before_its_correction_is_finished(scene, tmp_path):
+    """Killed before the training copy was made, and the image then swapped for a symbolic
+    link to a file outside the inbox: carried through, the correction copies nothing from
+    outside and writes no sidecar for the link; the intent is done with."""
+    folder = scene("swapped")
+    image = folder / "inbox" / "photo.jpg"
+    args = [folder / "save", folder / "data", image, "bees"]
+    for kill_at in range(1, 100):  # the first kill that leaves an intent and no copy
+        attempt = scene(f"probe-{kill_at}")
+        run(kill_at, "label", attempt / "save", attempt / "data", attempt / "inbox" /
+            "photo.jpg", "bees")
+        if (attempt / "save" / "review" / "intent.json").exists():
+            break
+    assert run(kill_at, "label", *args).returncode == -signal.SIGKILL
+    assert (folder / "save" / "review" / "intent.json").exists()
+    assert not list((folder / "data").rglob("*.jpg"))
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(b"TOP SECRET, not an image of the inbox")
+    image.unlink()
+    image.symlink_to(secret)
+    finish = run(0, "finish", *args)
+    assert finish.returncode == 0, finish.stderr
+    assert "no longer the file" in finish.stderr
+    assert not [p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()
+                and p.read_bytes() == secret.read_bytes()]
+    assert json.loads((folder / "inbox" / "photo.jpg.json").read_text())["source"] == "model"
+    assert not (folder / "save" / "review" / "intent.json").exists()

@@ -4,6 +4,7 @@ and everything a request may try that it should not."""
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -202,7 +203,8 @@ def test_nothing_outside_the_inbox_is_read_or_written(review):
     bad = ["../outside/secret.jpg", str(review.secret), "link.jpg", "linked/secret.jpg",
            f"{review.images[0]}/../../outside/secret.jpg", "./" + review.images[0], "",
            "%2e%2e/outside/secret.jpg", "..%2foutside%2fsecret.jpg", review.images[0] + "%00",
-           "a\\..\\..\\outside\\secret.jpg"]
+           "a\\..\\..\\outside\\secret.jpg", ".wardrobe.lock", review.images[0] + ".json",
+           "linked", "%ED%A0%80"]
     for path in bad:
         code, _, body = review.client.request(f"/api/thumb?path={path}")
         assert code in (400, 404), (path, code, body[:200])
@@ -217,12 +219,15 @@ def test_nothing_outside_the_inbox_is_read_or_written(review):
 def test_class_names_are_folder_names(review):
     before = sorted(p.name for p in review.data.iterdir())
     for label in ["", " ", "a/b", "..", ".hidden", "x" * 101, "a\x01b", "\\evil", "a\nb", 3,
-                  None, ["ants"]]:
+                  None, ["ants"], "\ud800"]:
         code, _, body = review.client.request(
             "/api/label", {"path": review.images[3], "label": label})
         assert code == 400 and b"label" in body, (label, code, body)
     assert sorted(p.name for p in review.data.iterdir()) == before
     assert sidecar(review.inbox / review.images[3])["source"] == "model"
+    code, _, body = review.client.request("/api/label", {"path": review.images[3],
+                                                         "label": "ANTS"})
+    assert code == 409 and b"in case only" in body, body
     code, _, body = review.client.request("/api/label", {"path": "zz-broken.jpg",
                                                          "label": "ants"})
     assert code == 409 and b"not an image the daemon can read" in body, body
@@ -375,3 +380,47 @@ def test_thumbnails_beyond_the_limit_are_pruned_oldest_first(tmp_path, photos):
     kept = sorted((tmp_path / "thumbs").rglob("*.jpg"), key=lambda p: p.stat().st_mtime)
     thumbs.prune(keep=2)
     assert sorted((tmp_path / "thumbs").rglob("*.jpg")) == sorted(kept[2:])
+
+
+def test_a_replaced_image_is_the_models_again_and_its_training_copy_stays(review):
+    name = review.images[4]
+    image = review.inbox / name
+    corrected(review, name, "bees" if sidecar(image)["label"] == "ants" else "ants")
+    copy = review.data / sidecar(image)["copy"]
+    staged = review.folder / "staged.jpg"
+    shutil.copyfile(review.inbox / review.images[5], staged)
+    os.rename(staged, image)  # another photo under the same name: a new inode
+    record = wait_until(lambda: (r := sidecar(image))["source"] == "model" and r, 60, 0.2,
+                        message="the new photo labelled by the model")
+    assert record["file"]["inode"] == image.stat().st_ino
+    assert copy.exists() and copy.stat().st_ino != image.stat().st_ino
+
+
+def test_idle_and_half_sent_connections_are_dropped_and_never_take_the_page(review):
+    """300 connections that send nothing or half a request (more than the server takes
+    at once): the server closes them, and the page answers again; uvicorn's own records
+    (an invalid request) are the daemon's log records."""
+    host, port = "127.0.0.1", int(review.client.base.rsplit(":", 1)[1])
+    idle = [socket.create_connection((host, port), timeout=60) for _ in range(300)]
+    for number, connection in enumerate(idle[:50]):
+        connection.sendall(b"POST /api/label HTTP/1.1\r\nHost: localhost\r\n"
+                           b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+    with socket.create_connection((host, port), timeout=10) as garbage:
+        garbage.sendall(b"GARBAGE\r\n\r\n")
+        garbage.recv(1000)
+    try:
+        for connection in idle:  # closed by the server: the end of the stream
+            assert connection.recv(1000) in (b"", b"HTTP/1.1 503 Service Unavailable"
+                                             b"\r\ncontent-type: text/plain; charset=utf-8"
+                                             b"\r\nconnection: close\r\ncontent-length: 19"
+                                             b"\r\n\r\nService Unavailable")
+    finally:
+        for connection in idle:
+            connection.close()
+    assert review.client.json("/api/status")["review"]["listed"] >= len(review.images)
+    assert sidecar(review.inbox / review.images[3])["source"] == "model"  # the half POST
+    lines = review.daemon.log.splitlines()
+    assert any("Invalid HTTP request" in line for line in lines)
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) "
+                        r"[\w.]+: ", line) or line.startswith((" ", "Traceback"))
+               for line in lines), [line for line in lines if not line[:4].isdigit()][:5]
