@@ -46,8 +46,11 @@ class WebServer:
         self.listen = listen
         host, port = listen
         try:
-            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-            self._socket = socket.socket(family, socket.SOCK_STREAM)
+            family, kind, proto = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][:3]
+            # proto IPPROTO_TCP, not 0: asyncio turns Nagle's algorithm off (TCP_NODELAY) only
+            # on connections whose socket says TCP; with it on, every answer on a kept-alive
+            # connection (headers and body written apart) waited ~40 ms for a delayed ACK
+            self._socket = socket.socket(family, kind, proto)
             self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self._socket.bind((host, port))
             self._socket.listen(128)
