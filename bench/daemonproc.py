@@ -28,10 +28,10 @@ def environment():
 
 
 def write_config(folder, inbox, epochs=1, watch=None, data=None, model=None, metrics=None,
-                 cluster=None):
+                 cluster=None, web=None):
     """folder/config.yaml for a daemon on `inbox` and folder/save, trained on `data` (the
-    config's data section; default the bundled sample); `watch`, `metrics` and `cluster`
-    (dicts) and `model` only when given."""
+    config's data section; default the bundled sample); `watch`, `metrics`, `cluster` and
+    `web` (dicts) and `model` only when given."""
     config = {"inbox": str(inbox), "save": str(folder / "save"),
               "data": data or {"source": "sample"}, "train": {"epochs": epochs}}
     if watch is not None:
@@ -42,6 +42,8 @@ def write_config(folder, inbox, epochs=1, watch=None, data=None, model=None, met
         config["metrics"] = metrics
     if cluster is not None:
         config["cluster"] = cluster
+    if web is not None:
+        config["web"] = web
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -63,12 +65,12 @@ class Daemon:
     environment variables (e.g. systemd's NOTIFY_SOCKET and WATCHDOG_USEC)."""
 
     def __init__(self, folder, inbox=None, epochs=1, watch=None, data=None, model=None,
-                 metrics=None, env=None, cluster=None):
+                 metrics=None, env=None, cluster=None, web=None):
         self.folder = Path(folder)
         self.inbox = Path(inbox or self.folder / "inbox")
         self.inbox.mkdir(parents=True, exist_ok=True)
         config = write_config(self.folder, self.inbox, epochs, watch, data, model,
-                              metrics, cluster)
+                              metrics, cluster, web)
         self.log = self.folder / "daemon.log"
         self.started = time.time()
         with open(self.log, "w") as out:
