@@ -533,10 +533,12 @@ def labelling(ctx, rounds, count, listed):
             rows.append(row)
             print(f"  labelling round {number + 1}: {row}", flush=True)
     finally:
-        if page is not None:
-            page.stop()
-        for daemon in daemons.values():
-            daemon.stop()
+        try:
+            if page is not None:
+                page.stop()
+        finally:
+            for daemon in daemons.values():
+                daemon.stop()
     result = {"images_per_burst": count, "listed_before": listed, "rounds": rows,
               "B_page": page.summary() if page else None}
     result.update(verdict(rows, higher_is_better=True))
@@ -562,9 +564,11 @@ def training(ctx, rounds, epochs, listed):
             try:
                 daemon.wait_for(r"training complete", timeout=600)
             finally:
-                if page:
-                    pages.append(page.stop().summary())
-                daemon.stop()
+                try:
+                    if page:
+                        pages.append(page.stop().summary())
+                finally:
+                    daemon.stop()
             row[f"{config}_other_load"] = load.measure()["other_load_cores"]
             seconds, gaps, _ = epoch_times(daemon)
             assert len(seconds) == epochs, (len(seconds), daemon.tail())
