@@ -2,7 +2,7 @@
 correction made durable, and whether an open page slows labelling or training.
 
     .venv/bin/python bench/web.py [screen] [corrections] [load] [--images 100000]
-                                  [--reps 20] [--corrections 100] [--rounds 4]
+                                  [--reps 20] [--corrections 100] [--rounds 6]
                                   [--burst 10000] [--epochs 20] [--listed 20000]
 
 About 15 minutes on 2 cores. Real `python -m daemon run` processes of this tree with
@@ -372,6 +372,8 @@ def index_cost(count):
                 "source": "model", "file": {"size": 1, "mtime_ns": 1, "inode": i}}
                for i, c in enumerate(rng.uniform(0.2, 1.0, count))]
     paths = [f"/inbox/f{i // 1000:03d}/img-{i % 1000:05d}.png" for i in range(count)]
+    order = rng.permutation(count)  # a scan finds them in the folders' hash order
+    paths, records = [paths[i] for i in order], [records[i] for i in order]
     index = Index("/inbox")
     started = time.perf_counter()
     for path, record in zip(paths, records):
@@ -516,6 +518,12 @@ def labelling(ctx, rounds, count, listed):
             os.sync()  # the staging's writeback is not part of what is measured
             row = {"round": number + 1, "order": "".join(order(number))}
             for config in order(number):
+                # the previous burst's writeback and after-work off this one's clock: in a
+                # first version (a 1 s pause instead) the first burst of each round was the
+                # fastest, whichever configuration it was
+                os.sync()
+                for each in daemons.values():
+                    each.wait_quiet(timeout=60)
                 daemon = daemons[config]
                 started = time.time()
                 for path in staged[config]:
@@ -527,7 +535,6 @@ def labelling(ctx, rounds, count, listed):
                 row[config] = round(count / (last - started), 1)
                 if config == "B":
                     row["B_page_requests_during_burst"] = page.between(started, last)
-                time.sleep(1)  # the last writeback of this burst off the next one's clock
             row["B_over_A"] = round(row["B"] / row["A"], 4)
             row["A2_over_A"] = round(row["A2"] / row["A"], 4)
             rows.append(row)
@@ -558,6 +565,7 @@ def training(ctx, rounds, epochs, listed):
         for config in order(number):
             listen, port = web_config(config)
             run = ctx.folder(f"training-{number}-{config}")
+            os.sync()  # the previous run's writeback off this one's clock
             load = OtherLoad()
             daemon = Daemon(run, inbox=inbox, epochs=epochs, web=listen)
             page = Page(port).start() if port else None
@@ -635,7 +643,7 @@ def main():
     parser.add_argument("--images", type=int, default=100_000, help="the big inbox")
     parser.add_argument("--reps", type=int, default=20, help="first screens and listings")
     parser.add_argument("--corrections", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=4, help="rounds of A, B, A2")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds of A, B, A2")
     parser.add_argument("--burst", type=int, default=10_000, help="images per burst")
     parser.add_argument("--epochs", type=int, default=20, help="epochs per training run")
     parser.add_argument("--listed", type=int, default=20_000,
