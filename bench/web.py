@@ -5,7 +5,7 @@ correction made durable, and whether an open page slows labelling or training.
                                   [--reps 20] [--corrections 100] [--rounds 6]
                                   [--burst 10000] [--epochs 20] [--listed 20000]
 
-About 15 minutes on 2 cores. Real `python -m daemon run` processes of this tree with
+About 18 minutes on 2 cores. Real `python -m daemon run` processes of this tree with
 `web: {listen: 127.0.0.1:<a free port>}`, asked over HTTP by this process; every answer's
 `Server-Timing: app;dur=` (the server's own time) is recorded next to the client's wall time.
   screen       an inbox of 100,000 PNGs (28x28 crops of the bundled sample, 100 folders),
