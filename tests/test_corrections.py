@@ -34,7 +34,8 @@ def deadly(real):
         return real(*args, **kwargs)
     return call
 
-corrections = Corrections(Sidecars("json", ["jpg"]), save, data_path=data)
+corrections = Corrections(Sidecars("json", ["jpg"]), save, os.path.dirname(image),
+                          data_path=data)
 if op == "finish":
     assert corrections.finish()
 else:

@@ -371,7 +371,7 @@ def test_a_correction_on_a_full_disk_is_finished_once_there_is_room(tmp_path, tr
 def test_thumbnails_beyond_the_limit_are_pruned_oldest_first(tmp_path, photos):
     from daemon.web.thumbs import Thumbs
 
-    thumbs = Thumbs(tmp_path)
+    thumbs = Thumbs(tmp_path, str(photos.held[0].parent))
     for n, path in enumerate(photos.held[:4]):
         thumbs.get(str(path), path.name)
         made = list((tmp_path / "thumbs").rglob("*.jpg"))
@@ -424,3 +424,27 @@ def test_idle_and_half_sent_connections_are_dropped_and_never_take_the_page(revi
     assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) "
                         r"[\w.]+: ", line) or line.startswith((" ", "Traceback"))
                for line in lines), [line for line in lines if not line[:4].isdigit()][:5]
+
+
+def test_an_image_is_opened_beneath_the_inbox_never_through_a_swapped_folder(tmp_path):
+    """paths.image() looks at the path; the open that follows walks it again component by
+    component: a folder swapped for a symbolic link in between leads nowhere outside."""
+    from daemon.web.paths import open_beneath
+
+    inbox, outside = tmp_path / "inbox", tmp_path / "outside"
+    (inbox / "album").mkdir(parents=True)
+    outside.mkdir()
+    (inbox / "album" / "photo.jpg").write_bytes(b"inside")
+    (outside / "photo.jpg").write_bytes(b"outside")
+    fd = open_beneath(str(inbox), str(inbox / "album" / "photo.jpg"))
+    assert os.read(fd, 100) == b"inside"
+    os.close(fd)
+    (inbox / "album").rename(inbox / "was-album")
+    (inbox / "album").symlink_to(outside, target_is_directory=True)  # swapped meanwhile
+    with pytest.raises(OSError):
+        open_beneath(str(inbox), str(inbox / "album" / "photo.jpg"))
+    (inbox / "link.jpg").symlink_to(outside / "photo.jpg")
+    with pytest.raises(OSError):
+        open_beneath(str(inbox), str(inbox / "link.jpg"))
+    with pytest.raises(OSError):
+        open_beneath(str(inbox), str(outside / "photo.jpg"))

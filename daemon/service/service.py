@@ -398,7 +398,8 @@ class Service:
         from daemon.web.corrections import Corrections
 
         folder = config.data.source == "folder"
-        Corrections(sidecars, config.save, config.data.path if folder else None).finish()
+        Corrections(sidecars, config.save, os.path.realpath(config.inbox),
+                    config.data.path if folder else None).finish()
 
     def _decoder(self, root):
         """Decode workers here, or through the cluster when there is one (for files under

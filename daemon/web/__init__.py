@@ -22,14 +22,15 @@ class Web:
         """`sidecars`: the labeller's, whose observer is an index.Index; `status`: () ->
         status --json's object. Binds web.listen now (WardrobeError if it cannot)."""
         folder = config.data.source == "folder"
+        root = os.path.realpath(config.inbox)
         self.index = sidecars.observer
         self.corrections = Corrections(
-            sidecars, config.save, data_path=config.data.path if folder else None,
+            sidecars, config.save, root, data_path=config.data.path if folder else None,
             labels=None if folder else list(config.classify.labels),
             classes=lambda: self.review.status(max_age=60).get("classes"))
         self.corrections.finish()  # what a crash interrupted, before anything else
-        self.review = Review(os.path.realpath(config.inbox), self.index, self.corrections,
-                             Thumbs(config.save), status, config.web.token)
+        self.review = Review(root, self.index, self.corrections, Thumbs(config.save, root),
+                             status, config.web.token)
         self.server = WebServer(app(self.review), config.web.listen)
         self._tried = time.monotonic()
 

@@ -25,7 +25,7 @@ import threading
 from daemon import fsutil
 from daemon.data.images import MAX_FILE_BYTES
 from daemon.inbox.sidecars import PERSON
-from daemon.web.paths import Refused
+from daemon.web.paths import Refused, open_beneath
 
 log = logging.getLogger("daemon.web")
 
@@ -40,8 +40,10 @@ class Changed(Exception):
 
 
 class Corrections:
-    def __init__(self, sidecars, save, data_path=None, labels=None, classes=lambda: None):
+    def __init__(self, sidecars, save, root, data_path=None, labels=None,
+                 classes=lambda: None):
         self.sidecars = sidecars
+        self.root = root  # the inbox's real path: images are opened beneath it
         self.folder = os.path.join(save, "review")
         self.data_path = None if data_path is None else str(data_path)
         self.labels = labels  # a Fashion-MNIST source: its fixed classes; a folder's: None
@@ -59,7 +61,7 @@ class Corrections:
                           "needs data.source folder)")
         if why := self.sidecars.name_too_long(image):
             raise Refused(409, f"path: {why}")
-        with self._lock, _opened(image) as (fd, info):
+        with self._lock, _opened(self.root, image) as (fd, info):
             current = self.sidecars.read(image)
             person = current is not None and current.get("source") == PERSON
             if current is not None and "error" in current:
@@ -85,7 +87,7 @@ class Corrections:
     def undo(self, image):
         """Take a person's label of `image` back: the training copy goes, the sidecar is
         the model's again (or none, and the labeller labels it). The record now, or None."""
-        with self._lock, _opened(image) as (fd, info):
+        with self._lock, _opened(self.root, image) as (fd, info):
             current = self.sidecars.read(image)
             if current is None or current.get("source") != PERSON:
                 raise Refused(409, "path: no label of a person's to undo")
@@ -130,7 +132,7 @@ class Corrections:
             return
         log.info("review: finishing the %s of %r", intent["op"], intent["image"])
         try:
-            with _opened(intent["image"], intent["file"]) as (fd, _):
+            with _opened(self.root, intent["image"], intent["file"]) as (fd, _):
                 self._steps(intent, fd, again=True)
         except Changed as why:  # the copy made of it stays; an undo's copy still goes
             log.warning("review: %r is no longer the file its %s was about (%s): no "
@@ -221,16 +223,15 @@ class _opened:
     request names what cannot be an image; Changed (final) or OSError (may go away) when a
     correction is carried through again."""
 
-    def __init__(self, image, file=None):
-        self.image, self.file = image, file
+    def __init__(self, root, image, file=None):
+        self.root, self.image, self.file = root, image, file
 
     def __enter__(self):
         again = self.file is not None
         try:
-            self.fd = os.open(self.image, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK |
-                              os.O_CLOEXEC)
+            self.fd = open_beneath(self.root, self.image)
         except OSError as error:
-            if error.errno not in GONE_ERRNOS:
+            if error.errno not in GONE_ERRNOS | {errno.EXDEV}:
                 raise
             if again:
                 raise Changed(error.strerror) from None

@@ -1,6 +1,7 @@
 """What a request may name: an inbox image by its inbox-relative path, a class by a folder
 name. Anything else is refused before a file is touched."""
 
+import errno
 import os
 import stat
 import unicodedata
@@ -62,3 +63,23 @@ def _utf8(text):
         return os.fsencode(text)
     except UnicodeEncodeError:
         return None
+
+
+def open_beneath(root, path):
+    """An fd of the file `path` (absolute, under `root`), opened one component at a time
+    from `root` without following a symbolic link anywhere on the way: a folder swapped for
+    a link after image() looked is an OSError (ELOOP or ENOTDIR), never a file outside."""
+    parts = os.path.relpath(path, root).split(os.sep)
+    if parts[0] in ("..", ".") or os.path.isabs(parts[0]):
+        raise OSError(errno.EXDEV, f"{path} is not under {root}")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                            dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        return os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                       dir_fd=fd)
+    finally:
+        os.close(fd)

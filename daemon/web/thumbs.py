@@ -11,6 +11,7 @@ import cv2
 
 from daemon import fsutil
 from daemon.data import images
+from daemon.web.paths import open_beneath
 
 log = logging.getLogger("daemon.web")
 
@@ -20,22 +21,32 @@ PRUNE_EVERY = 1000  # thumbnails made between two looks at how many there are
 
 
 class Thumbs:
-    def __init__(self, save):
+    def __init__(self, save, root):
         self.folder = os.path.join(save, "thumbs")
+        self.root = root  # the inbox's real path: images are opened beneath it
         self._made = 0
 
     def get(self, path, relative):
         """The JPEG bytes of `path`'s thumbnail; images.BadImage or Unreadable."""
-        info = os.stat(path, follow_symlinks=False)
-        key = hashlib.sha256(f"{relative}\0{info.st_size}\0{info.st_mtime_ns}\0"
-                             f"{info.st_ino}".encode()).hexdigest()[:40]
-        cached = os.path.join(self.folder, key[:2], key + ".jpg")
         try:
-            with open(cached, "rb") as file:
-                return file.read()
-        except FileNotFoundError:
-            pass
-        data = thumbnail(images.read_file(path))
+            fd = open_beneath(self.root, path)
+        except OSError as error:
+            raise images.Unreadable(f"cannot open: {error.strerror}") from None
+        try:
+            info = os.fstat(fd)
+            key = hashlib.sha256(f"{relative}\0{info.st_size}\0{info.st_mtime_ns}\0"
+                                 f"{info.st_ino}".encode()).hexdigest()[:40]
+            cached = os.path.join(self.folder, key[:2], key + ".jpg")
+            try:
+                with open(cached, "rb") as file:
+                    return file.read()
+            except FileNotFoundError:
+                pass
+            if info.st_size > images.MAX_FILE_BYTES:
+                raise images.BadImage(f"file too large: {info.st_size} bytes")
+            data = thumbnail(os.pread(fd, info.st_size, 0))
+        finally:
+            os.close(fd)
         os.makedirs(os.path.dirname(cached), exist_ok=True)
         fsutil.publish(cached, data)  # not durable: a lost one is made again
         self._made += 1
