@@ -202,3 +202,29 @@ def test_an_image_swapped_for_a_symlink_before_its_correction_is_finished(scene,
                 and p.read_bytes() == secret.read_bytes()]
     assert json.loads((folder / "inbox" / "photo.jpg.json").read_text())["source"] == "model"
     assert not (folder / "save" / "review" / "intent.json").exists()
+
+
+def test_a_correction_left_by_a_kill_is_finished_at_start_with_the_page_off(
+        tmp_path, trained, photos, daemons):
+    from conftest import photo_config, wait_until
+
+    shutil.copytree(trained.save, tmp_path / "save")
+    data = shutil.copytree(photos.data, tmp_path / "data")
+    inbox = shutil.copytree(trained.folder / "inbox", tmp_path / "inbox")
+    image = sorted(inbox.glob("*.jpg"))[0]
+    label = "bees" if json.loads(image.with_name(image.name + ".json").read_text())[
+        "label"] == "ants" else "ants"
+    for kill_at in range(1, 100):  # killed once its intent is written, before its copy
+        step = run(kill_at, "label", tmp_path / "save", data, image, label)
+        if (tmp_path / "save" / "review" / "intent.json").exists():
+            break
+    assert step.returncode == -signal.SIGKILL
+    config = photo_config(tmp_path, data)  # no web key
+    daemon = daemons(config)
+    daemon.wait_for_log(r"review: finishing the label of", 120)
+    record = wait_until(lambda: json.loads(image.with_name(image.name + ".json").read_text()),
+                        30)
+    assert (record["source"], record["label"]) == ("person", label)
+    assert (data / record["copy"]).stat().st_ino == image.stat().st_ino
+    assert not (tmp_path / "save" / "review" / "intent.json").exists()
+    assert daemon.stop() == 0
