@@ -324,7 +324,8 @@ def test_with_a_fashion_mnist_source_the_label_is_kept_and_training_needs_folder
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
-def test_a_correction_on_a_full_disk_is_finished_once_there_is_room(tmp_path, trained, photos):
+def test_a_correction_on_a_full_disk_is_finished_once_there_is_room(tmp_path, trained, photos,
+                                                                    daemons):
     """data.path on another file system (a byte copy, not a link), full: the correction is
     written down, answered 202, and finished by the daemon itself once space returns."""
     shutil.copytree(trained.save, tmp_path / "save")
@@ -336,7 +337,7 @@ def test_a_correction_on_a_full_disk_is_finished_once_there_is_room(tmp_path, tr
         shutil.copytree(photos.data, data, dirs_exist_ok=True)
         port = free_port()
         config = photo_config(tmp_path, data, web={"listen": f"127.0.0.1:{port}"})
-        daemon = Daemon(config)
+        daemon = daemons(config)  # killed at the end whatever happens
         client = Client(port)
         name = sorted(p.name for p in inbox.glob("*.jpg"))[0]
         daemon.wait_for_log(r"ready: model restored", 120)
