@@ -397,9 +397,7 @@ class Service:
     def _finish_correction(self, config, sidecars):
         from daemon.web.corrections import Corrections
 
-        folder = config.data.source == "folder"
-        Corrections(sidecars, config.save, os.path.realpath(config.inbox),
-                    config.data.path if folder else None).finish()
+        Corrections.of(config, sidecars).finish()
 
     def _decoder(self, root):
         """Decode workers here, or through the cluster when there is one (for files under

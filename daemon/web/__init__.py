@@ -21,14 +21,11 @@ class Web:
     def __init__(self, config, sidecars, status):
         """`sidecars`: the labeller's, whose observer is an index.Index; `status`: () ->
         status --json's object. Binds web.listen now (WardrobeError if it cannot)."""
-        folder = config.data.source == "folder"
-        root = os.path.realpath(config.inbox)
         self.index = sidecars.observer
-        self.corrections = Corrections(
-            sidecars, config.save, root, data_path=config.data.path if folder else None,
-            labels=None if folder else list(config.classify.labels),
-            classes=lambda: self.review.status(max_age=60).get("classes"))
+        self.corrections = Corrections.of(
+            config, sidecars, classes=lambda: self.review.status(max_age=60).get("classes"))
         self.corrections.finish()  # what a crash interrupted, before anything else
+        root = self.corrections.root
         self.review = Review(root, self.index, self.corrections, Thumbs(config.save, root),
                              status, config.web.token)
         self.server = WebServer(app(self.review), config.web.listen)

@@ -52,6 +52,15 @@ class Corrections:
         self.unfinished = False  # one written down and not carried through (a full disk)
         self._lock = threading.Lock()
 
+    @classmethod
+    def of(cls, config, sidecars, classes=lambda: None):
+        """The corrections of a daemon run with `config`: a folder source trains on them,
+        a Fashion-MNIST source keeps them in the sidecars, for its fixed classes."""
+        folder = config.data.source == "folder"
+        return cls(sidecars, config.save, os.path.realpath(config.inbox),
+                   data_path=config.data.path if folder else None,
+                   labels=None if folder else list(config.classify.labels), classes=classes)
+
     def label(self, image, label):
         """`image` (absolute, checked) is of class `label` (checked), says a person: its
         sidecar record, once durable; Refused if it cannot be."""
