@@ -411,10 +411,11 @@ def test_idle_and_half_sent_connections_are_dropped_and_never_take_the_page(revi
         garbage.recv(1000)
     try:
         for connection in idle:  # closed by the server: the end of the stream
-            assert connection.recv(1000) in (b"", b"HTTP/1.1 503 Service Unavailable"
-                                             b"\r\ncontent-type: text/plain; charset=utf-8"
-                                             b"\r\nconnection: close\r\ncontent-length: 19"
-                                             b"\r\n\r\nService Unavailable")
+            # uvicorn's own 503 (beyond its connection limit), whose headers (a date or
+            # not, their order) vary with its version and timing, or the end of the stream
+            answer = connection.recv(1000)
+            assert answer == b"" or (answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+                                     and b"\r\nconnection: close\r\n" in answer.lower()), answer
     finally:
         for connection in idle:
             connection.close()
