@@ -4,6 +4,7 @@ correction (the person's sidecar and the training copy) or none of it; and every
 relies on is fsynced before what names it, so a power cut cannot leave half of one."""
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -228,3 +229,44 @@ def test_a_correction_left_by_a_kill_is_finished_at_start_with_the_page_off(
     assert (data / record["copy"]).stat().st_ino == image.stat().st_ino
     assert not (tmp_path / "save" / "review" / "intent.json").exists()
     assert daemon.stop() == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_correction_a_full_disk_left_unfinished_is_retried_with_the_page_off(
+        tmp_path, trained, photos, daemons):
+    """data.path full (a tmpfs: a byte copy, not a link): the correction is written down but
+    not done; the daemon, started without web.listen, cannot finish it at start and does
+    once there is room, without a restart."""
+    from conftest import photo_config, wait_until
+
+    shutil.copytree(trained.save, tmp_path / "save")
+    inbox = shutil.copytree(trained.folder / "inbox", tmp_path / "inbox")
+    image = sorted(inbox.glob("*.jpg"))[0]
+    data = tmp_path / "data"
+    data.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(data)], check=True)
+    try:
+        shutil.copytree(photos.data, data, dirs_exist_ok=True)
+        filler = data / ".filler"
+        with pytest.raises(OSError), open(filler, "wb") as file:  # to the last block
+            while True:
+                file.write(b"\0" * 65536)
+                file.flush()
+        step = run(0, "label", tmp_path / "save", data, image, "bees2")  # never killed
+        assert "written down, to be finished" in step.stderr, step.stderr
+        assert (tmp_path / "save" / "review" / "intent.json").exists()
+        daemon = daemons(photo_config(tmp_path, data))  # no web key
+        daemon.wait_for_log(r"review: cannot finish a correction yet: .*No space left", 120)
+        assert json.loads(image.with_name(image.name + ".json").read_text())["source"] == "model"
+        filler.unlink()
+        record = wait_until(
+            lambda: (r := json.loads(image.with_name(image.name + ".json").read_text()))[
+                "source"] == "person" and r, 60, 0.2, message="the correction finished")
+        copy = data / "bees2" / image.name
+        assert record["label"] == "bees2" and record["copy_inode"] == copy.stat().st_ino
+        assert copy.read_bytes() == image.read_bytes()
+        assert not (tmp_path / "save" / "review" / "intent.json").exists()
+        daemon.wait_for_log(r"review: the unfinished correction is done", 10)
+        assert daemon.stop() == 0, daemon.log
+    finally:
+        subprocess.run(["umount", "-l", str(data)], check=False)

@@ -85,6 +85,7 @@ class Service:
         self.trainer = self.labeller = self.inbox = self.data_source = None
         self.decoder = None  # the labeller's decode workers
         self.web = None  # with web.listen, daemon.web.Web
+        self.unfinished = None  # without it, a Corrections whose intent is not finished yet
         self.cluster = None  # with cluster.broker, daemon.cluster.coordinator.Cluster
         self.weights = None  # a backbone model's (daemon.backbone.runtime.Weights)
         self._imported = threading.Event()  # TensorFlow is imported: the labeller may start
@@ -128,7 +129,7 @@ class Service:
         if config.web.listen:  # a port taken ends the start here (exit 1)
             self.web = self._web(config, sidecars)
         elif os.path.exists(config.save / "review" / "intent.json"):
-            self._finish_correction(config, sidecars)  # one a stop interrupted
+            self.unfinished = self._finish_correction(config, sidecars)  # a stop interrupted
         self.inbox = Inbox(config.inbox, sidecars, config.watch)  # started by the labeller
         owner = f"{os.getpid()} {config.save}"
         try:  # one daemon per inbox: another's ends the start here (exit 1)
@@ -395,9 +396,12 @@ class Service:
         return Web(config, sidecars, lambda: status.report(self.config))
 
     def _finish_correction(self, config, sidecars):
+        """The page off: a correction a stop interrupted is finished now; the Corrections
+        if it cannot be yet (a full disk), for the labeller's loop to retry."""
         from daemon.web.corrections import Corrections
 
-        Corrections.of(config, sidecars).finish()
+        corrections = Corrections.of(config, sidecars)
+        return None if corrections.finish() else corrections
 
     def _decoder(self, root):
         """Decode workers here, or through the cluster when there is one (for files under
@@ -504,6 +508,8 @@ class Service:
                 labeller.add(self.inbox.take(limit=4096, timeout=0.5 if idle else 0.0))
                 if self.web is not None:
                     labeller.add(self.web.rechecks())
+                elif self.unfinished is not None:
+                    self.unfinished.retry()
                 relabelling.poll(labeller)
                 labeller.step()
             except Exception:

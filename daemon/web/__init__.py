@@ -5,16 +5,10 @@ index (what is listed, fed by the sidecars) -> app (the page and its JSON API) <
 Built by the service, which owns its thread through start(), stop() and join().
 """
 
-import os
-import time
-
 from daemon.web.app import Review, app
 from daemon.web.corrections import Corrections
 from daemon.web.server import WebServer
 from daemon.web.thumbs import Thumbs
-
-
-RETRY_SECONDS = 10
 
 
 class Web:
@@ -29,7 +23,6 @@ class Web:
         self.review = Review(root, self.index, self.corrections, Thumbs(config.save, root),
                              status, config.web.token)
         self.server = WebServer(app(self.review), config.web.listen)
-        self._tried = time.monotonic()
 
     def start(self):
         self.server.start()
@@ -43,9 +36,7 @@ class Web:
     def rechecks(self):
         """{image: False} for the labeller: images whose person's label was taken back (or
         whose correction was finished late: tried again every RETRY_SECONDS)."""
-        if self.corrections.unfinished and time.monotonic() - self._tried > RETRY_SECONDS:
-            self._tried = time.monotonic()
-            self.corrections.finish()
+        self.corrections.retry()
         due = {}
         while not self.corrections.rechecks.empty():
             due[self.corrections.rechecks.get()] = False

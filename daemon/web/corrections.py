@@ -21,6 +21,7 @@ import os
 import queue
 import stat
 import threading
+import time
 
 from daemon import fsutil
 from daemon.data.images import MAX_FILE_BYTES
@@ -30,6 +31,7 @@ from daemon.web.paths import Refused, open_beneath
 log = logging.getLogger("daemon.web")
 
 INTENT = "intent.json"
+RETRY_SECONDS = 10  # an unfinished correction (a full disk) is tried again this often
 COPY_ERRNOS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES,
                errno.ENOENT}  # ENOENT: no /proc (then a byte copy)
 GONE_ERRNOS = {errno.ENOENT, errno.ELOOP, errno.ENOTDIR}  # not the file it was: final
@@ -51,6 +53,7 @@ class Corrections:
         self.rechecks = queue.SimpleQueue()  # images whose model label is due again (undo)
         self.unfinished = False  # one written down and not carried through (a full disk)
         self._lock = threading.Lock()
+        self._tried = time.monotonic()
 
     @classmethod
     def of(cls, config, sidecars, classes=lambda: None):
@@ -110,8 +113,9 @@ class Corrections:
 
     def finish(self):
         """Carry through a change written down but not finished (a crash, a full disk):
-        at start, and again until it is done. True when none is left."""
+        at start, and again (retry()) until it is done. True when none is left."""
         with self._lock:
+            self._tried = time.monotonic()
             try:
                 self._finish()
             except OSError as error:
@@ -124,6 +128,11 @@ class Corrections:
                 log.info("review: the unfinished correction is done")
             self.unfinished = False
             return True
+
+    def retry(self):
+        """finish() an unfinished correction again, at most every RETRY_SECONDS."""
+        if self.unfinished and time.monotonic() - self._tried >= RETRY_SECONDS:
+            self.finish()
 
     def _finish(self):
         path = os.path.join(self.folder, INTENT)
