@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import shutil
 from pathlib import Path
 
 import cv2
