@@ -9,6 +9,7 @@ import pytest
 from conftest import REPO
 from daemon.errors import ConfigError
 from daemon.service import config as config_module
+from daemon.service.addresses import show_broker
 
 BAD = [
     ("inbox: [a, b]\n", "inbox", "expected a path"),
@@ -260,7 +261,7 @@ def test_the_brokers_password_is_never_shown(tmp_path):
                        ("unix:///run/redis.sock?db=1&Password=s3cret", "unix:///run/redis.sock?db=1&Password=***"),
                        ("rediss://:s3cret@h/0", "rediss://:***@h/0"),
                        ("redis://h:6379/0", "redis://h:6379/0")]:
-        assert config_module.show_broker(url) == shown
+        assert show_broker(url) == shown
 
 
 def test_a_worker_does_not_look_at_the_coordinators_folders(tmp_path):

@@ -23,7 +23,7 @@ import urllib.parse
 import numpy as np
 
 from daemon.errors import ConfigError
-from daemon.service.config import show_broker
+from daemon.service.addresses import show_broker
 
 NAMESPACE = "wardrobe"
 QUEUE = "featurize"

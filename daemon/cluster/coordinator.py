@@ -30,7 +30,7 @@ from daemon.cluster.dispatch import Dispatch, chain, decoded
 from daemon.cluster.roster import Roster
 from daemon.errors import ConfigError
 from daemon.service import metrics
-from daemon.service.config import show_broker
+from daemon.service.addresses import show_broker
 
 log = logging.getLogger("daemon.cluster")  # the name users see: daemon.service.logs
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from daemon.cluster import broker as wire
 from daemon.errors import EXIT_FATAL, EXIT_OK, ConfigError, WardrobeError
-from daemon.service.config import show_broker
+from daemon.service.addresses import show_broker
 
 log = logging.getLogger("daemon.worker")  # the name users see: daemon.service.logs
 

@@ -4,19 +4,16 @@ No TensorFlow here: a bad config must exit 2 in well under a second.
 """
 
 import dataclasses
-import importlib.util
-import ipaddress
-import math
 import os
-import re
-import socket
-import urllib.parse
 from pathlib import Path
 
 import yaml
 
 from daemon import shares
 from daemon.errors import ConfigError
+from daemon.service import addresses
+from daemon.service.addresses import show_broker, show_listen
+from daemon.service.sections import Section, UniqueKeyLoader
 
 DEFAULT_LABELS = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -160,7 +157,7 @@ def load(path=None, worker=False):
     except UnicodeDecodeError:
         raise ConfigError("config", f"{path} is not UTF-8 text") from None
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)
+        raw = yaml.load(text, Loader=UniqueKeyLoader)
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -172,7 +169,7 @@ def load(path=None, worker=False):
 def parse(raw, base, worker=False):
     """Validate a parsed YAML document; relative paths are taken from `base`. For a
     `worker`, the inbox, save and data folders are the coordinator's: not looked at here."""
-    section = _Section(raw, "")
+    section = Section(raw, "")
     data = section.section("data")
     train = section.section("train")
     classify = section.section("classify")
@@ -201,9 +198,10 @@ def parse(raw, base, worker=False):
                                             maximum=1_000_000),
         ),
         classify=Classify(
-            labels=classify.labels("labels"),
+            labels=classify.labels("labels", DEFAULT_LABELS),
             sidecar=classify.choice("sidecar", "json", SIDECARS),
-            extensions=classify.extensions("extensions"),
+            extensions=classify.extensions("extensions", DEFAULT_EXTENSIONS,
+                                           RESERVED_EXTENSIONS),
             checkpoint=classify.choice("checkpoint", "best", LABELLING),
         ),
         watch=Watch(
@@ -253,21 +251,10 @@ def _check_web(config):
                           "sidecar cannot say that a person labelled the image")
     if config.web.listen == config.metrics.listen:
         raise ConfigError("web.listen", "must differ from metrics.listen")
-    if not config.web.token and not is_loopback(config.web.listen):
+    if not config.web.token and not addresses.is_loopback(config.web.listen):
         raise ConfigError("web.token", f"required when web.listen ({show_listen(config.web.listen)}) "
                           "is not a loopback address: anyone who reaches it could relabel "
                           "your images (see the README's \"Review page\")")
-
-
-def is_loopback(listen):
-    """Does (host, port) name loopback addresses only?"""
-    host, port = listen
-    try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, port,
-                                                                type=socket.SOCK_STREAM)}
-    except (socket.gaierror, UnicodeError):
-        return False
-    return all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
 
 
 def _check_apart(config):
@@ -312,233 +299,6 @@ def _resolve(base, value):
     if value is None:
         return None
     return (base / Path(value).expanduser()).absolute()
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load, but a key given twice in one mapping is an error, not "the last wins"."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise ConfigError(str(key), f"given twice (line {key_node.start_mark.line + 1})")
-            if isinstance(key, str):
-                seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-class _Section:
-    """One mapping of the YAML document; remembers which keys were read."""
-
-    def __init__(self, raw, prefix):
-        if not isinstance(raw, dict):
-            where = prefix.rstrip(".") or "config"
-            raise ConfigError(where, f"expected a mapping of keys, got {_show(raw)}")
-        self.raw, self.prefix, self.known = raw, prefix, set()
-
-    def _get(self, key, default):
-        self.known.add(key)
-        return self.raw.get(key, default)
-
-    def _fail(self, key, expected, value):
-        raise ConfigError(self.prefix + key, f"expected {expected}, got {_show(value)}")
-
-    def section(self, key):
-        value = self._get(key, None)  # absent or null: the defaults; anything else a mapping
-        return _Section({} if value is None else value, f"{self.prefix}{key}.")
-
-    def string(self, key, default, optional=False):
-        value = self._get(key, default)
-        if value is None and optional:
-            return None
-        if not isinstance(value, str) or not value.strip():
-            self._fail(key, "a path" + (" or null" if optional else ""), value)
-        return value
-
-    def token(self, key):
-        """A secret for a URL and a cookie; its value is never echoed (it is a secret)."""
-        value = self._get(key, None)
-        if value is None:
-            return None
-        if not isinstance(value, str) or not _TOKEN.fullmatch(value):
-            raise ConfigError(self.prefix + key, "expected at least 16 characters of letters, "
-                              "digits and - _ . ~ (such as the output of "
-                              "`python3 -c 'import secrets; print(secrets.token_urlsafe())'`)")
-        return value
-
-    def choice(self, key, default, choices):
-        value = self._get(key, default)
-        if value not in choices:
-            self._fail(key, "one of " + ", ".join(choices), value)
-        return value
-
-    def integer(self, key, default, minimum, maximum=None):
-        value = self._get(key, default)
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        if not ok or value < minimum or (maximum is not None and value > maximum):
-            limits = f"from {minimum} to {maximum}" if maximum else f"of at least {minimum}"
-            self._fail(key, f"a whole number {limits}", value)
-        return value
-
-    def number(self, key, default, above=None, at_least=None):
-        """An int or float (not a bool, not inf or nan) above or at least a limit."""
-        value = self._get(key, default)
-        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-              and math.isfinite(value))
-        if not ok or (above is not None and value <= above) or (
-                at_least is not None and value < at_least):
-            limit = f"above {above}" if above is not None else f"of at least {at_least}"
-            self._fail(key, f"a number of seconds {limit}", value)
-        return value
-
-    def checkpoint_every(self, key):
-        value = self._get(key, "epoch")
-        if value == "epoch":
-            return value
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-            return value
-        self._fail(key, "'epoch' or a positive number of batches", value)
-
-    def labels(self, key):
-        value = self._get(key, list(DEFAULT_LABELS))
-        if not isinstance(value, list) or len(value) != NUM_CLASSES or not all(
-            isinstance(label, str) and label.strip() for label in value
-        ):
-            self._fail(key, f"a list of {NUM_CLASSES} non-empty names (the model has "
-                       f"{NUM_CLASSES} outputs)", value)
-        if len(set(value)) != len(value):
-            self._fail(key, "distinct names", value)
-        return tuple(value)
-
-    def extensions(self, key):
-        value = self._get(key, list(DEFAULT_EXTENSIONS))
-        if not isinstance(value, list) or not value or not all(
-            isinstance(ext, str) and _EXTENSION.fullmatch(ext) for ext in value
-        ):
-            self._fail(key, "a non-empty list of file extensions such as [png, jpg] "
-                       "(letters and digits, one per entry)", value)
-        extensions = {ext.lstrip(".").lower() for ext in value}
-        reserved = sorted(extensions.intersection(RESERVED_EXTENSIONS))
-        if reserved:
-            self._fail(key, f"image extensions; {', '.join(reserved)} cannot be (json and txt "
-                       "are sidecars, tmp our temporary files)", value)
-        return tuple(sorted(extensions))
-
-    def listen(self, key):
-        """"HOST:PORT" ("[::1]:9464" for an IPv6 address) -> (host, port); null: None."""
-        value = self._get(key, None)
-        if value is None:
-            return None
-        expected = 'an address to listen on as "HOST:PORT", such as "127.0.0.1:9464"'
-        match = _LISTEN.fullmatch(value) if isinstance(value, str) else None
-        if not match:
-            self._fail(key, expected, value)
-        host, port = match["host"].strip("[]"), int(match["port"])
-        if not 1 <= port <= 65535:
-            self._fail(key, f"{expected} with a port from 1 to 65535", value)
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            if match["host"].startswith("[") or not _HOSTNAME.fullmatch(host):
-                self._fail(key, expected, value)
-            try:  # a name: resolved once here, so a typo is a config error, not a crash
-                socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except (socket.gaierror, UnicodeError) as error:
-                raise ConfigError(self.prefix + key, f"cannot resolve host {host!r}: "
-                                  f"{getattr(error, 'strerror', None) or error}") from None
-        return host, port
-
-    def broker(self, key):
-        """A Redis URL, redis://[[USER]:PASSWORD@]HOST[:PORT][/DB] (rediss:// over TLS,
-        unix:///PATH?db=N); null: None. Only its form here: a broker that is down is not a
-        config error (it may come back)."""
-        value = self._get(key, None)
-        if value is None:
-            return None
-        expected = 'a Redis URL such as "redis://:PASSWORD@HOST:6379/0"'
-        if not isinstance(value, str):
-            self._fail(key, expected, value)
-        try:
-            url = urllib.parse.urlsplit(value)
-            port, db = url.port, url.path.strip("/")
-        except ValueError:
-            self._fail(key, expected, show_broker(value))
-        if url.scheme == "unix":
-            ok = bool(url.path)
-        else:
-            ok = url.scheme in ("redis", "rediss") and bool(url.hostname) and (
-                port is None or 1 <= port <= 65535) and (not db or db.isdigit())
-        if not ok:
-            self._fail(key, expected, show_broker(value))
-        if importlib.util.find_spec("dramatiq") is None or \
-                importlib.util.find_spec("redis") is None:
-            raise ConfigError(self.prefix + key, "the cluster needs Dramatiq and redis-py, "
-                              "which are not installed: pip install 'wardrobe[cluster]' (or "
-                              "pip install 'dramatiq[redis]')")
-        return value
-
-    def prefixes(self, key):
-        """{coordinator's path prefix: this machine's}, both absolute -> sorted pairs,
-        longest prefix first (the most specific one wins)."""
-        value = self._get(key, None)
-        if value is None:
-            return ()
-        expected = "a mapping of absolute path prefixes, {COORDINATOR'S PATH: THIS MACHINE'S}"
-        if not isinstance(value, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) and k.startswith("/")
-                and v.startswith("/") for k, v in value.items()):
-            self._fail(key, expected, value)
-        pairs = {os.path.normpath(k): os.path.normpath(v) for k, v in value.items()}
-        return tuple(sorted(pairs.items(), key=lambda pair: (-len(pair[0]), pair[0])))
-
-    def reject_unknown(self):
-        unknown = sorted(str(key) for key in self.raw if key not in self.known)
-        if unknown:
-            name = self.prefix + unknown[0]
-            raise ConfigError(name, "unknown key (known here: "
-                              + ", ".join(sorted(self.known)) + ")")
-
-
-_EXTENSION = re.compile(r"\.?[A-Za-z0-9]+")
-_TOKEN = re.compile(r"[A-Za-z0-9._~-]{16,256}")
-_LISTEN = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\s\[\]]+):(?P<port>[0-9]{1,5})")
-_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?"
-                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*\.?")
-
-
-def show_listen(listen):
-    """(host, port) as written in config.yaml; "off" for None."""
-    if listen is None:
-        return "off"
-    host, port = listen
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def show_broker(url):
-    """The broker's URL as it may be shown and logged: its password (user:PASSWORD@ or
-    ?password=) as ***; "off" for None."""
-    if url is None:
-        return "off"
-    try:
-        parts = urllib.parse.urlsplit(url)
-        if parts.password is not None:
-            host = parts.netloc.rpartition("@")[2]
-            parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
-        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-        if any(key.lower() == "password" for key, _ in query):
-            parts = parts._replace(query="&".join(
-                f"{key}=***" if key.lower() == "password" else
-                urllib.parse.urlencode([(key, value)]) for key, value in query))
-        return (f"{parts.scheme}://{parts.netloc}{parts.path}"
-                + (f"?{parts.query}" if parts.query else ""))
-    except ValueError:
-        return "(a URL that cannot be read)"
-
-
-def _show(value):
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def with_live_settings(running, new):

@@ -13,7 +13,7 @@ import time
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from daemon.errors import WardrobeError
-from daemon.service.config import show_listen
+from daemon.service.addresses import show_listen
 
 log = logging.getLogger("daemon.metrics")  # the name users see: daemon.service.logs
 

@@ -41,6 +41,7 @@ from daemon.inbox.inbox import Inbox
 from daemon.inbox.sidecars import Sidecars
 from daemon.service import config as config_module
 from daemon.service import logs, metrics
+from daemon.service.addresses import show_broker
 from daemon.service.systemd import Notifier
 from daemon.training.store import (CheckpointStore, lock as lock_save, open_store,
                                    record_model, resolve_model)
@@ -384,7 +385,7 @@ class Service:
         from daemon.cluster.coordinator import Cluster
 
         log.info("cluster: featurizing on the workers of %s while any are alive",
-                 config_module.show_broker(config.cluster.broker))
+                 show_broker(config.cluster.broker))
         return Cluster(config.cluster, config.save, self.weights)
 
     def _web(self, config, sidecars):

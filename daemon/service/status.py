@@ -7,7 +7,7 @@ import json
 
 from daemon import shares
 from daemon.data.versions import VersionStore
-from daemon.service.config import show_broker
+from daemon.service.addresses import show_broker
 from daemon.training.store import CheckpointStore, resolve_model, running_pid
 
 

@@ -1,7 +1,6 @@
 """systemd integration without libsystemd: sd_notify, journal-friendly logs, the unit file."""
 
 import getpass
-import ipaddress
 import logging
 import os
 import re
@@ -13,7 +12,8 @@ import urllib.parse
 from pathlib import Path
 
 from daemon.errors import ConfigError, WardrobeError
-from daemon.service.config import show_broker
+from daemon.service import addresses
+from daemon.service.addresses import show_broker
 
 log = logging.getLogger("daemon.systemd")  # the name users see: daemon.service.logs
 
@@ -264,18 +264,18 @@ def broker_lines(url):
     parts = urllib.parse.urlsplit(url)
     if parts.scheme == "unix":
         return ["RestrictAddressFamilies=AF_UNIX", "IPAddressDeny=any"]
-    addresses = _addresses("cluster.broker", parts.hostname, parts.port or 6379)
+    allowed = _addresses("cluster.broker", parts.hostname, parts.port or 6379)
     return ["RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
-            f"IPAddressAllow={' '.join(sorted(addresses))}", "IPAddressDeny=any"]
+            f"IPAddressAllow={' '.join(sorted(allowed))}", "IPAddressDeny=any"]
 
 
 def _addresses(key, host, port):
     try:
-        return {info[4][0].split("%")[0] for info in socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM)}
+        return {address.split("%")[0] for address in addresses.resolve((host, port))}
     except (socket.gaierror, UnicodeError) as error:
         raise ConfigError(key, f"cannot resolve host {host!r}: "
                           f"{getattr(error, 'strerror', None) or error}") from None
+
 
 def network_lines(config):
     """The network the daemon needs, and no more: the journal and sd_notify (AF_UNIX)
@@ -293,12 +293,10 @@ def network_lines(config):
     for listen in (config.metrics.listen, config.web.listen):
         if not listen:
             continue
-        host, port = listen
-        ports.append(port)
-        addresses = {info[4][0]: info[0] for info in socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM)}
-        families |= {family.name for family in addresses.values()}
-        if all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+        ports.append(listen[1])
+        named = addresses.resolve(listen)
+        families |= {family.name for family in named.values()}
+        if addresses.is_loopback(addresses=named):
             peers.add("localhost")
         else:
             anyone = True

@@ -9,7 +9,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from daemon.errors import WardrobeError
-from daemon.service.config import show_listen
+from daemon.service.addresses import show_listen
 
 log = logging.getLogger("daemon.web")
 
