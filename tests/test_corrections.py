@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from test_protocol import STRACE
+from test_protocol import STRACE, syscalls
 
 # A correction in a process of its own that kills itself (SIGKILL) at its K-th call of a
 # file system step: where a power cut or kill -9 could stop it.
@@ -133,9 +133,6 @@ def test_undo_and_a_second_correction_killed_at_any_step_are_whole_or_absent(sce
     assert seen == {("bees", "photo.jpg"), ("wasps", "photo.jpg")}
 
 
-CALL = re.compile(r'^\d+\s+(\w+)\((.*)\)\s+= 0$')
-
-
 @pytest.mark.skipif(STRACE is None, reason="strace is not installed (.ci/run installs it)")
 def test_each_step_is_durable_before_the_next_names_it(scene, tmp_path):
     """The write order a power cut needs: the intent fsynced and its folder before any
@@ -149,11 +146,9 @@ def test_each_step_is_durable_before_the_next_names_it(scene, tmp_path):
     assert done.returncode == 0, done.stderr
     assert state(folder) == ("bees", "photo.jpg")
     events = []
-    for line in trace.read_text().splitlines():
-        if match := CALL.match(line):
-            paths = re.findall(r'"([^"]*)"', match.group(2)) or re.findall(r"<(.*?)>",
-                                                                           match.group(2))
-            events.append((match.group(1), *paths))
+    for name, arguments in syscalls(trace):
+        paths = re.findall(r'"([^"]*)"', arguments) or re.findall(r"<(.*?)>", arguments)
+        events.append((name, *paths))
     review, inbox = str(folder / "save" / "review"), str(folder / "inbox")
     copy, sidecar = str(folder / "data" / "bees" / "photo.jpg"), inbox + "/photo.jpg.json"
 

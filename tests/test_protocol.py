@@ -8,7 +8,25 @@ import pytest
 from conftest import write_config
 
 STRACE = shutil.which("strace")
-CALL = re.compile(r'^\d+\s+(fsync|rename)\((.*)\)\s+= 0$')
+CALL = re.compile(r'^(\w+)\((.*)\)\s+= 0$')
+UNFINISHED = " <unfinished ...>"
+
+
+def syscalls(trace):
+    """(name, arguments) of each call that succeeded in an `strace -f` log, in the order
+    they returned. A call in one thread that another thread's call interrupted is written
+    on two lines ("<unfinished ...>", then "<... NAME resumed>"): joined here."""
+    started = {}
+    for line in trace.read_text().splitlines():
+        pid, _, call = line.partition(" ")
+        call = call.lstrip()
+        if call.endswith(UNFINISHED):
+            started[pid] = call[:-len(UNFINISHED)]
+            continue
+        if call.startswith("<... ") and " resumed>" in call:
+            call = started.pop(pid, "") + call.split(" resumed>", 1)[1]
+        if match := CALL.match(call):
+            yield match.group(1), match.group(2)
 
 
 def traced_writes(trace, save):
@@ -16,12 +34,11 @@ def traced_writes(trace, save):
     fsync, and the renames into `save`. Not live.json (the running daemon's status for
     `status`: losing it in a power cut loses nothing) nor tmp/ (scratch)."""
     events = []
-    for line in trace.read_text().splitlines():
-        match = CALL.match(line)
-        if match and match.group(1) == "fsync":
-            events.append(("fsync", re.search(r"<(.*)>", match.group(2)).group(1)))
-        elif match:
-            source, target = re.findall(r'"([^"]*)"', match.group(2))
+    for name, arguments in syscalls(trace):
+        if name == "fsync":
+            events.append(("fsync", re.search(r"<(.*)>", arguments).group(1)))
+        elif name == "rename":
+            source, target = re.findall(r'"([^"]*)"', arguments)
             if target.startswith(save + "/") and not target.endswith("/live.json") and \
                     not target.startswith(save + "/tmp/"):
                 events.append(("rename", source, target))
