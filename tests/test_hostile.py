@@ -1,6 +1,7 @@
 """What a hostile tester broke (issue 13): a killed decode worker, clocks ahead, files still
 open at start-up, two daemons on one inbox. Real daemon, real files, real signals."""
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -13,6 +14,8 @@ import yaml
 
 from conftest import sidecar, wait_until, write_config
 from test_realworld import crops, labelled, png, share, trained, with_settings  # noqa: F401
+
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux
 
 
 def decode_workers(pid):
@@ -43,6 +46,29 @@ def _poll(predicate, seconds):
             return value
         time.sleep(0.02)
     return None
+
+
+def small_pipes(pid):
+    """Shrink every pipe the process `pid` holds (beyond stdin, stdout and stderr) to one
+    page, the least Linux allows: a decode worker's results, more than a page unless the
+    chunk is one image, can then never fit whole in its pipe, whatever the chunk size (it
+    shrinks when the machine is busy). The number of pipes shrunk."""
+    shrunk = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if int(fd) <= 2 or not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:"):
+                continue
+            mine = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            fcntl.fcntl(mine, F_SETPIPE_SZ, 4096)
+            shrunk += 1
+        except OSError:  # EBUSY: holding more than a page now; no matter for the others
+            pass
+        finally:
+            os.close(mine)
+    return shrunk
 
 
 def burst(tmp_path, inbox, crops, count=3000):
@@ -94,6 +120,7 @@ def test_a_worker_killed_while_sending_its_results_is_replaced(tmp_path, trained
     inbox = tmp_path / "inbox"
     daemon = daemons(trained)
     daemon.wait_for_log(r"ready")
+    assert small_pipes(daemon.pid) >= 2  # the pool's: its results' and its tasks'
     count = burst(tmp_path, inbox, crops)
     wait_until(lambda: any(inbox.glob("*.json")), 60, message="labelling under way")
     pid = daemon.pid
