@@ -88,6 +88,13 @@ def card(driver, path):
     return found[0] if found else None
 
 
+def class_buttons(driver):
+    """The class buttons' texts ("DIGIT NAME"), read at one moment (the page redraws the
+    buttons on its updates: an element found a moment before may be gone)."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#classes button')].map((b) => b.innerText);")
+
+
 def selected(driver):
     chosen = [c["path"] for c in cards(driver) if "selected" in c["classes"]]
     assert len(chosen) <= 1, chosen
@@ -125,10 +132,10 @@ def test_the_grid_shows_the_sidecars_and_the_keyboard_corrects_on_disk(review, b
         shown_percent, _, path = c["meta"].partition("% · ")
         confidence = sidecar(by_name[c["path"]])["confidence"]
         assert path == c["path"] and abs(float(shown_percent) - 100 * confidence) <= 0.0501, c
-    state = browser.find_element("id", "state").text
+    state = browser.execute_script("return document.getElementById('state').innerText;")
     assert "validation accuracy" in state and "6 labelled in the inbox" in state, state
-    digits = wait_until(lambda: {b.text.split(" ", 1)[1]: b.text.split(" ", 1)[0] for b in
-                                 browser.find_elements("css selector", "#classes button")},
+    digits = wait_until(lambda: {text.split(" ", 1)[1]: text.split(" ", 1)[0] for text in
+                                 class_buttons(browser)},
                         PAGE_SECONDS, message="the class buttons")
     assert set(digits) == set(CLASSES), digits
 
@@ -175,9 +182,8 @@ def test_the_grid_shows_the_sidecars_and_the_keyboard_corrects_on_disk(review, b
     copy = data / NEW_CLASS / image.name
     assert copy.exists() and os.path.samestat(copy.stat(), image.stat()), copy
     assert os.listdir(data / NEW_CLASS) == [image.name]
-    wait_until(lambda: any(b.text == f"3 {NEW_CLASS}" for b in
-                           browser.find_elements("css selector", "#classes button")),
-               PAGE_SECONDS, message="a button for the new class")
+    wait_until(lambda: f"3 {NEW_CLASS}" in class_buttons(browser), PAGE_SECONDS,
+               message="a button for the new class")
     assert daemon.process.poll() is None, daemon.log
 
 
