@@ -509,8 +509,8 @@ class Service:
                 labeller.add(self.inbox.take(limit=4096, timeout=0.5 if idle else 0.0))
                 if self.web is not None:
                     labeller.add(self.web.rechecks())
-                elif self.unfinished is not None:
-                    self.unfinished.retry()
+                elif self.unfinished is not None:  # the page off: the corrections' own
+                    labeller.add(self.unfinished.due())
                 relabelling.poll(labeller)
                 labeller.step()
             except Exception:

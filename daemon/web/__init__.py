@@ -34,10 +34,5 @@ class Web:
         self.server.join(timeout)
 
     def rechecks(self):
-        """{image: False} for the labeller: images whose person's label was taken back (or
-        whose correction was finished late: tried again every RETRY_SECONDS)."""
-        self.corrections.retry()
-        due = {}
-        while not self.corrections.rechecks.empty():
-            due[self.corrections.rechecks.get()] = False
-        return due
+        """Corrections.due(): {image: False} for the labeller."""
+        return self.corrections.due()

@@ -113,7 +113,7 @@ class Corrections:
 
     def finish(self):
         """Carry through a change written down but not finished (a crash, a full disk):
-        at start, and again (retry()) until it is done. True when none is left."""
+        at start, and again (due()) until it is done. True when none is left."""
         with self._lock:
             self._tried = time.monotonic()
             try:
@@ -129,10 +129,16 @@ class Corrections:
             self.unfinished = False
             return True
 
-    def retry(self):
-        """finish() an unfinished correction again, at most every RETRY_SECONDS."""
+    def due(self):
+        """{image: False} for the labeller: images whose person's label was taken back, or
+        whose correction was finished late; an unfinished correction is tried again first
+        (at most every RETRY_SECONDS)."""
         if self.unfinished and time.monotonic() - self._tried >= RETRY_SECONDS:
             self.finish()
+        due = {}
+        while not self.rechecks.empty():
+            due[self.rechecks.get()] = False
+        return due
 
     def _finish(self):
         path = os.path.join(self.folder, INTENT)
