@@ -3,8 +3,9 @@
 Owns `service` (the lifecycle: the only place with threads and signal handlers; starts the
 decode workers and the data, trainer and labeller threads, stops them at a checkpoint),
 `config` (config.yaml -> a frozen Config; each value read by `sections`, an address shown
-by `addresses`), `systemd` (sd_notify, journal-format log lines,
-the unit file), `logs` (every stderr line a log record), `metrics` (Prometheus) and `status`
+by `addresses`), `reload` (what SIGHUP changes), `systemd` (sd_notify, journal-format log
+lines, the unit file), `logs` (every stderr line a log record), `metrics` (Prometheus),
+`live` (save/live.json: what the running daemon says of itself) and `status`
 (`wardrobe status`, from save/ alone).
 
 In: the command line (daemon.__main__), config.yaml, signals and systemd. Out: the other

@@ -299,12 +299,3 @@ def _resolve(base, value):
     if value is None:
         return None
     return (base / Path(value).expanduser()).absolute()
-
-
-def with_live_settings(running, new):
-    """`running` with what a reload can change in a running daemon taken from `new`:
-    train.epochs, train.epochs_per_update, classify.*, watch.*. Everything else keeps its running value."""
-    return dataclasses.replace(
-        running, train=dataclasses.replace(running.train, epochs=new.train.epochs,
-                                           epochs_per_update=new.train.epochs_per_update),
-        classify=new.classify, watch=new.watch)

@@ -17,8 +17,6 @@ Signals only set flags; the main loop acts on them:
 - Other signals whose default would kill the daemon silently: logged and ignored.
 """
 
-import dataclasses
-import json
 import logging
 import os
 import select
@@ -29,18 +27,18 @@ import tempfile
 import threading
 import time
 
-from daemon import fsutil, shares
+from daemon import shares
 from daemon.backbone import runtime
 from daemon.data import dataset
 from daemon.data.datasource import DataSource
 from daemon.data.follow import follow
-from daemon.errors import EXIT_FATAL, EXIT_OK, ConfigError
+from daemon.errors import EXIT_FATAL, EXIT_OK
 from daemon.inbox import relabel
 from daemon.inbox.decoding import Decoder
 from daemon.inbox.inbox import Inbox
 from daemon.inbox.sidecars import Sidecars
 from daemon.service import config as config_module
-from daemon.service import logs, metrics
+from daemon.service import live, logs, metrics, reload
 from daemon.service.addresses import show_broker
 from daemon.service.systemd import Notifier
 from daemon.training.store import (CheckpointStore, lock as lock_save, open_store,
@@ -52,10 +50,6 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGXCPU)
 # Default action: terminate. Handled so that none of them ends the daemon without a word.
 OTHER_SIGNALS = (signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF, signal.SIGIO, signal.SIGPWR,
                  signal.SIGSTKFLT, *range(signal.SIGRTMIN, signal.SIGRTMAX + 1))
-# What a reload can change in a running daemon; anything else needs a restart.
-LIVE_KEYS = ("train.epochs", "train.epochs_per_update", "classify.labels",
-             "classify.sidecar", "classify.extensions", "classify.checkpoint", "watch.mode",
-             "watch.poll_seconds", "watch.rescan_seconds")
 TRAINER_STOP_SECONDS = 25  # a batch and a checkpoint; systemd's TimeoutStopSec is 30
 WEB_STOP_SECONDS = 3  # uvicorn's graceful shutdown is 2 s
 LABELLER_STOP_SECONDS = 0.5  # sidecars are atomic: an unfinished batch is simply redone
@@ -94,7 +88,7 @@ class Service:
         self._last_problem = None
         self.shares = []  # the inbox, and the data folder if any: they may hang (see _probe)
         self._said_hung = {}  # share name -> whether "does not respond" was said last
-        self._live = None  # the last status written to save/live.json
+        self.live = live.Live(config.save)
 
     def run(self):
         config = self.config
@@ -212,7 +206,9 @@ class Service:
             if ready and (current := self._status_line()) != status:
                 status = current
                 self.notifier.notify(f"STATUS={status}")
-            self._write_live()
+            if self.labeller is not None:
+                self.live.write(self.labeller, self.trainer, self.inbox.watcher, self.cluster,
+                                self._status_line())
             # Ping at least every WATCHDOG_USEC/2 (sd_notify(3)), whatever the tick's jitter.
             if ready and watchdog and (last_ping is None or now - last_ping >= watchdog / 2 - tick):
                 problem = self._unhealthy(trainer_thread, labeller_thread, now, watchdog / 2)
@@ -269,23 +265,11 @@ class Service:
                 self.notifier.notify("READY=1")
 
     def _apply_config_file(self):
-        """What can change live changes live; what needs a restart is named and keeps its
-        old value; a broken file changes nothing."""
-        old = self.config
-        try:
-            new = config_module.load(old.source) if old.source else old
-        except ConfigError as error:
-            log.error("reload: %s; carrying on with the config in force", error)
+        reloaded = reload.reloaded(self.config)
+        if reloaded is None:
             return
-        if new.model == "auto":  # resolved once, at the first start
-            new = dataclasses.replace(new, model=old.model)
-        changed = old.differences(new)
-        for key in changed:
-            if key not in LIVE_KEYS:
-                log.warning("reload: %s changed; that takes a restart (systemctl restart "
-                            "wardrobe): carrying on with the old value", key)
-        live = [key for key in changed if key in LIVE_KEYS]
-        self.config = config_module.with_live_settings(old, new)
+        old = self.config
+        self.config, changed = reloaded
         if self.data_source is not None:
             self.data_source.config = self.config
         if self.trainer is not None:
@@ -293,52 +277,10 @@ class Service:
             if self.trainer.configured != self.config.train.epochs:
                 self.trainer.set_target(self.config.train.epochs)
         log.info("reloaded config from %s: %s", old.source or "the defaults",
-                 "changed " + ", ".join(live) if live else "nothing to change live")
+                 "changed " + ", ".join(changed) if changed else "nothing to change live")
 
     def _status_line(self):
-        summary = self.labeller.summary if self.labeller else {}
-        parts = [f"{summary.get('labelled', 0):,} images labelled"]
-        if summary.get("errors"):
-            parts.append(f"{summary['errors']:,} errors")
-        if summary.get("backlog"):
-            parts.append(f"{summary['backlog']:,} waiting")
-        now = time.monotonic()
-        parts += [f"the {share.name} does not respond" for share in self.shares
-                  if share.hung(now)]
-        trainer = self.trainer
-        if trainer is None or trainer.phase == "loading":
-            return "loading the model, " + ", ".join(parts)
-        if trainer.phase == "waiting":
-            return "waiting for training data, " + ", ".join(parts)
-        if trainer.phase == "training":
-            return (f"training epoch {trainer.epoch + 1}/{trainer.epochs} "
-                    f"(batch {trainer.step}), " + ", ".join(parts))
-        return "serving, " + ", ".join(parts)
-
-    def _write_live(self):
-        """save/live.json: what `wardrobe status` shows about the running daemon."""
-        if self.labeller is None:
-            return
-        watcher = self.inbox.watcher
-        live = dict(self.labeller.summary, pid=os.getpid(), status=self._status_line(),
-                    watch={"mode": watcher.mode, "why": watcher.why},
-                    training=bool(self.trainer and self.trainer.phase == "training"))
-        trainer = self.trainer
-        if trainer is not None and trainer.data is not None:
-            version = trainer.data.version
-            live.update(data_version=version.number, images=version.images,
-                        skipped_images=len(version.get("skipped", [])),
-                        classes=list(trainer.data.classes), epochs=trainer.epochs,
-                        validation_accuracy=trainer.validation_accuracy)
-        if self.cluster is not None:
-            live["cluster"] = self.cluster.snapshot()
-        if live != self._live:
-            self._live = live
-            try:
-                fsutil.write_new(self.config.save / "live.json", json.dumps(live).encode(),
-                                 sync_folder=False, durable=False)
-            except OSError as error:
-                log.debug("cannot write live.json: %s", error)
+        return live.status_line(self.labeller, self.trainer, self.shares)
 
     def _unhealthy(self, trainer_thread, labeller_thread, now, limit):
         """Why the daemon is not healthy, or None: a training loop without progress, a

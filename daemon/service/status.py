@@ -8,6 +8,7 @@ import json
 from daemon import shares
 from daemon.data.versions import VersionStore
 from daemon.service.addresses import show_broker
+from daemon.service.live import read as read_live
 from daemon.training.store import CheckpointStore, resolve_model, running_pid
 
 
@@ -26,7 +27,7 @@ def report(config):
     result.update(_data(config, newest))
     result["curve"] = [{key: entry.get(key) for key in ("epoch", "accuracy", "val_accuracy")}
                        for entry in (newest.get("history") or [] if newest else [])]
-    live = _live(config.save, result["running_pid"])
+    live = read_live(config.save, result["running_pid"])
     result["inbox"] = {key: live.get(key) for key in INBOX_KEYS} if live else None
     if live:
         result.update({key: live[key] for key in DATA_KEYS + ("training",) if key in live})
@@ -65,19 +66,6 @@ def _data(config, newest):
         if config.data.source == "folder":
             result["classes"] = version.classes
     return result
-
-
-def _live(save, pid):
-    """What the running daemon says of itself (save/live.json), or None when it is down:
-    its inbox (labelled, errors, backlog, retrying, cannot_label, watch: mode and why) and
-    its data (training, data_version, images, classes, validation_accuracy, epochs)."""
-    try:
-        live = json.loads((save / "live.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if pid is None or live.get("pid") != pid:
-        return None
-    return live
 
 
 def render(result, as_json):
