@@ -13,7 +13,6 @@ next to its reference in the same run, in rounds, because this machine is noisy.
 go to docs/bench-folder.json (merged per benchmark).
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -22,14 +21,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+import report
 from daemonproc import READY, REPO, Daemon, environment, log_lines
-from report import OtherLoad, code_version, machine
 
 sys.path.insert(0, str(REPO))
 from daemon.data import dataset  # noqa: E402  (first: it sets OpenCV's pixel cap)
@@ -338,40 +336,19 @@ class Context:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("benchmarks", nargs="*", metavar="BENCHMARK",
-                        help=f"any of {', '.join(BENCHMARKS)} (default: all)")
+    parser = report.arguments(__doc__, BENCHMARKS, OUT)
     parser.add_argument("--rounds", type=int, default=2, help="paired rounds of each")
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args()
-    unknown = set(args.benchmarks) - set(BENCHMARKS)
-    if unknown:
-        parser.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}")
-    chosen = [name for name in BENCHMARKS if name in args.benchmarks] or list(BENCHMARKS)
-    root = Path(tempfile.mkdtemp(prefix="wardrobe-bench-folder-"))
-    common = {"machine": machine(), "code": code_version(),
-              "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    print(json.dumps(common), flush=True)
-    results = {}
-    try:
+    runs = {"build": build, "restart": restart, "newimage": newimages, "throughput": throughput}
+
+    def start(root, chosen):
         ctx = Context(root)
         if "build" not in chosen:
             build(ctx, 1)  # the others start from its data version 1
-        runs = {"build": build, "restart": restart, "newimage": newimages,
-                "throughput": throughput}
-        for name in chosen:
-            load = OtherLoad()
-            results[name] = dict(runs[name](ctx, args.rounds), **common, **load.measure())
-            print(json.dumps({"benchmark": name, **results[name]}), flush=True)
-    finally:
-        if args.keep:
-            print(f"work folder kept: {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-    stored = json.loads(args.out.read_text()) if args.out.exists() else {}
-    stored.update(results)
-    args.out.write_text(json.dumps(stored, indent=1) + "\n")
+        return {name: lambda run=run: run(ctx, args.rounds) for name, run in runs.items()}
+
+    results, _ = report.run(parser, args, BENCHMARKS, "folder", start)
+    report.store(args.out, results)
     for name, r in results.items():
         print(f"{name}: met={r['met']} ({r['goal']})")
 

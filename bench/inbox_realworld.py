@@ -10,12 +10,9 @@ ceiling on the same files (bench/ceiling.py). Results are merged, per benchmark,
 docs/bench-inbox-realworld.json. Photos are cached in /tmp/wardrobe-bench-photos.
 """
 
-import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,9 +21,9 @@ import numpy as np
 
 import ceiling
 import phonephotos
+import report
 from daemonproc import (READY, REPO, Daemon, config_error, copy_save, sidecar_times,
                         trained_save, wait_for_sidecars)
-from report import OtherLoad, code_version, machine, summary
 
 sys.path.insert(0, str(REPO))
 from daemon.data import dataset  # noqa: E402
@@ -270,9 +267,7 @@ class Context:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("benchmarks", nargs="*", metavar="BENCHMARK",
-                        help=f"any of {', '.join(BENCHMARKS)} (default: all)")
+    parser = report.arguments(__doc__, BENCHMARKS, OUT)
     parser.add_argument("--burst", type=int, default=10_000, help="images in the burst")
     parser.add_argument("--photos", type=int, default=600, help="photos in the backlog")
     parser.add_argument("--photo-limit", type=float, default=420,
@@ -282,39 +277,19 @@ def main():
     parser.add_argument("--tree", type=int, default=10_000, help="images in the polled tree")
     parser.add_argument("--idle", type=float, default=60, help="seconds of idle CPU measured")
     parser.add_argument("--startup", type=int, default=50_000, help="images at start-up")
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args()
-    unknown = set(args.benchmarks) - set(BENCHMARKS)
-    if unknown:
-        parser.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}; "
-                     f"choose from {', '.join(BENCHMARKS)}")
-    chosen = [name for name in BENCHMARKS if name in args.benchmarks] or list(BENCHMARKS)
-    runs = {"burst": lambda ctx: burst(ctx, args.burst),
-            "photos": lambda ctx: photos(ctx, args.photos, args.photo_limit,
-                                         args.photo_ceiling),
-            "poll": lambda ctx: poll(ctx, args.tree, args.idle),
-            "startup": lambda ctx: startup(ctx, args.startup)}
-    root = Path(tempfile.mkdtemp(prefix="wardrobe-bench-realworld-"))
-    common = {"machine": machine(), "code": code_version(),
-              "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    print(json.dumps(common), flush=True)
-    results, began = {}, time.monotonic()
-    try:
+
+    def start(root, chosen):
         ctx = Context(root)
-        for name in chosen:
-            load = OtherLoad()
-            results[name] = dict(runs[name](ctx), **common, **load.measure())
-            print(json.dumps({"benchmark": name, **results[name]}), flush=True)
-    finally:
-        if args.keep:
-            print(f"work folder kept: {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-    stored = json.loads(args.out.read_text()) if args.out.exists() else {}
-    stored.update(results)
-    args.out.write_text(json.dumps(stored, indent=1) + "\n")
-    print(f"\n{summary(results)}\n\nall benchmarks: {time.monotonic() - began:.0f} s; "
+        return {"burst": lambda: burst(ctx, args.burst),
+                "photos": lambda: photos(ctx, args.photos, args.photo_limit,
+                                         args.photo_ceiling),
+                "poll": lambda: poll(ctx, args.tree, args.idle),
+                "startup": lambda: startup(ctx, args.startup)}
+
+    results, seconds = report.run(parser, args, BENCHMARKS, "realworld", start)
+    report.store(args.out, results)
+    print(f"\n{report.summary(results)}\n\nall benchmarks: {seconds} s; "
           f"raw results merged into {args.out}", flush=True)
 
 

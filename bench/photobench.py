@@ -6,7 +6,6 @@ a systemd notify socket that records the watchdog's pings, and the daemon's log 
 Everything made is cached under CACHE (outside git); nothing here edits daemon/.
 """
 
-import json
 import multiprocessing
 import os
 import re
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+import report
 from daemonproc import REPO, log_lines
 
 SAMPLE = REPO.parent / "shared" / "data" / "photos-sample"
@@ -322,9 +322,7 @@ def folder_data(path):
 
 def store(out, name, result):
     """Merge `result` under `name` into the JSON file `out` (as the other benchmarks do)."""
-    stored = json.loads(out.read_text()) if out.exists() else {}
-    stored[name] = result
-    out.write_text(json.dumps(stored, indent=1) + "\n")
+    report.store(out, {name: result})
 
 
 def table(rows):

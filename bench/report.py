@@ -1,11 +1,17 @@
-"""What goes with the figures of bench/inbox_realworld.py: the machine, the code measured,
-how busy the (shared) machine was with other work meanwhile, and the summary table."""
+"""What goes with the figures of every bench: the machine, the code measured, how busy the
+(shared) machine was with other work meanwhile; the runner of the benches made of named
+benchmarks (folder, inbox_realworld, web); and bench/inbox_realworld.py's summary table."""
 
+import argparse
+import json
 import os
 import platform
+import shutil
 import subprocess
+import tempfile
 import time
 from importlib import metadata
+from pathlib import Path
 
 from daemonproc import REPO
 
@@ -57,6 +63,56 @@ def code_version():
     dirty = bool(git("status", "--porcelain", "--", "daemon"))
     return git("log", "-1", "--format=%h", "--", "daemon") + (
         " + uncommitted daemon/ changes" if dirty else "")
+
+
+def arguments(doc, benchmarks, out):
+    """The command line of a bench made of named benchmarks: which to run (all by default),
+    where the results are merged (--out) and whether to keep the work folder (--keep); the
+    bench adds its own."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("benchmarks", nargs="*", metavar="BENCHMARK",
+                        help=f"any of {', '.join(benchmarks)} (default: all)")
+    parser.add_argument("--out", type=Path, default=out, help="results are merged into it")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    return parser
+
+
+def run(parser, args, benchmarks, name, start, suffix=""):
+    """Each benchmark chosen on the command line, in the order of `benchmarks`, in one work
+    folder under /tmp: `start(root, chosen)` gives {benchmark: a function returning its
+    figures}. The machine, the code, the time and the other load go with each benchmark's
+    figures, printed as it ends and stored as benchmark+suffix. Returns (the results, the
+    seconds all took); `store` merges them into --out."""
+    unknown = set(args.benchmarks) - set(benchmarks)
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}; "
+                     f"choose from {', '.join(benchmarks)}")
+    chosen = [each for each in benchmarks if each in args.benchmarks] or list(benchmarks)
+    root = Path(tempfile.mkdtemp(prefix=f"wardrobe-bench-{name}-"))
+    common = {"machine": machine(), "code": code_version(),
+              "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    print(json.dumps(common), flush=True)
+    results, began = {}, time.monotonic()
+    try:
+        runs = start(root, chosen)
+        for benchmark in chosen:
+            load = OtherLoad()
+            figures = results[benchmark + suffix] = dict(runs[benchmark](), **common,
+                                                         **load.measure())
+            print(json.dumps({"benchmark": benchmark, **figures}), flush=True)
+    finally:
+        if args.keep:
+            print(f"work folder kept: {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    return results, round(time.monotonic() - began)
+
+
+def store(out, results):
+    """Merge `results` into the JSON file `out` (one key per benchmark, as measured last)."""
+    stored = json.loads(out.read_text()) if out.exists() else {}
+    stored.update(results)
+    out.write_text(json.dumps(stored, indent=1) + "\n")
 
 
 def summary(results):

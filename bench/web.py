@@ -24,7 +24,6 @@ About 18 minutes on 2 cores. Real `python -m daemon run` processes of this tree 
 Results: docs/bench-web.json (merged per benchmark).
 """
 
-import argparse
 import http.client
 import json
 import os
@@ -38,8 +37,8 @@ import tracemalloc
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
+import report
 from daemonproc import REPO, Daemon, copy_save, log_lines, wait_for_sidecars
-from report import OtherLoad, code_version, machine
 
 sys.path.insert(0, str(REPO))
 from daemon.data import dataset  # noqa: E402  (before cv2: it sets OpenCV's pixel cap)
@@ -408,7 +407,7 @@ def corrections(ctx, count):
     try:
         for kind, data_root in (("hard_link", ctx.folder("corrections-data")),
                                 ("byte_copy", shm)):
-            load = OtherLoad()
+            load = report.OtherLoad()
             result[kind] = dict(correct(ctx, kind, data_root, count), **load.measure())
             print(f"  corrections, {kind}: " + json.dumps(
                 {k: v for k, v in result[kind].items() if k.endswith("_ms")}), flush=True)
@@ -566,7 +565,7 @@ def training(ctx, rounds, epochs, listed):
             listen, port = web_config(config)
             run = ctx.folder(f"training-{number}-{config}")
             os.sync()  # the previous run's writeback off this one's clock
-            load = OtherLoad()
+            load = report.OtherLoad()
             daemon = Daemon(run, inbox=inbox, epochs=epochs, web=listen)
             page = Page(port).start() if port else None
             try:
@@ -637,9 +636,7 @@ class Context:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("benchmarks", nargs="*", metavar="BENCHMARK",
-                        help=f"any of {', '.join(BENCHMARKS)} (default: all)")
+    parser = report.arguments(__doc__, BENCHMARKS, OUT)
     parser.add_argument("--images", type=int, default=100_000, help="the big inbox")
     parser.add_argument("--reps", type=int, default=20, help="first screens and listings")
     parser.add_argument("--corrections", type=int, default=100)
@@ -650,41 +647,24 @@ def main():
                         help="labelled images in the inboxes of the load benchmark")
     parser.add_argument("--suffix", default="",
                         help="store each result as NAME+SUFFIX (e.g. a run of other code)")
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args()
-    unknown = set(args.benchmarks) - set(BENCHMARKS)
-    if unknown:
-        parser.error(f"unknown benchmark(s) {', '.join(sorted(unknown))}")
-    chosen = [name for name in BENCHMARKS if name in args.benchmarks] or list(BENCHMARKS)
-    root = Path(tempfile.mkdtemp(prefix="wardrobe-bench-web-"))
-    common = {"machine": machine(), "code": code_version(),
-              "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    print(json.dumps(common), flush=True)
-    results, began = {}, time.monotonic()
-    try:
+    ctx = None
+
+    def start(root, chosen):
+        nonlocal ctx
         ctx = Context(root)
-        runs = {"screen": lambda: first_screen(ctx, args.images, args.reps),
+        return {"screen": lambda: first_screen(ctx, args.images, args.reps),
                 "corrections": lambda: corrections(ctx, args.corrections),
                 "load": lambda: {"labelling": labelling(ctx, args.rounds, args.burst,
                                                         args.listed),
                                  "training": training(ctx, args.rounds, args.epochs,
                                                       args.listed)}}
-        for name in chosen:
-            load = OtherLoad()
-            results[name + args.suffix] = dict(runs[name](), **common, **load.measure())
-            print(json.dumps({"benchmark": name, **results[name + args.suffix]}), flush=True)
-        results["sidecar_example"] = ctx.sidecar_example
-    finally:
-        if args.keep:
-            print(f"work folder kept: {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-    results["bench_s" + args.suffix] = round(time.monotonic() - began)
-    stored = json.loads(args.out.read_text()) if args.out.exists() else {}
-    stored.update(results)
-    args.out.write_text(json.dumps(stored, indent=1) + "\n")
-    print(f"all: {results['bench_s' + args.suffix]} s; results in {args.out}", flush=True)
+
+    results, seconds = report.run(parser, args, BENCHMARKS, "web", start, args.suffix)
+    results["sidecar_example"] = ctx.sidecar_example
+    results["bench_s" + args.suffix] = seconds
+    report.store(args.out, results)
+    print(f"all: {seconds} s; results in {args.out}", flush=True)
 
 
 if __name__ == "__main__":
