@@ -97,8 +97,8 @@ def run(parser, args, benchmarks, name, start, suffix=""):
         runs = start(root, chosen)
         for benchmark in chosen:
             load = OtherLoad()
-            figures = results[benchmark + suffix] = dict(runs[benchmark](), **common,
-                                                         **load.measure())
+            figures = dict(runs[benchmark](), **common, **load.measure())
+            results[benchmark + suffix] = figures
             print(json.dumps({"benchmark": benchmark, **figures}), flush=True)
     finally:
         if args.keep:
