@@ -265,6 +265,8 @@ class Service:
                 self.notifier.notify("READY=1")
 
     def _apply_config_file(self):
+        """The config file's live settings (see daemon.service.reload) into the running
+        parts; a broken file changes nothing."""
         reloaded = reload.reloaded(self.config)
         if reloaded is None:
             return
