@@ -143,7 +143,7 @@ def test_the_grid_shows_the_sidecars_and_the_keyboard_corrects_on_disk(review, b
     first = selected(browser)
     assert first == grid[0]["path"], (first, grid)
     press(browser, "j")
-    target = wait_until(lambda: (path := selected(browser)) != first and path, 5,
+    target = wait_until(lambda: (path := selected(browser)) != first and path, PAGE_SECONDS,
                         message="j to move the selection")
     assert target == grid[1]["path"], (target, grid)
     image, model = by_name[target], sidecar(by_name[target])
