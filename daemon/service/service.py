@@ -203,12 +203,13 @@ class Service:
                 self.notifier.notify("READY=1")
                 log.info("ready: %s, inbox watched", "model restored"
                          if trainer.restored.is_set() else "waiting for training data")
-            if ready and (current := self._status_line()) != status:
+            current = self._status_line()
+            if ready and current != status:
                 status = current
                 self.notifier.notify(f"STATUS={status}")
             if self.labeller is not None:
                 self.live.write(self.labeller, self.trainer, self.inbox.watcher, self.cluster,
-                                self._status_line())
+                                current)
             # Ping at least every WATCHDOG_USEC/2 (sd_notify(3)), whatever the tick's jitter.
             if ready and watchdog and (last_ping is None or now - last_ping >= watchdog / 2 - tick):
                 problem = self._unhealthy(trainer_thread, labeller_thread, now, watchdog / 2)
