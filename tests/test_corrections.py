@@ -218,11 +218,13 @@ def test_a_correction_left_by_a_kill_is_finished_at_start_with_the_page_off(
     config = photo_config(tmp_path, data)  # no web key
     daemon = daemons(config)
     daemon.wait_for_log(r"review: finishing the label of", 120)
-    record = wait_until(lambda: json.loads(image.with_name(image.name + ".json").read_text()),
-                        30)
+    intent = tmp_path / "save" / "review" / "intent.json"
+    # said before it is done: the sidecar and the intent's removal follow
+    record = wait_until(lambda: (r := json.loads(image.with_name(image.name + ".json")
+                                                 .read_text()))["source"] == "person"
+                        and not intent.exists() and r, 60, 0.1, message="the correction finished")
     assert (record["source"], record["label"]) == ("person", label)
     assert (data / record["copy"]).stat().st_ino == image.stat().st_ino
-    assert not (tmp_path / "save" / "review" / "intent.json").exists()
     assert daemon.stop() == 0
 
 

@@ -186,6 +186,7 @@ def test_decode_all_survives_a_worker_killed_under_it(tmp_path, caplog):
         image[300:1200, 400:1100] = rng.integers(0, 120, (900, 700), dtype=np.uint8)
         paths.append(str(tmp_path / f"{i}.png"))
         cv2.imwrite(paths[-1], image)
+    before = set(threading.enumerate())
     decoder = Decoder(workers=2)
     decoder.start()
     try:
@@ -201,3 +202,7 @@ def test_decode_all_survives_a_worker_killed_under_it(tmp_path, caplog):
         assert [path for path, _, _ in out["results"]] == paths
     finally:
         decoder.stop()
+    # The broken pool's manager thread ends by itself once it has reaped that pool's
+    # workers, which on a busy machine can take longer than the test did
+    wait_until(lambda: not [t for t in threading.enumerate() if t not in before and
+                            t.is_alive()], 60, 0.1, message="the pools' threads to end")
