@@ -72,7 +72,10 @@ def test_auto_is_the_tutorials_mlp_for_fashion_mnist(tmp_path, daemons):
     daemon = daemons(config)
     daemon.wait_for_log(r"model: auto is (\w+) for this save/ \(data.source sample\)")
     assert re.search(r"model: auto is mlp\b", daemon.log), daemon.log
-    assert json.loads((tmp_path / "save" / "model-choice.json").read_text()) == {"model": "mlp"}
+    # said when chosen; written down a moment later, once the checkpoint store is open
+    choice = tmp_path / "save" / "model-choice.json"
+    wait_until(choice.exists, 60, 0.05, message="model-choice.json")
+    assert json.loads(choice.read_text()) == {"model": "mlp"}
     assert status(config)["model"] == "mlp"  # before its first checkpoint too
     assert daemon.stop() == 0, daemon.log
 
